@@ -1,0 +1,108 @@
+"""Command line: parse, build Settings once, run. Exit codes: 0 clean stop, 2 bad configuration, 1 crash."""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import trio
+
+from . import __version__
+from .errors import AccessdError, ConfigError, StartupError
+from .settings import ROLES, Settings, describe, load_settings
+
+EXIT_OK, EXIT_CRASH, EXIT_CONFIG = 0, 1, 2
+
+
+@functools.cache
+def commit() -> str:
+    """Short commit of the source tree, when it is a git checkout."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=2,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # argparse's default exit code (2) is ours too; keep one line
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_CONFIG, f"accessd: {message}\n")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="accessd", description="The access layer daemon.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    run = commands.add_parser("run", help="run the daemon until SIGTERM/SIGINT")
+    run.add_argument("--role", choices=ROLES, help="edge, internal or all (default: all)")
+    run.add_argument("--config", type=Path, help="TOML or YAML settings file")
+    run.add_argument("--demo", action="store_true", default=None, help="synthetic upstream and price feed")
+
+    check = commands.add_parser("check-config", help="validate settings and files, then exit")
+    check.add_argument("--config", type=Path, help="TOML or YAML settings file")
+    check.add_argument("--role", choices=ROLES)
+
+    commands.add_parser("version", help="print version and commit")
+    return parser
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    flags = {"role": getattr(args, "role", None), "demo": getattr(args, "demo", None)}
+    return load_settings(config_file=args.config, flags=flags)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .daemon import serve
+    from .telemetry import configure_logging
+
+    settings = _settings(args)
+    configure_logging(settings.telemetry.log_level)
+    trio.run(functools.partial(serve, settings, commit=commit()))
+    return EXIT_OK
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    print(f"ok: role={settings.server.role} env={settings.server.env} ({len(describe())} settings checked)")
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "version":
+        print(f"accessd {__version__} ({commit()})")
+        return EXIT_OK
+    handler = {"run": _run, "check-config": _check_config}[args.command]
+    try:
+        return handler(args)
+    except BaseExceptionGroup as group:
+        matched, _ = group.split(AccessdError)
+        if matched is None:
+            raise
+        return _report(_first(matched))
+    except AccessdError as exc:
+        return _report(exc)
+    except KeyboardInterrupt:
+        return EXIT_OK
+
+
+def _first(exc: BaseException) -> BaseException:
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc
+
+
+def _report(exc: BaseException) -> int:
+    print(f"accessd: {exc}", file=sys.stderr)
+    return EXIT_CONFIG if isinstance(exc, ConfigError | StartupError) else EXIT_CRASH

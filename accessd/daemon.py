@@ -1,0 +1,84 @@
+"""The root of ``accessd run``: one nursery, components started in dependency order, ordered shutdown.
+
+Shutdown (SIGTERM/SIGINT): readiness goes 503, listeners stop accepting, in-flight requests get the drain
+deadline, then the tree is cancelled. A second signal, or a signal while still starting, cancels at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+
+import trio
+
+from . import aio
+from .http import AppContext, HttpListener, create_app
+from .nurseries import DependencyProbes, Health, Phase, Supervisor, build_probes
+from .settings import Settings
+from .telemetry import Metrics
+
+log = logging.getLogger("accessd.nurseries")
+
+
+async def serve(
+    settings: Settings,
+    *,
+    commit: str = "unknown",
+    handle_signals: bool = True,
+    shutdown: trio.Event | None = None,
+    task_status: trio.TaskStatus[dict[str, list[str]]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run the daemon until a signal (or ``shutdown``) ends it; ``started()`` gets the bound URLs."""
+    server = settings.server
+    health = Health(role=server.role, commit=commit)
+    metrics = Metrics()
+    shutdown = shutdown or trio.Event()
+    async with aio.open_asyncio_loop(), trio.open_nursery() as root:
+        if handle_signals:
+            root.start_soon(_watch_signals, root.cancel_scope, health, shutdown)
+        supervisor = Supervisor(root, health, metrics, start_timeout_s=server.start_timeout_s)
+        await supervisor.start(
+            DependencyProbes(build_probes(settings), health, settings.backends.probe_interval_s)
+        )
+
+        ctx = AppContext(health=health, metrics=metrics, max_body_bytes=server.max_body_bytes)
+        listeners: list[HttpListener] = []
+        if server.role in ("edge", "all"):
+            app = create_app("edge", ctx)
+            listeners.append(
+                HttpListener("edge-http", app, server.edge_bind, "ACCESS_EDGE_BIND", shutdown,
+                             server.drain_timeout_s)
+            )
+        if server.role in ("internal", "all"):
+            app = create_app("internal", ctx)
+            listeners.append(
+                HttpListener("internal-http", app, server.internal_bind, "ACCESS_INTERNAL_BIND", shutdown,
+                             server.drain_timeout_s)
+            )
+        urls = {listener.name: await supervisor.start(listener) for listener in listeners}
+
+        health.phase = Phase.READY
+        log.info("ready: role=%s %s", server.role, " ".join(f"{k}={','.join(v)}" for k, v in urls.items()))
+        task_status.started(urls)
+
+        await shutdown.wait()
+        health.phase = Phase.DRAINING
+        # Listeners stop accepting on the trigger and give in-flight requests the drain deadline.
+        with trio.move_on_after(server.drain_timeout_s + 1):
+            for listener in listeners:
+                await listener.stopped.wait()
+        log.info("stopped")
+        root.cancel_scope.cancel()
+
+
+async def _watch_signals(root: trio.CancelScope, health: Health, shutdown: trio.Event) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            name = signal.Signals(signum).name
+            if shutdown.is_set() or health.phase is Phase.STARTING:
+                log.warning("%s: stopping now", name)
+                root.cancel()
+                return
+            log.info("%s: draining", name)
+            health.phase = Phase.DRAINING
+            shutdown.set()

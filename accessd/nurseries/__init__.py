@@ -1,0 +1,9 @@
+"""The task tree: supervision with restart and backoff, health state, the root of ``accessd run``."""
+
+from ._health import Health as Health
+from ._health import Phase as Phase
+from ._supervisor import Backoff as Backoff
+from ._supervisor import Component as Component
+from ._supervisor import Supervisor as Supervisor
+from ._probes import DependencyProbes as DependencyProbes
+from ._probes import build_probes as build_probes

@@ -1,0 +1,64 @@
+"""What the process knows about itself: lifecycle phase, component states, dependency states.
+
+Readers (the health endpoints) only need the latest value, so this is plain state, not a queue of events.
+Backends degrade rather than fail readiness: every pod shares them, so pulling pods out of rotation for a
+backend outage would turn a partial outage into a total one. Readiness fails while starting or draining.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+import trio
+
+from .. import __version__
+
+
+class Phase(enum.Enum):
+    STARTING = "starting"
+    READY = "ready"
+    DRAINING = "draining"
+
+
+OK, DOWN, DEGRADED, EMBEDDED = "ok", "down", "degraded", "embedded"
+
+
+@dataclass
+class Health:
+    role: str
+    commit: str = "unknown"
+    phase: Phase = Phase.STARTING
+    dependencies: dict[str, str] = field(default_factory=dict)
+    restarting: set[str] = field(default_factory=set)
+    started_at: float = field(default_factory=time.monotonic)
+    drained: trio.Event = field(default_factory=trio.Event)
+
+    def set_dependency(self, name: str, state: str) -> None:
+        self.dependencies[name] = state
+
+    @property
+    def ready(self) -> bool:
+        return self.phase is Phase.READY
+
+    @property
+    def status(self) -> str:
+        if self.phase is not Phase.READY:
+            return DOWN
+        if self.restarting or any(s in (DOWN, DEGRADED) for s in self.dependencies.values()):
+            return DEGRADED
+        return OK
+
+    def report(self) -> dict[str, object]:
+        return {
+            "service": "accessd",
+            "role": self.role,
+            "status": self.status,
+            "phase": self.phase.value,
+            "uptime_seconds": int(time.monotonic() - self.started_at),
+            "dependencies": dict(sorted(self.dependencies.items())),
+            "restarting": sorted(self.restarting),
+            "version": __version__,
+            "commit": self.commit,
+        }

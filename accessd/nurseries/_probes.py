@@ -1,0 +1,93 @@
+"""Periodic real round trips to every configured backend, feeding ``/health``.
+
+A backend that is down at start does not stop the daemon: it may come back, and the components that use it
+retry on their own. The probe logs one line per state change and health reports ``degraded`` meanwhile.
+Errors: a probe failure (any exception, timeouts included) marks that dependency down; it never escapes.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import NoReturn
+
+import httpx
+import trio
+
+from .. import aio
+from ..settings import Settings
+from ._health import DOWN, EMBEDDED, OK, Health
+
+log = logging.getLogger("accessd.nurseries")
+
+Probe = Callable[[], Awaitable[None]]
+
+
+def build_probes(settings: Settings) -> dict[str, Probe | None]:
+    """One probe per dependency; ``None`` where the embedded default serves instead."""
+    backends, timeout = settings.backends, settings.backends.probe_timeout_s
+    probes: dict[str, Probe | None] = {"redis": None, "postgres": None, "kafka": None, "jwks": None}
+    if backends.redis_url:
+        url = backends.redis_url
+        probes["redis"] = lambda: aio.ping_redis(url, timeout)
+    if backends.postgres_dsn:
+        dsn = backends.postgres_dsn
+        probes["postgres"] = lambda: aio.ping_postgres(dsn, timeout)
+    if backends.kafka_bootstrap:
+        bootstrap = backends.kafka_bootstrap
+        probes["kafka"] = lambda: aio.ping_kafka(bootstrap, timeout)
+    jwks_urls = list((settings.auth.jwt_issuers or {}).values())
+    if settings.auth.jwks_url:
+        jwks_urls.append(settings.auth.jwks_url)
+    if jwks_urls:
+        probes["jwks"] = lambda: _fetch_jwks(jwks_urls, timeout)
+    return probes
+
+
+async def _fetch_jwks(urls: list[str], timeout_s: float) -> None:
+    async with httpx.AsyncClient(timeout=timeout_s) as client:
+        for url in urls:
+            response = await client.get(url)
+            response.raise_for_status()
+            if not isinstance(response.json().get("keys"), list):
+                raise ValueError(f"{url} answered without a 'keys' list")
+
+
+class DependencyProbes:
+    name = "probes"
+
+    def __init__(self, probes: dict[str, Probe | None], health: Health, interval_s: float) -> None:
+        self._probes = probes
+        self._health = health
+        self._interval_s = interval_s
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> NoReturn:
+        for name, probe in self._probes.items():
+            if probe is None:
+                self._health.set_dependency(name, EMBEDDED)
+        await self._probe_all()
+        task_status.started()
+        while True:
+            await trio.sleep(self._interval_s)
+            await self._probe_all()
+
+    async def _probe_all(self) -> None:
+        async with trio.open_nursery() as nursery:
+            for name, probe in self._probes.items():
+                if probe is not None:
+                    nursery.start_soon(self._probe_one, name, probe)
+
+    async def _probe_one(self, name: str, probe: Probe) -> None:
+        before = self._health.dependencies.get(name)
+        try:
+            await probe()
+        except Exception as exc:  # any failure of a probe means "down"; it must not kill the prober
+            state, why = DOWN, f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        else:
+            state, why = OK, ""
+        self._health.set_dependency(name, state)
+        if state != before:
+            if state == OK:
+                log.info("dependency %s is up", name)
+            else:
+                log.warning("dependency %s is down: %s", name, why)

@@ -1,0 +1,112 @@
+"""Supervision: start components in order with a readiness deadline, restart crashes with backoff.
+
+A component is any object with a ``name`` and
+``async def run(self, *, task_status=trio.TASK_STATUS_IGNORED)``; ``run`` calls ``task_status.started(v)``
+once it can serve and ``Supervisor.start`` returns ``v``.
+
+Errors: a component that raises or times out before its *first* ``started()`` fails the whole start
+(:class:`StartupError`, or the component's own :class:`AccessdError` such as a ConfigError for a busy port).
+After that, a crash is logged, counted in ``accessd_task_restarts_total{task}``, marks health degraded and
+the component is restarted after an exponential backoff with full jitter; a component that stays up for
+``stable_after_s`` has its backoff reset. A ``run`` that returns normally is a clean stop, never restarted.
+Cancellation: everything runs in the nursery handed in; cancelling it stops all components.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import trio
+
+from ..errors import AccessdError, StartupError
+from ..telemetry import Metrics
+from ._health import Health
+
+log = logging.getLogger("accessd.nurseries")
+
+
+class Component(Protocol):
+    name: str
+
+    async def run(self, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None: ...
+
+
+@dataclass(frozen=True)
+class Backoff:
+    initial_s: float = 0.5
+    max_s: float = 30.0
+    factor: float = 2.0
+    stable_after_s: float = 60.0
+
+    def delay(self, failures: int, rng: random.Random) -> float:
+        """Full jitter (AWS architecture blog): uniform in [0, capped exponential], never below 10 %."""
+        cap = min(self.max_s, self.initial_s * self.factor ** max(0, failures - 1))
+        return rng.uniform(cap * 0.1, cap)
+
+
+class Supervisor:
+    def __init__(
+        self,
+        nursery: trio.Nursery,
+        health: Health,
+        metrics: Metrics,
+        *,
+        start_timeout_s: float,
+        backoff: Backoff = Backoff(),
+        rng: random.Random | None = None,
+    ) -> None:
+        self._nursery = nursery
+        self._health = health
+        self._metrics = metrics
+        self._start_timeout_s = start_timeout_s
+        self._backoff = backoff
+        self._rng = rng or random.Random()
+
+    async def start(self, component: Component) -> Any:
+        """Start ``component`` under supervision; return what it passed to ``started()``."""
+        return await self._nursery.start(self._supervise, component)
+
+    async def _start_once(self, nursery: trio.Nursery, component: Component) -> Any:
+        with trio.move_on_after(self._start_timeout_s) as scope:
+            return await nursery.start(component.run)
+        assert scope.cancelled_caught
+        raise StartupError(component.name, f"not ready within {self._start_timeout_s:g} s")
+
+    async def _supervise(self, component: Component, *, task_status: trio.TaskStatus[Any]) -> None:
+        name = component.name
+        ever_started = False
+        failures = 0
+        while True:
+            attempt_at = trio.current_time()
+            try:
+                async with trio.open_nursery() as nursery:
+                    value = await self._start_once(nursery, component)
+                    if not ever_started:
+                        ever_started = True
+                        task_status.started(value)
+                    elif name in self._health.restarting:
+                        self._health.restarting.discard(name)
+                        log.info("component %s restarted", name)
+                return
+            except Exception as group:
+                exc = _unwrap(group)
+                if not ever_started:
+                    if isinstance(exc, AccessdError):
+                        raise exc from None
+                    raise StartupError(name, f"{type(exc).__name__}: {exc}") from exc
+                log.error("component %s crashed: %r", name, exc, exc_info=exc)
+            stable = trio.current_time() - attempt_at >= self._backoff.stable_after_s
+            failures = 1 if stable else failures + 1
+            self._health.restarting.add(name)
+            self._metrics.task_restarts.labels(name).inc()
+            await trio.sleep(self._backoff.delay(failures, self._rng))
+
+
+def _unwrap(exc: BaseException) -> BaseException:
+    """The single error inside nested nursery exception groups, or the group when there are several."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc

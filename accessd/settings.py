@@ -1,0 +1,367 @@
+"""One typed, frozen settings tree, built once at start and passed down.
+
+Sources, later wins: built-in defaults < ``--config`` file (TOML or YAML, flat keys) < ``ACCESS_*``
+environment < command-line flags. Every setting has one key (``edge_bind``) and one environment name
+(``ACCESS_EDGE_BIND``). Unknown keys and bad values raise :class:`ConfigError` naming the setting; nothing
+is silently ignored. This is the only module that reads ``os.environ``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import json
+import os
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import yaml
+
+from .errors import ConfigError
+
+ENV_PREFIX = "ACCESS_"
+# Variables the test harness and tooling own; they never configure a daemon.
+ENV_IGNORED_PREFIXES = ("ACCESS_TEST_",)
+ROLES = ("edge", "internal", "all")
+ENVS = ("local", "dev", "staging", "prod")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+Parser = Callable[[Any], Any]
+
+
+def _setting(default: Any, parse: Parser, doc: str) -> Any:
+    return field(default=default, metadata={"parse": parse, "doc": doc})
+
+
+# --- parsers: take a raw value (str from env/flags, or a native TOML/YAML value) -------------------
+
+
+def _text(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"expected a string, got {type(value).__name__}")
+    return value.strip()
+
+
+def _optional_text(value: Any) -> str | None:
+    text = _text(value)
+    return text or None
+
+
+def _choice(*choices: str) -> Parser:
+    def parse(value: Any) -> str:
+        text = _text(value).lower()
+        if text not in choices:
+            raise ValueError(f"{text!r} is not one of {', '.join(choices)}")
+        return text
+
+    return parse
+
+
+def _bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = _text(value).lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"{text!r} is not a boolean (true/false)")
+
+
+def _number(kind: type, minimum: float, maximum: float = float("inf")) -> Parser:
+    def parse(value: Any) -> Any:
+        if isinstance(value, bool):
+            raise ValueError("expected a number, got a boolean")
+        try:
+            number = kind(value.strip() if isinstance(value, str) else value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{value!r} is not a valid {kind.__name__}") from None
+        if not minimum <= number <= maximum:
+            raise ValueError(f"{number} is outside {minimum}..{maximum}")
+        return number
+
+    return parse
+
+
+def _items(value: Any) -> list[str]:
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    if isinstance(value, list) and all(isinstance(item, str) for item in value):
+        return [item.strip() for item in value if item.strip()]
+    raise ValueError("expected a comma-separated string or a list of strings")
+
+
+def parse_hostport(text: str) -> tuple[str, int]:
+    """``host:port`` or ``[v6]:port`` → (host, port)."""
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"{text!r} is not host:port")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ValueError(f"{text!r} has no valid port (0-65535)")
+    return host, int(port_text)
+
+
+def _binds(value: Any) -> tuple[str, ...]:
+    binds = _items(value)
+    if not binds:
+        raise ValueError("needs at least one host:port")
+    for bind in binds:
+        parse_hostport(bind)
+    return tuple(binds)
+
+
+def _optional_hostports(value: Any) -> tuple[str, ...] | None:
+    items = _items(value)
+    for item in items:
+        parse_hostport(item)
+    return tuple(items) or None
+
+
+def _url(*schemes: str) -> Parser:
+    def parse(value: Any) -> str | None:
+        text = _optional_text(value)
+        if text is None:
+            return None
+        parts = urlsplit(text)
+        if parts.scheme not in schemes or not (parts.netloc or parts.path):
+            raise ValueError(f"{_redact(text)!r} is not a {'/'.join(schemes)} URL")
+        return text
+
+    return parse
+
+
+def _issuers(value: Any) -> dict[str, str] | None:
+    if isinstance(value, str):
+        if not value.strip():
+            return None
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"not valid JSON ({exc.msg})") from None
+    if not isinstance(value, dict) or not value:
+        raise ValueError('expected a JSON object {"<issuer>": "<jwks url>", ...}')
+    check_url = _url("http", "https")
+    for issuer, url in value.items():
+        if not isinstance(url, str) or check_url(url) is None:
+            raise ValueError(f"issuer {issuer!r} needs an http(s) JWKS URL")
+    return dict(value)
+
+
+def _networks(value: Any) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    try:
+        return tuple(ipaddress.ip_network(item, strict=False) for item in _items(value))
+    except ValueError as exc:
+        raise ValueError(f"not a CIDR list ({exc})") from None
+
+
+def _file(value: Any) -> Path | None:
+    text = _optional_text(value)
+    if text is None:
+        return None
+    path = Path(text).expanduser()
+    if not path.is_file():
+        raise ValueError(f"file {text!r} does not exist")
+    return path
+
+
+def _path(value: Any) -> Path:
+    return Path(_text(value)).expanduser()
+
+
+def _redact(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password:
+        return url.replace(f":{parts.password}@", ":***@")
+    return url
+
+
+def _default_state_dir() -> Path:
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "accessd"
+
+
+# --- the tree ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    env: str = _setting("local", _choice(*ENVS), "local, dev, staging or prod")
+    role: str = _setting("all", _choice(*ROLES), "edge, internal or all")
+    edge_bind: tuple[str, ...] = _setting(("127.0.0.1:8000",), _binds, "edge REST listener(s)")
+    stream_bind: tuple[str, ...] = _setting(("127.0.0.1:8001",), _binds, "streaming listener(s)")
+    internal_bind: tuple[str, ...] = _setting(("127.0.0.1:8010",), _binds, "internal listener(s)")
+    drain_timeout_s: float = _setting(10.0, _number(float, 0, 3600), "grace for in-flight work on stop")
+    start_timeout_s: float = _setting(30.0, _number(float, 0.1, 3600), "deadline for each component start")
+    max_body_bytes: int = _setting(1 << 20, _number(int, 1024), "largest request body accepted")
+    trusted_proxies: tuple[Any, ...] = _setting((), _networks, "CIDRs whose X-Forwarded-For is believed")
+    state_dir: Path = _setting(None, _path, "dev issuer key and other local state")
+    tls_enabled: bool = _setting(False, _bool, "reserved")
+    demo: bool = _setting(False, _bool, "synthetic upstream and price feed")
+
+
+@dataclass(frozen=True)
+class BackendSettings:
+    redis_url: str | None = _setting(None, _url("redis", "rediss", "unix"), "Redis; unset: in-process")
+    postgres_dsn: str | None = _setting(None, _url("postgres", "postgresql"), "entitlement store")
+    kafka_bootstrap: tuple[str, ...] | None = _setting(None, _optional_hostports, "Kafka brokers")
+    probe_interval_s: float = _setting(5.0, _number(float, 0.1, 3600), "dependency health probe period")
+    probe_timeout_s: float = _setting(2.0, _number(float, 0.05, 60), "one dependency probe's deadline")
+
+
+@dataclass(frozen=True)
+class AuthSettings:
+    jwks_url: str | None = _setting(None, _url("http", "https"), "IdP JWKS endpoint")
+    jwt_issuer: str | None = _setting(None, _optional_text, "required iss")
+    jwt_audience: str | None = _setting(None, _optional_text, "required aud")
+    jwt_issuers: dict[str, str] | None = _setting(None, _issuers, "issuer → JWKS URL map (JSON)")
+    tenant_claim: str = _setting("tenant_id", _text, "claim holding the tenant")
+    auth_url: str | None = _setting(None, _url("http", "https"), "remote internal role for auth")
+    jwks_refresh_interval_s: float = _setting(3600.0, _number(float, 1), "periodic JWKS refresh")
+    jwks_min_refresh_interval_s: float = _setting(10.0, _number(float, 0), "floor between refreshes")
+    jwks_max_stale_s: float = _setting(86400.0, _number(float, 1), "serve last good keys this long")
+    jwt_leeway_s: float = _setting(30.0, _number(float, 0, 600), "clock skew allowed")
+
+
+@dataclass(frozen=True)
+class PolicySettings:
+    policy_file: Path | None = _setting(None, _file, "YAML grants file (embedded store)")
+    entitlements_url: str | None = _setting(None, _url("http", "https"), "remote entitlements role")
+    routes_file: Path | None = _setting(None, _file, "gateway routes (YAML)")
+    rate_limits_file: Path | None = _setting(None, _file, "rate-limit tier overrides (YAML)")
+
+
+@dataclass(frozen=True)
+class StreamSettings:
+    max_connections: int = _setting(5000, _number(int, 1), "streaming connections per process")
+
+
+@dataclass(frozen=True)
+class TelemetrySettings:
+    log_level: str = _setting("info", _choice(*LOG_LEVELS), "log verbosity")
+    metrics_endpoint: str | None = _setting(None, _url("http", "https"), "forward custom metrics")
+    enable_tracing: bool = _setting(False, _bool, "OTLP/HTTP trace export")
+    otel_exporter: str | None = _setting(None, _url("http", "https"), "OTLP/HTTP collector URL")
+
+
+@dataclass(frozen=True)
+class Settings:
+    server: ServerSettings
+    backends: BackendSettings
+    auth: AuthSettings
+    policy: PolicySettings
+    stream: StreamSettings
+    telemetry: TelemetrySettings
+
+    @property
+    def dev_issuer(self) -> bool:
+        """The embedded token issuer runs only without an IdP, and only in local/dev."""
+        return self.auth.jwks_url is None and self.auth.jwt_issuers is None
+
+
+SECTIONS: dict[str, type] = {
+    "server": ServerSettings,
+    "backends": BackendSettings,
+    "auth": AuthSettings,
+    "policy": PolicySettings,
+    "stream": StreamSettings,
+    "telemetry": TelemetrySettings,
+}
+
+
+@dataclass(frozen=True)
+class SettingInfo:
+    key: str
+    section: str
+    default: Any
+    parse: Parser
+    doc: str
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.key.upper()
+
+
+def describe() -> list[SettingInfo]:
+    """Every setting, in declaration order (used for docs and check-config)."""
+    return [
+        SettingInfo(f.name, section, f.default, f.metadata["parse"], f.metadata["doc"])
+        for section, cls in SECTIONS.items()
+        for f in dataclasses.fields(cls)
+    ]
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """Flat ``key = value`` mapping from a TOML or YAML file."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError("--config", f"cannot read {str(path)!r}: {exc}") from None
+    try:
+        if path.suffix == ".toml":
+            data: Any = tomllib.loads(text)
+        elif path.suffix in (".yaml", ".yml"):
+            data = yaml.safe_load(text) or {}
+        else:
+            raise ConfigError("--config", f"{str(path)!r}: use a .toml, .yaml or .yml file")
+    except (tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
+        problem = str(exc).splitlines()[0]
+        raise ConfigError("--config", f"{str(path)!r} is not valid {path.suffix[1:]}: {problem}") from None
+    if not isinstance(data, dict):
+        raise ConfigError("--config", f"{str(path)!r} must hold a mapping of settings")
+    return data
+
+
+def load_settings(
+    *,
+    config_file: Path | None = None,
+    environ: Mapping[str, str] | None = None,
+    flags: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Build the settings tree; raise :class:`ConfigError` on the first unknown key or bad value."""
+    environ = os.environ if environ is None else environ
+    infos = {info.key: info for info in describe()}
+    raw: dict[str, tuple[str, Any]] = {}  # key -> (where it came from, value)
+
+    if config_file is not None:
+        for key, value in read_config_file(config_file).items():
+            if key not in infos:
+                raise ConfigError(f"{key} (in {config_file})", "unknown setting")
+            raw[key] = (f"{key} (in {config_file})", value)
+    for name, value in environ.items():
+        if not name.startswith(ENV_PREFIX) or name.startswith(ENV_IGNORED_PREFIXES):
+            continue
+        key = name[len(ENV_PREFIX) :].lower()
+        if key not in infos:
+            raise ConfigError(name, "unknown setting")
+        raw[key] = (name, value)
+    for key, value in (flags or {}).items():
+        if value is not None:
+            raw[key] = (f"--{key.replace('_', '-')}", value)
+
+    values: dict[str, dict[str, Any]] = {section: {} for section in SECTIONS}
+    for key, (source, value) in raw.items():
+        info = infos[key]
+        try:
+            values[info.section][key] = info.parse(value)
+        except ValueError as exc:
+            raise ConfigError(source, str(exc)) from None
+    values["server"].setdefault("state_dir", _default_state_dir())
+    settings = Settings(**{name: SECTIONS[name](**kw) for name, kw in values.items()})
+    _check_consistency(settings)
+    return settings
+
+
+def _check_consistency(settings: Settings) -> None:
+    if settings.dev_issuer and settings.server.env not in ("local", "dev"):
+        raise ConfigError(
+            "ACCESS_JWKS_URL",
+            f"required when ACCESS_ENV is {settings.server.env} (the dev issuer runs only in local/dev)",
+        )
+    if settings.telemetry.enable_tracing and settings.telemetry.otel_exporter is None:
+        raise ConfigError("ACCESS_OTEL_EXPORTER", "required when ACCESS_ENABLE_TRACING is true")

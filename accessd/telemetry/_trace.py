@@ -1,0 +1,25 @@
+"""W3C trace context: the trace id that error bodies and log lines carry."""
+
+from __future__ import annotations
+
+import re
+import secrets
+
+_TRACEPARENT = re.compile(r"^[0-9a-f]{2}-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]{2}$")
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+
+
+def trace_id_from(traceparent: str | None) -> str:
+    """The caller's trace id when its ``traceparent`` is valid, else a fresh one."""
+    if traceparent:
+        match = _TRACEPARENT.match(traceparent.strip().lower())
+        if match and match.group(1) != "0" * 32 and match.group(2) != "0" * 16:
+            return match.group(1)
+    return secrets.token_hex(16)
+
+
+def request_id_from(header: str | None) -> str:
+    """Echo a sane client request id; anything else is replaced so logs stay parseable."""
+    if header and _REQUEST_ID.match(header):
+        return header
+    return secrets.token_hex(8)

