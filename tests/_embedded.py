@@ -84,9 +84,9 @@ def _free_port() -> int:
 
 def _which(names: Sequence[str], search_path: str | None) -> Path | None:
     for name in names:
-        found = shutil.which(name, path=search_path if search_path is not None else os.environ.get("PATH"))
+        found = shutil.which(name, path=search_path)  # None means $PATH
         if found:
-            return Path(found).resolve()  # Debian links /usr/local/bin/initdb -> /usr/lib/postgresql/N/bin
+            return Path(found)  # not resolved: Debian's redis-server is a link that reads argv[0]
     return None
 
 
@@ -179,19 +179,14 @@ def start_redis(
         )
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
+
+    def argv(port: int) -> list[str]:  # logs to stdout; --save "" turns off RDB snapshots
+        flags = f"--port {port} --bind 127.0.0.1 --appendonly no --daemonize no".split()
+        return [str(binary), *flags, "--dir", str(workdir), "--save", ""]
+
     return _launch(
         "redis",
-        # Nothing persisted: --save "" turns off RDB snapshots.
-        lambda port: [
-            str(binary),
-            *f"--port {port} --bind 127.0.0.1 --appendonly no".split(),
-            "--daemonize",
-            "no",
-            "--dir",
-            str(workdir),
-            "--save",
-            "",
-        ],
+        argv,
         lambda port: f"redis://127.0.0.1:{port}/0",
         _probe_redis,
         workdir / "redis.log",
@@ -202,7 +197,8 @@ def start_redis(
 
 def _find_postgres(search_path: str | None) -> Path | None:
     """The bin dir holding both initdb and postgres."""
-    dirs = [] if (hit := _which(["initdb"], search_path)) is None else [hit.parent]
+    # resolve(): /usr/local/bin/initdb may link to /usr/lib/postgresql/N/bin, where postgres is.
+    dirs = [] if (hit := _which(["initdb"], search_path)) is None else [hit.resolve().parent]
     if search_path is None:  # distro dirs are not on PATH; newest major version first
         found = glob.glob("/usr/lib/postgresql/*/bin") + glob.glob("/usr/pgsql-*/bin")
         dirs += sorted(map(Path, found), key=lambda p: [int(n) for n in re.findall(r"\d+", str(p))])[::-1]
@@ -213,6 +209,20 @@ def _find_postgres(search_path: str | None) -> Path | None:
 
 def _reachable_by_others(path: Path) -> bool:
     return all(p.stat().st_mode & stat.S_IXOTH for p in [path, *path.parents])
+
+
+def _copy_wheel(bindir: Path, dest: Path, owner: pwd.struct_passwd) -> Path:
+    """Copy a wheel's package (plus the <pkg>.libs dir its RPATH points at) where `owner` can run it."""
+    pkg = next((p for p in bindir.parents if p.name in POSTGRES_WHEELS), None)
+    if pkg is None:
+        raise EmbeddedUnavailable(f"{bindir} is not reachable by user {owner.pw_name}: chmod o+x its parents")
+    for src in [pkg, pkg.with_name(pkg.name + ".libs")]:
+        if src.is_dir():
+            shutil.copytree(src, dest / src.name, symlinks=True)
+    for root, subdirs, files in os.walk(dest):
+        for entry in [root, *(os.path.join(root, n) for n in subdirs + files)]:
+            os.lchown(entry, owner.pw_uid, owner.pw_gid)
+    return dest / bindir.relative_to(pkg.parent)
 
 
 def start_postgres(
@@ -253,11 +263,7 @@ def start_postgres(
             cleanup.append(base)
             base.chmod(0o755)
             if not _reachable_by_others(bindir / "postgres"):  # e.g. a venv under 0700 /root
-                shutil.copytree(bindir.parent, base / "pginstall", symlinks=True)
-                for root, subdirs, files in os.walk(base / "pginstall"):
-                    for entry in [root, *(os.path.join(root, n) for n in subdirs + files)]:
-                        os.lchown(entry, owner.pw_uid, owner.pw_gid)
-                bindir = base / "pginstall" / bindir.name
+                bindir = _copy_wheel(bindir, base / "site", owner)
         data = base / "pgdata"
         data.mkdir(mode=0o700, exist_ok=True)
         if owner is not None:
@@ -265,11 +271,9 @@ def start_postgres(
         env = {**os.environ, "LC_ALL": "C"}
         if not (data / "PG_VERSION").exists():
             with open(log_path, "ab") as log:
-                done = subprocess.run(  # type: ignore[call-overload]
-                    [str(bindir / "initdb"), "-D", str(data), *INITDB_ARGS.split()],
-                    **dict(stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT),
-                    **dict(cwd=base, env=env, timeout=120, **user),
-                )
+                initdb = [str(bindir / "initdb"), "-D", str(data), *INITDB_ARGS.split()]
+                io = {"stdin": subprocess.DEVNULL, "stdout": log, "stderr": subprocess.STDOUT}
+                done = subprocess.run(initdb, cwd=base, env=env, timeout=120, **io, **user)  # type: ignore[call-overload]
             if done.returncode != 0:
                 tail = _tail(log_path)
                 raise EmbeddedUnavailable(f"initdb failed ({done.returncode}); end of {log_path}:\n{tail}")

@@ -40,10 +40,6 @@ def create_app(name: str, ctx: AppContext, blueprints: Iterable[Blueprint] = ())
     app.register_error_handler(ApiError, handle_api_error)
     app.register_error_handler(HTTPException, handle_http_exception)
     app.register_error_handler(Exception, handle_unexpected)
-    app.register_blueprint(_ops_blueprint(ctx))
-    for blueprint in blueprints:
-        app.register_blueprint(blueprint)
-
     @app.before_request
     async def _begin() -> None:
         g.started = time.perf_counter()
@@ -65,6 +61,10 @@ def create_app(name: str, ctx: AppContext, blueprints: Iterable[Blueprint] = ())
         )
         return response
 
+    # Registered after the pipeline hooks so that blueprint hooks (auth) see the trace and request id.
+    app.register_blueprint(_ops_blueprint(ctx))
+    for blueprint in blueprints:
+        app.register_blueprint(blueprint)
     return app
 
 

@@ -1,8 +1,8 @@
-"""The one place where asyncio-only libraries (redis-py, asyncpg, aiokafka) are driven.
+"""The one package where asyncio-only libraries (redis-py, asyncpg, aiokafka) are driven.
 
 The daemon's root opens a single ``trio_asyncio`` loop (``open_loop``); code here defines plain asyncio
 coroutines and exposes Trio-callable wrappers built with ``trio_asyncio.aio_as_trio``. Nothing outside this
-module imports asyncio or these libraries' asyncio APIs.
+package imports asyncio or these libraries' asyncio APIs; one module per library as it grows.
 
 The pattern, for every asyncio library:
 1. write the asyncio coroutine (``async def _redis_ping(url)``), owning its client and closing it;
@@ -24,7 +24,7 @@ from typing import Any, AsyncIterator, TypeVar
 import trio
 import trio_asyncio
 
-from .errors import BackendUnavailable
+from ..errors import BackendUnavailable
 
 T = TypeVar("T")
 

@@ -1,0 +1,1 @@
+"""Who is calling (auth), what they may touch (entitlements)."""
