@@ -174,6 +174,11 @@ def _path(value: Any) -> Path:
     return Path(_text(value)).expanduser()
 
 
+def _optional_path(value: Any) -> Path | None:
+    text = _optional_text(value)
+    return None if text is None else Path(text).expanduser()
+
+
 def _redact(url: str) -> str:
     parts = urlsplit(url)
     if parts.password:
@@ -200,7 +205,7 @@ class ServerSettings:
     start_timeout_s: float = _setting(30.0, _number(float, 0.1, 3600), "deadline for each component start")
     max_body_bytes: int = _setting(1 << 20, _number(int, 1024), "largest request body accepted")
     trusted_proxies: tuple[Any, ...] = _setting((), _networks, "CIDRs whose X-Forwarded-For is believed")
-    state_dir: Path = _setting(None, _path, "dev issuer key and other local state")
+    state_dir: Path = _setting(None, _path, "dev issuer key, local state; unset: $XDG_STATE_HOME/accessd")
     tls_enabled: bool = _setting(False, _bool, "reserved")
     demo: bool = _setting(False, _bool, "synthetic upstream and price feed")
 
@@ -226,6 +231,16 @@ class AuthSettings:
     jwks_min_refresh_interval_s: float = _setting(10.0, _number(float, 0), "floor between refreshes")
     jwks_max_stale_s: float = _setting(86400.0, _number(float, 1), "serve last good keys this long")
     jwt_leeway_s: float = _setting(30.0, _number(float, 0, 600), "clock skew allowed")
+    jwks_fetch_timeout_s: float = _setting(5.0, _number(float, 0.05, 120), "one JWKS fetch's deadline")
+    jwks_initial_fetch_timeout_s: float = _setting(
+        15.0, _number(float, 0.1, 3600), "readiness waits this long for the first key set"
+    )
+    auth_timeout_s: float = _setting(2.0, _number(float, 0.05, 60), "deadline of one ACCESS_AUTH_URL call")
+    token_cache_size: int = _setting(10000, _number(int, 0, 10_000_000), "verified tokens kept (0: off)")
+    max_token_bytes: int = _setting(8192, _number(int, 256, 65536), "largest token accepted")
+    dev_key_file: Path | None = _setting(
+        None, _optional_path, "dev issuer key (PEM); unset: <state_dir>/dev-issuer-key.pem"
+    )
 
 
 @dataclass(frozen=True)
@@ -234,6 +249,14 @@ class PolicySettings:
     entitlements_url: str | None = _setting(None, _url("http", "https"), "remote entitlements role")
     routes_file: Path | None = _setting(None, _file, "gateway routes (YAML)")
     rate_limits_file: Path | None = _setting(None, _file, "rate-limit tier overrides (YAML)")
+    policy_file_poll_s: float = _setting(0.25, _number(float, 0.05, 60), "policy file change check period")
+    entitlement_lru_size: int = _setting(100_000, _number(int, 0, 10_000_000), "decisions kept per process")
+    entitlement_ttl_min_s: float = _setting(30.0, _number(float, 0, 86400), "decision TTL floor")
+    entitlement_ttl_max_s: float = _setting(120.0, _number(float, 0, 86400), "decision TTL ceiling")
+    entitlement_store_timeout_s: float = _setting(2.0, _number(float, 0.05, 60), "one store query's deadline")
+    entitlement_redis_timeout_s: float = _setting(0.1, _number(float, 0.005, 10), "Redis cache deadline")
+    entitlement_redis_prefix: str = _setting("accessd:ent", _text, "Redis key prefix of the decision cache")
+    entitlement_queue_size: int = _setting(4096, _number(int, 1, 1_000_000), "pending Redis cache operations")
 
 
 @dataclass(frozen=True)
@@ -260,7 +283,12 @@ class Settings:
 
     @property
     def dev_issuer(self) -> bool:
-        """The embedded token issuer runs only without an IdP, and only in local/dev."""
+        """The embedded token issuer runs only without an IdP, and only in local/dev.
+
+        An edge that delegates auth (``ACCESS_AUTH_URL``) verifies nothing itself, so it needs no issuer.
+        """
+        if self.server.role == "edge" and self.auth.auth_url is not None:
+            return False
         return self.auth.jwks_url is None and self.auth.jwt_issuers is None
 
 
@@ -363,5 +391,14 @@ def _check_consistency(settings: Settings) -> None:
             "ACCESS_JWKS_URL",
             f"required when ACCESS_ENV is {settings.server.env} (the dev issuer runs only in local/dev)",
         )
+    auth = settings.auth
+    if auth.jwks_url and auth.jwt_issuers and auth.jwt_issuer is None:
+        raise ConfigError(
+            "ACCESS_JWT_ISSUER",
+            "required when both ACCESS_JWKS_URL and ACCESS_JWT_ISSUERS are set (it names the issuer "
+            "whose keys ACCESS_JWKS_URL serves)",
+        )
+    if settings.policy.entitlement_ttl_min_s > settings.policy.entitlement_ttl_max_s:
+        raise ConfigError("ACCESS_ENTITLEMENT_TTL_MIN_S", "must not exceed ACCESS_ENTITLEMENT_TTL_MAX_S")
     if settings.telemetry.enable_tracing and settings.telemetry.otel_exporter is None:
         raise ConfigError("ACCESS_OTEL_EXPORTER", "required when ACCESS_ENABLE_TRACING is true")
