@@ -1,0 +1,20 @@
+"""Streaming: Kafka (or the embedded broker) fanned out to WebSocket and SSE subscribers.
+
+Layout: ``_source`` the broker interface and cursors, ``_embedded`` the in-process broker, ``_kafka`` the
+aiokafka source, ``_hub`` subscriptions and fan-out, ``_conn`` one socket with direct writes and the
+slow-consumer policies, ``_sessions`` the WebSocket/SSE protocol, ``_listener`` the accept loop and
+admission, ``_http11`` request heads, ``_frames`` outgoing bytes.
+"""
+
+from ._conn import POLICIES as POLICIES
+from ._conn import Limits as Limits
+from ._embedded import EmbeddedBroker as EmbeddedBroker
+from ._hub import Hub as Hub
+from ._listener import StreamConfig as StreamConfig
+from ._listener import StreamListener as StreamListener
+from ._sessions import Authorize as Authorize
+from ._sessions import SessionLimits as SessionLimits
+from ._source import Record as Record
+from ._source import Source as Source
+from ._source import decode_cursor as decode_cursor
+from ._source import encode_cursor as encode_cursor

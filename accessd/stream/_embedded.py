@@ -1,0 +1,104 @@
+"""The embedded broker: one bounded ring buffer per channel, in process, with Kafka's cursor semantics.
+
+It serves the zero-setup default (``ACCESS_KAFKA_BOOTSTRAP`` unset): ``accessd publish`` and
+``POST /stream/publish`` append to it, the hub follows it like a Kafka topic with one partition.
+Backpressure: publishing never blocks; the oldest record falls out of a full ring (a resume from before it
+gets a ``gap``). Memory is bounded by ``ring_size`` records per channel and ``max_channels`` channels.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+
+import trio
+
+from ..errors import AccessdError
+from ._source import Position, Record, Replay
+
+PARTITION = 0
+
+
+class TooManyChannels(AccessdError):
+    pass
+
+
+class _Ring:
+    def __init__(self, size: int) -> None:
+        self.records: deque[Record] = deque(maxlen=size)
+        self.next_offset = 0
+
+    def oldest_offset(self) -> int:
+        return self.records[0].offset if self.records else self.next_offset
+
+
+class EmbeddedBroker:
+    name = "embedded"
+
+    def __init__(self, ring_size: int = 10_000, max_channels: int = 10_000) -> None:
+        self._ring_size = ring_size
+        self._max_channels = max_channels
+        self._rings: dict[str, _Ring] = {}
+        self._followed: dict[str, int] = {}  # channel -> next offset the hub reads
+        self._wakeup = trio.Event()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Nothing to connect to; a component only so that start order and health look like Kafka's."""
+        task_status.started()
+        await trio.sleep_forever()
+
+    def _ring(self, channel: str) -> _Ring:
+        ring = self._rings.get(channel)
+        if ring is None:
+            if len(self._rings) >= self._max_channels:
+                raise TooManyChannels(f"the embedded broker holds at most {self._max_channels} channels")
+            ring = self._rings[channel] = _Ring(self._ring_size)
+        return ring
+
+    def publish_nowait(
+        self, channel: str, key: str | None, value: bytes, headers: tuple[tuple[str, bytes], ...] = ()
+    ) -> Position:
+        ring = self._ring(channel)
+        record = Record(channel, PARTITION, ring.next_offset, key, value, int(time.time() * 1000), headers)
+        ring.records.append(record)
+        ring.next_offset += 1
+        if channel in self._followed:
+            self._wakeup.set()
+        return {PARTITION: ring.next_offset}
+
+    async def publish(
+        self, channel: str, key: str | None, value: bytes, headers: tuple[tuple[str, bytes], ...] = ()
+    ) -> Position:
+        return self.publish_nowait(channel, key, value, headers)
+
+    async def follow(self, channel: str) -> Position:
+        ring = self._ring(channel)
+        self._followed.setdefault(channel, ring.next_offset)
+        return {PARTITION: self._followed[channel]}
+
+    async def unfollow(self, channel: str) -> None:
+        self._followed.pop(channel, None)
+
+    async def next_batch(self) -> list[Record]:
+        while True:
+            batch: list[Record] = []
+            for channel, next_offset in self._followed.items():
+                ring = self._rings[channel]
+                if next_offset < ring.next_offset:
+                    start = max(next_offset, ring.oldest_offset()) - ring.oldest_offset()
+                    batch.extend(ring.records[i] for i in range(start, len(ring.records)))
+                    self._followed[channel] = ring.next_offset
+            if batch:
+                return batch
+            self._wakeup = trio.Event()
+            await self._wakeup.wait()
+
+    async def replay(self, channel: str, since: Position, until: Position) -> Replay:
+        ring = self._ring(channel)
+        start, stop = since.get(PARTITION, 0), until.get(PARTITION, ring.next_offset)
+        oldest = ring.oldest_offset()
+        replay = Replay(dropped=max(0, min(oldest, stop) - start))
+        first = max(start, oldest) - oldest
+        last = min(stop, ring.next_offset) - oldest
+        replay.records = [ring.records[i] for i in range(first, max(first, last))]
+        return replay

@@ -1,0 +1,231 @@
+"""The hub: channel subscriptions, one pump from the broker, fan-out of shared bytes.
+
+Per message: decide routing once (the channel's all-keys set plus its key's set), build the outgoing bytes
+once (lazily per transport), offer the same bytes to every subscriber. The pump never awaits a client:
+``Connection.offer`` either writes at once or queues under the channel's slow-consumer policy.
+
+A subscription with ``since`` joins the live set at once but buffers live messages while a catch-up task
+replays ``[since, live position)`` from the broker; then it flushes the buffer and goes live. The live
+position is where the replay stops, so nothing is skipped or repeated across the switch.
+Backpressure: the pump pulls batches from the source; a catch-up buffer is bounded (overflow: oldest dropped,
+reported as a ``gap``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
+from typing import Any, Protocol
+
+import trio
+
+from ._conn import CONFLATE, DROP_OLDEST
+from ._frames import json_payload, message_body, sse_event, ws_text
+from ._source import Position, Record, Source, encode_cursor
+
+log = logging.getLogger("accessd.stream")
+
+
+class Message:
+    """One broker record as clients see it; each encoding is built once, on first use."""
+
+    __slots__ = ("record", "cursor", "_data", "_body", "_ws", "_sse_tail", "_sse")
+
+    def __init__(self, record: Record, cursor: str) -> None:
+        self.record = record
+        self.cursor = cursor
+        self._data: bytes | None = None
+        self._body: bytes | None = None
+        self._ws: bytes | None = None
+        self._sse_tail: bytes | None = None
+        self._sse: bytes | None = None
+
+    def body(self, conflated: int = 0) -> bytes:
+        if self._data is None:
+            self._data = json_payload(self.record.value)
+        if conflated:
+            return message_body(self.record, self.cursor, self._data, conflated)
+        if self._body is None:
+            self._body = message_body(self.record, self.cursor, self._data)
+        return self._body
+
+    @property
+    def ws(self) -> bytes:
+        if self._ws is None:
+            self._ws = ws_text(self.body())
+        return self._ws
+
+    def ws_conflated(self, skipped: int) -> bytes:
+        return ws_text(self.body(skipped))
+
+    @property
+    def sse_tail(self) -> bytes:
+        """The event without its ``id:`` line, for streams whose id spans several channels."""
+        if self._sse_tail is None:
+            self._sse_tail = sse_event(None, self.body())
+        return self._sse_tail
+
+    @property
+    def sse(self) -> bytes:
+        """The full event of a one-channel stream (id ``<channel>=<cursor>``), shared by all of them."""
+        if self._sse is None:
+            self._sse = f"id: {self.record.channel}={self.cursor}\n".encode() + self.sse_tail
+        return self._sse
+
+
+class Subscriber(Protocol):
+    """A session (WebSocket or SSE) as the hub sees it."""
+
+    transport: str
+
+    def deliver(self, sub: Subscription, msg: Message) -> None: ...
+
+
+@dataclass(eq=False)
+class Subscription:
+    session: Subscriber
+    sub_id: str
+    channel: str
+    key: str | None
+    policy: str
+    live: bool = True
+    backlog: list[Message] = field(default_factory=list)
+    backlog_dropped: int = 0
+
+
+@dataclass(eq=False)
+class _Channel:
+    name: str
+    position: Position
+    everything: set[Subscription] = field(default_factory=set)
+    by_key: dict[str, set[Subscription]] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.everything) + sum(len(s) for s in self.by_key.values())
+
+
+@dataclass
+class HubStats:
+    delivered: dict[str, int] = field(default_factory=lambda: {"ws": 0, "sse": 0})
+    messages: int = 0
+
+
+class Hub:
+    """Errors: a broker fault in ``subscribe`` propagates to the session (it answers with an error frame)."""
+
+    name = "hub"
+
+    def __init__(
+        self,
+        source: Source,
+        *,
+        policies: Iterable[tuple[str, str]] = (),
+        backlog_limit: int = 1000,
+        observe_lag: Any = None,
+    ) -> None:
+        self._source = source
+        self._policies = list(policies)  # (channel glob, policy), first match wins
+        self._backlog_limit = backlog_limit
+        self._channels: dict[str, _Channel] = {}
+        self._observe_lag = observe_lag or (lambda seconds: None)
+        self.stats = HubStats()
+
+    def policy_for(self, channel: str, key: str | None) -> str:
+        for pattern, policy in self._policies:
+            if fnmatchcase(channel, pattern):
+                return policy
+        return CONFLATE if key is not None else DROP_OLDEST
+
+    # --- subscriptions -----------------------------------------------------------------------------------
+
+    async def subscribe(
+        self, session: Subscriber, sub_id: str, channel: str, key: str | None, since: Position | None
+    ) -> tuple[Subscription, Position]:
+        """Register a subscription; returns it and the live position it starts at (its first cursor)."""
+        ch = self._channels.get(channel)
+        if ch is None:
+            position = await self._source.follow(channel)
+            ch = self._channels.get(channel)  # another subscribe may have won the race during the await
+            if ch is None:
+                ch = self._channels[channel] = _Channel(channel, dict(position))
+        sub = Subscription(session, sub_id, channel, key, self.policy_for(channel, key), live=since is None)
+        if key is None:
+            ch.everything.add(sub)
+        else:
+            ch.by_key.setdefault(key, set()).add(sub)
+        return sub, dict(ch.position)
+
+    async def unsubscribe(self, sub: Subscription) -> None:
+        ch = self._channels.get(sub.channel)
+        if ch is None:
+            return
+        if sub.key is None:
+            ch.everything.discard(sub)
+        else:
+            subs = ch.by_key.get(sub.key)
+            if subs is not None:
+                subs.discard(sub)
+                if not subs:
+                    del ch.by_key[sub.key]
+        if not len(ch):
+            del self._channels[sub.channel]
+            await self._source.unfollow(sub.channel)
+
+    async def catch_up(
+        self, sub: Subscription, since: Position, until: Position
+    ) -> tuple[list[Message], int]:
+        """Replay ``[since, until)`` for a resuming subscription: its messages, and how many are gone."""
+        replay = await self._source.replay(sub.channel, since, until)
+        position = dict(since)
+        messages = []
+        for record in replay.records:
+            position[record.partition] = record.offset + 1
+            if sub.key is None or record.key == sub.key:
+                messages.append(Message(record, encode_cursor(position)))
+        return messages, replay.dropped
+
+    def go_live(self, sub: Subscription) -> list[Message]:
+        """End the catch-up: hand back the live messages buffered meanwhile and deliver directly from now."""
+        backlog, sub.backlog = sub.backlog, []
+        sub.live = True
+        return backlog
+
+    # --- the pump ----------------------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        while True:
+            batch = await self._source.next_batch()
+            self.dispatch(batch)
+
+    def dispatch(self, batch: list[Record]) -> None:
+        stats = self.stats
+        for record in batch:
+            ch = self._channels.get(record.channel)
+            if ch is None:
+                continue
+            if record.offset < ch.position.get(record.partition, 0):
+                continue  # already delivered (a source replaying after a reconnect)
+            ch.position[record.partition] = record.offset + 1
+            msg = Message(record, encode_cursor(ch.position))
+            stats.messages += 1
+            targets = tuple(ch.everything)
+            if record.key is not None and record.key in ch.by_key:
+                targets += tuple(ch.by_key[record.key])
+            for sub in targets:
+                if sub.live:
+                    sub.session.deliver(sub, msg)
+                elif len(sub.backlog) < self._backlog_limit:
+                    sub.backlog.append(msg)
+                else:
+                    sub.backlog.pop(0)
+                    sub.backlog.append(msg)
+                    sub.backlog_dropped += 1
+            if targets:
+                self._observe_lag(max(0.0, time.time() - record.ts_ms / 1000))
+
+    def channel_count(self) -> int:
+        return len(self._channels)

@@ -1,0 +1,379 @@
+"""The streaming listener: our own Trio accept loop on ``ACCESS_STREAM_BIND`` for WebSocket and SSE.
+
+Not Quart/Hypercorn: per-connection ASGI costs 150-220 µs of server CPU per delivery (DESIGN.md); here a
+healthy subscriber costs one ``send`` per message. The request head is parsed with h11 (bounded size, bounded
+time: slowloris-safe), the caller authenticated and admitted *before* the upgrade or the event stream starts.
+
+Routes: ``/ws/stream``, ``/sse/stream``, ``/health/live``; anything else is a 404 error body.
+Admission: ``max_connections`` (WebSocket: accept, then close 1013; SSE: 503 OVERLOADED), the
+``streaming_connect`` budget per client IP (close 4029 / 429), and 1013 / 503 while draining.
+Cancellation: on shutdown the listening sockets close first, every session gets close 1013 (SSE: a final
+``close`` event), then the connection tasks are cancelled.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import secrets
+import socket
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import trio
+import trio.lowlevel
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from ..errors import BackendUnavailable, ConfigError
+from ..policy._identity import AuthFailure, bearer_token
+from ..settings import parse_hostport
+from ..telemetry import trace_id_from
+from ._conn import Connection, Limits
+from ._http11 import BadRequest, PeerGone, Request, error_response, json_response, read_request, response_head
+from ._hub import Hub
+from ._sessions import (
+    CLOSE_AGAIN,
+    CLOSE_RATE,
+    Authorize,
+    Session,
+    SessionLimits,
+    SseSession,
+    SubscribeError,
+    Verify,
+    WsSession,
+    parse_event_id,
+)
+
+log = logging.getLogger("accessd.stream")
+
+LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+SSE_HEADERS = [
+    ("Content-Type", "text/event-stream"),
+    ("Cache-Control", "no-cache"),
+    ("Connection", "close"),
+    ("X-Accel-Buffering", "no"),
+]
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    binds: Sequence[str]
+    max_connections: int = 5000
+    handshake_timeout_s: float = 10.0
+    heartbeat_s: float = 15.0
+    connects_per_minute: int = 30  # the streaming_connect tier, per client IP
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    limits: Limits = Limits()
+    session: SessionLimits = SessionLimits()
+    write_timeout_s: float = 30.0
+    # Fixed kernel send buffer per client: bounds kernel memory at 5,000 connections (autotuning can reach
+    # megabytes each) and makes a stalled client reach its pending-buffer policy predictably.
+    send_buffer_bytes: int = 256 * 1024
+
+
+class StreamMetrics:
+    """Counters the hot path bumps as plain ints are exported by a collector at scrape time."""
+
+    def __init__(self, registry: CollectorRegistry, listener: StreamListener) -> None:
+        self.lag = Histogram(
+            "accessd_stream_delivery_lag_seconds",
+            "Broker timestamp to socket write, per message fanned out",
+            buckets=LAG_BUCKETS,
+            registry=registry,
+        )
+        self.dropped = Counter(
+            "accessd_stream_dropped",
+            "Messages not delivered as published, by reason",
+            ("reason",),
+            registry=registry,
+        )
+        self._listener = listener
+        registry.register(self)
+
+    def collect(self) -> Iterable[GaugeMetricFamily | CounterMetricFamily]:
+        connections = GaugeMetricFamily(
+            "accessd_stream_connections", "Open streaming sessions", labels=("transport",)
+        )
+        counts = {"ws": 0, "sse": 0}
+        for session in self._listener.sessions:
+            counts[session.transport] += 1
+        for transport, count in counts.items():
+            connections.add_metric((transport,), count)
+        yield connections
+        delivered = CounterMetricFamily(
+            "accessd_stream_messages_delivered", "Messages handed to sockets", labels=("transport",)
+        )
+        for transport, count in self._listener.hub.stats.delivered.items():
+            delivered.add_metric((transport,), count)
+        yield delivered
+
+    def describe(self) -> list[object]:
+        return []
+
+
+class _ConnectBudget:
+    """Per-IP token buckets for new connections; idle buckets are forgotten so memory stays bounded."""
+
+    def __init__(self, per_minute: int) -> None:
+        self._rate = per_minute / 60.0
+        self._burst = float(per_minute)
+        self._buckets: dict[str, tuple[float, float]] = {}
+
+    def take(self, ip: str) -> float:
+        """0 when allowed, else the seconds until the next connection would be."""
+        now = time.monotonic()
+        if len(self._buckets) > 100_000:
+            self._buckets = {k: v for k, v in self._buckets.items() if now - v[1] < self._burst / self._rate}
+        tokens, at = self._buckets.get(ip, (self._burst, now))
+        tokens = min(self._burst, tokens + (now - at) * self._rate)
+        if tokens < 1:
+            self._buckets[ip] = (tokens, now)
+            return (1 - tokens) / self._rate
+        self._buckets[ip] = (tokens - 1, now)
+        return 0.0
+
+
+class StreamListener:
+    name = "stream-listener"
+
+    def __init__(
+        self,
+        config: StreamConfig,
+        hub: Hub,
+        verify: Verify,
+        authorize: Authorize,
+        registry: CollectorRegistry,
+        shutdown: trio.Event,
+    ) -> None:
+        self.config = config
+        self.hub = hub
+        self._verify = verify
+        self._authorize = authorize
+        self._shutdown = shutdown
+        self.sessions: set[Session] = set()
+        self._draining = False
+        self._budget = _ConnectBudget(config.connects_per_minute)
+        self.metrics = StreamMetrics(registry, self)
+        self.stopped = trio.Event()
+
+    # --- sockets ---------------------------------------------------------------------------------------
+
+    def _listen(self) -> list[socket.socket]:
+        sockets = []
+        try:
+            for bind in self.config.binds:
+                host, port = parse_hostport(bind)
+                family = socket.AF_INET6 if ":" in host else socket.AF_INET
+                sock = socket.socket(family, socket.SOCK_STREAM)
+                sockets.append(sock)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.bind((host, port))
+                sock.listen(1024)
+                sock.setblocking(False)
+        except OSError as exc:
+            for sock in sockets:
+                sock.close()
+            raise ConfigError(
+                "ACCESS_STREAM_BIND", f"cannot listen on {','.join(self.config.binds)}: {exc.strerror or exc}"
+            ) from None
+        return sockets
+
+    async def run(self, *, task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
+        sockets = self._listen()
+        urls = []
+        for sock in sockets:
+            host, port = sock.getsockname()[:2]
+            urls.append(f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}")
+        try:
+            async with trio.open_nursery() as nursery:
+                for sock in sockets:
+                    nursery.start_soon(self._accept_loop, sock, nursery)
+                nursery.start_soon(self._heartbeats)
+                task_status.started(urls)
+                await self._shutdown.wait()
+                self._draining = True
+                for sock in sockets:
+                    trio.lowlevel.notify_closing(sock)
+                    sock.close()
+                for session in list(self.sessions):
+                    session.close(CLOSE_AGAIN, "server draining")
+                await trio.lowlevel.checkpoint()  # let the close frames go out of the session tasks' sockets
+                nursery.cancel_scope.cancel()
+        finally:
+            for sock in sockets:
+                sock.close()
+            self.stopped.set()
+
+    async def _accept_loop(self, listening: socket.socket, nursery: trio.Nursery) -> None:
+        while True:
+            try:
+                await trio.lowlevel.wait_readable(listening)
+            except trio.ClosedResourceError:
+                return
+            while True:
+                try:
+                    sock, peer = listening.accept()
+                except BlockingIOError:
+                    break
+                except OSError as exc:  # EMFILE and friends: back off instead of spinning
+                    log.warning("accept failed: %s", exc)
+                    await trio.sleep(0.1)
+                    break
+                sock.setblocking(False)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.config.send_buffer_bytes)
+                if sock.family in (socket.AF_INET, socket.AF_INET6):
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                nursery.start_soon(self._serve_connection, sock, peer[0])
+
+    async def _heartbeats(self) -> None:
+        while True:
+            await trio.sleep(self.config.heartbeat_s)
+            for session in list(self.sessions):
+                session.heartbeat()
+
+    async def revalidate_all(self) -> None:
+        """After a policy change: every session re-checks its subscriptions (see Session.revalidate)."""
+        for session in list(self.sessions):
+            if not session.conn.closed:
+                await session.revalidate()
+
+    # --- one connection --------------------------------------------------------------------------------
+
+    async def _serve_connection(self, sock: socket.socket, peer_ip: str) -> None:
+        async with trio.open_nursery() as nursery:
+            conn = Connection(sock, nursery, self.config.limits, self.config.write_timeout_s)
+            conn.on_slow = lambda reason, n: self.metrics.dropped.labels(reason).inc(n)
+            try:
+                with trio.move_on_after(self.config.handshake_timeout_s) as handshake:
+                    request = await read_request(conn)
+                if handshake.cancelled_caught:
+                    return
+                await self._route(conn, request, peer_ip)
+            except BadRequest as exc:
+                await conn.send_all(error_response(400, "BAD_REQUEST", f"malformed request: {exc}", _trace()))
+            except PeerGone:
+                pass
+            finally:
+                conn.abort("done")
+                nursery.cancel_scope.cancel()
+
+    def _client_ip(self, request: Request, peer_ip: str) -> str:
+        forwarded = request.header("x-forwarded-for")
+        if forwarded and self.config.trusted_proxies:
+            try:
+                peer = ipaddress.ip_address(peer_ip)
+            except ValueError:
+                return peer_ip
+            if any(peer in net for net in self.config.trusted_proxies):
+                return forwarded.split(",")[-1].strip() or peer_ip
+        return peer_ip
+
+    async def _route(self, conn: Connection, request: Request, peer_ip: str) -> None:
+        trace = trace_id_from(request.header("traceparent"))
+        if request.path == "/health/live" and request.method in ("GET", "HEAD"):
+            await conn.send_all(json_response(200, {"status": "live"}))
+            return
+        if request.path not in ("/ws/stream", "/sse/stream"):
+            await conn.send_all(
+                error_response(404, "NOT_FOUND", "no such endpoint on the streaming listener", trace)
+            )
+            return
+        if request.method != "GET":
+            await conn.send_all(
+                error_response(405, "METHOD_NOT_ALLOWED", "use GET", trace, [("Allow", "GET")])
+            )
+            return
+        websocket = request.path == "/ws/stream"
+        if websocket and "websocket" not in (request.header("upgrade") or "").lower():
+            await conn.send_all(error_response(426, "BAD_REQUEST", "a WebSocket upgrade is required", trace))
+            return
+        token = bearer_token(request.header("authorization")) or (request.query.get("token") or [None])[0]
+        if not token:
+            await conn.send_all(error_response(401, "UNAUTHENTICATED", "a bearer token is required", trace))
+            return
+        identity = await self._verify(token)
+        if isinstance(identity, AuthFailure):
+            await conn.send_all(error_response(401, identity.code, identity.message, trace))
+            return
+        retry_after = self._budget.take(self._client_ip(request, peer_ip))
+        full = self._draining or len(self.sessions) >= self.config.max_connections
+        if websocket:
+            await self._serve_ws(conn, request, identity, retry_after, full)
+        else:
+            await self._serve_sse(conn, request, identity, retry_after, full, trace)
+
+    async def _serve_ws(
+        self, conn: Connection, request: Request, identity, retry_after: float, full: bool
+    ) -> None:
+        session = WsSession(
+            conn, self.hub, identity, self._authorize, self.config.session, verify=self._verify
+        )
+        if retry_after or full:  # accept, then close with the code, so browsers can see why
+            await session.run_refused(request.raw, CLOSE_RATE if retry_after else CLOSE_AGAIN)
+            return
+        await self._run_session(session, session.run(request.raw))
+
+    async def _serve_sse(
+        self, conn: Connection, request: Request, identity, retry_after: float, full: bool, trace: str
+    ) -> None:
+        if retry_after:
+            await conn.send_all(
+                error_response(
+                    429,
+                    "RATE_LIMITED",
+                    "too many connections from this address",
+                    trace,
+                    [("Retry-After", str(max(1, round(retry_after))))],
+                )
+            )
+            return
+        if full:
+            await conn.send_all(
+                error_response(
+                    503, "OVERLOADED", "streaming capacity reached; retry", trace, [("Retry-After", "1")]
+                )
+            )
+            return
+        channels = request.query.get("channel", [])
+        keys = request.query.get("key", [])
+        if not channels or len(keys) > 1:
+            await conn.send_all(
+                error_response(400, "BAD_REQUEST", "give one or more channel= and at most one key=", trace)
+            )
+            return
+        resume = parse_event_id(request.header("last-event-id"))
+        session = SseSession(conn, self.hub, identity, self._authorize, self.config.session)
+        plan = [
+            (channel, keys[0] if keys else None, resume.get(channel)) for channel in dict.fromkeys(channels)
+        ]
+        for channel, key, _ in plan:  # refuse before the stream starts, with a proper status
+            try:
+                denied = await self._authorize(identity, channel, key)
+            except BackendUnavailable:
+                denied = None  # decided again by subscribe(), which answers 503-equivalent below
+            if denied is not None:
+                await conn.send_all(error_response(403, "ENTITLEMENT_DENIED", denied, trace))
+                return
+        conn.offer(response_head(200, SSE_HEADERS) + b"retry: 2000\n\n")
+
+        async def run() -> None:
+            try:
+                await session.run(plan)
+            except SubscribeError as exc:
+                session.close(CLOSE_AGAIN, exc.message)
+
+        await self._run_session(session, run())
+
+    async def _run_session(self, session: Session, body) -> None:
+        self.sessions.add(session)
+        try:
+            await body
+        finally:
+            self.sessions.discard(session)
+            await session.unsubscribe_all()
+
+
+def _trace() -> str:
+    return secrets.token_hex(16)

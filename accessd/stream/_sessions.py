@@ -1,0 +1,448 @@
+"""WebSocket and SSE sessions: the protocol of CONTRACT §10 on top of a :class:`Connection`.
+
+Both share subscription handling (entitlement check, hub registration, catch-up from a cursor, revocation)
+in :class:`Session`; they differ in framing and in what the client may send. Replies are offered to the
+connection synchronously, so a ``subscribed`` frame always precedes that subscription's first message.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import trio
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import (
+    AcceptConnection,
+    BytesMessage,
+    CloseConnection,
+    Ping,
+    TextMessage,
+)
+from wsproto.events import (
+    Request as WsRequest,
+)
+from wsproto.utilities import RemoteProtocolError
+
+from ..errors import BackendUnavailable
+from ..policy._identity import AuthFailure, Identity
+from ._conn import DROP_OLDEST, Connection
+from ._frames import SSE_PING, sse_event, ws_close, ws_json, ws_ping, ws_pong
+from ._hub import Hub, Message, Subscription
+from ._source import CHANNEL_NAME, CursorError, Position, decode_cursor, encode_cursor
+
+log = logging.getLogger("accessd.stream")
+
+Verify = Callable[[str], Awaitable[Identity | AuthFailure]]
+# Returns None when ``identity`` may subscribe to channel (+key), else the denial message.
+Authorize = Callable[[Identity, str, str | None], Awaitable[str | None]]
+
+CLOSE_TOKEN, CLOSE_DENIED, CLOSE_SLOW, CLOSE_RATE = 4001, 4003, 4008, 4029
+CLOSE_PROTOCOL, CLOSE_AGAIN = 1008, 1013
+MAX_KEY_CHARS = 256
+
+
+class SessionLimits:
+    def __init__(
+        self,
+        max_subscriptions: int = 100,
+        max_frame_bytes: int = 64 * 1024,
+        max_errors: int = 5,
+        max_ops_per_s: float = 50.0,
+    ) -> None:
+        self.max_subscriptions = max_subscriptions
+        self.max_frame_bytes = max_frame_bytes
+        self.max_errors = max_errors
+        self.max_ops_per_s = max_ops_per_s
+
+
+class SubscribeError(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class Session:
+    transport = "?"
+
+    def __init__(
+        self, conn: Connection, hub: Hub, identity: Identity, authorize: Authorize, limits: SessionLimits
+    ) -> None:
+        self.conn = conn
+        self.hub = hub
+        self.identity = identity
+        self.authorize = authorize
+        self.limits = limits
+        self.conn_id = secrets.token_hex(8)
+        self.subs: dict[tuple[str, str | None], Subscription] = {}
+        self.floors: dict[int, Position] = {}  # id(sub) -> offsets already seen (resume ahead of the hub)
+        self.expiry = trio.CancelScope()
+        self._set_expiry(identity.exp)
+
+    # --- expiry --------------------------------------------------------------------------------------
+
+    def _set_expiry(self, exp: int) -> None:
+        self.expiry.deadline = trio.current_time() + max(0.0, exp - time.time())
+
+    # --- subscriptions -------------------------------------------------------------------------------
+
+    async def subscribe(self, sub_id: str, channel: Any, key: Any, since: Any) -> tuple[Subscription, str]:
+        if not isinstance(channel, str) or not CHANNEL_NAME.match(channel):
+            raise SubscribeError("BAD_REQUEST", "channel must be a topic name ([A-Za-z0-9._-], 1-249 chars)")
+        if key is not None and (not isinstance(key, str) or not 0 < len(key) <= MAX_KEY_CHARS):
+            raise SubscribeError("BAD_REQUEST", f"key must be a string of 1-{MAX_KEY_CHARS} characters")
+        position = None
+        if since is not None:
+            try:
+                position = decode_cursor(since)
+            except CursorError:
+                raise SubscribeError("BAD_REQUEST", "since is not a cursor this server issued") from None
+        if (channel, key) in self.subs:
+            raise SubscribeError("BAD_REQUEST", "already subscribed to this channel and key")
+        if len(self.subs) >= self.limits.max_subscriptions:
+            raise SubscribeError("BAD_REQUEST", f"at most {self.limits.max_subscriptions} subscriptions")
+        try:
+            denied = await self.authorize(self.identity, channel, key)
+        except BackendUnavailable:
+            raise SubscribeError("UPSTREAM_UNAVAILABLE", "entitlements are unavailable; retry") from None
+        if denied is not None:
+            raise SubscribeError("ENTITLEMENT_DENIED", denied)
+        try:
+            sub, live = await self.hub.subscribe(self, sub_id, channel, key, position)
+        except BackendUnavailable:
+            raise SubscribeError("UPSTREAM_UNAVAILABLE", "the broker is unavailable; retry") from None
+        self.subs[(channel, key)] = sub
+        if position is not None:
+            if any(position.get(p, 0) > o for p, o in live.items()):
+                self.floors[id(sub)] = position
+            self.conn.nursery.start_soon(self._catch_up, sub, position, live)
+        return sub, encode_cursor(position if position is not None else live)
+
+    async def _catch_up(self, sub: Subscription, since: Position, until: Position) -> None:
+        try:
+            messages, dropped = await self.hub.catch_up(sub, since, until)
+        except BackendUnavailable:
+            messages, dropped = [], 0
+            log.warning("catch-up of %s failed: broker unavailable; continuing live", sub.channel)
+        if dropped:
+            self.gap(sub.channel, dropped, encode_cursor(since))
+        for msg in messages:
+            self.deliver(sub, msg)
+        backlog = self.hub.go_live(sub)
+        if sub.backlog_dropped:
+            self.gap(sub.channel, sub.backlog_dropped, messages[-1].cursor if messages else None)
+        for msg in backlog:
+            self.deliver(sub, msg)
+
+    async def unsubscribe(self, channel: str, key: str | None) -> bool:
+        sub = self.subs.pop((channel, key), None)
+        if sub is None:
+            return False
+        self.floors.pop(id(sub), None)
+        await self.hub.unsubscribe(sub)
+        return True
+
+    async def unsubscribe_all(self) -> None:
+        for channel, key in list(self.subs):
+            await self.unsubscribe(channel, key)
+
+    async def revalidate(self) -> None:
+        """Re-check subscriptions after a policy change; end denied ones (close 4003 when none remain)."""
+        for (channel, key), sub in list(self.subs.items()):
+            try:
+                denied = await self.authorize(self.identity, channel, key)
+            except BackendUnavailable:
+                continue  # unknown is not a revocation; the next change re-checks
+            if denied is not None and (channel, key) in self.subs:
+                await self.unsubscribe(channel, key)
+                self.revoked(sub, denied)
+        if not self.subs and not self.conn.closed:
+            self.close(CLOSE_DENIED, "no subscription left")
+
+    def _seen(self, sub: Subscription, msg: Message) -> bool:
+        floor = self.floors.get(id(sub))
+        return floor is not None and msg.record.offset < floor.get(msg.record.partition, 0)
+
+    # --- per transport -------------------------------------------------------------------------------
+
+    def deliver(self, sub: Subscription, msg: Message) -> None:
+        raise NotImplementedError
+
+    def gap(self, channel: str, dropped: int, cursor: str | None) -> None:
+        raise NotImplementedError
+
+    def revoked(self, sub: Subscription, message: str) -> None:
+        raise NotImplementedError
+
+    def heartbeat(self) -> None:
+        raise NotImplementedError
+
+    def close(self, code: int, reason: str) -> None:
+        raise NotImplementedError
+
+
+class WsSession(Session):
+    transport = "ws"
+
+    def __init__(self, *args: Any, verify: Verify, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.verify = verify
+        self.ws = WSConnection(ConnectionType.SERVER)
+        self.conn.gap_frame = lambda channel, n, cursor: ws_json(
+            {"type": "gap", "channel": channel, "dropped": n, "cursor": cursor}
+        )
+        self.conn.slow_close = lambda: ws_close(CLOSE_SLOW, "slow consumer")
+        self._errors = 0
+        self._op_budget = limits_budget(self.limits.max_ops_per_s)
+
+    def deliver(self, sub: Subscription, msg: Message) -> None:
+        if self.floors and self._seen(sub, msg):
+            return
+        record = msg.record
+        self.conn.offer(
+            msg.ws,
+            channel=record.channel,
+            key=record.key,
+            policy=sub.policy,
+            render=msg.ws_conflated,
+            cursor=msg.cursor,
+        )
+        self.hub.stats.delivered["ws"] += 1
+
+    def send(self, body: dict[str, Any]) -> None:
+        self.conn.offer(ws_json(body))
+
+    def gap(self, channel: str, dropped: int, cursor: str | None) -> None:
+        self.send({"type": "gap", "channel": channel, "dropped": dropped, "cursor": cursor})
+
+    def revoked(self, sub: Subscription, message: str) -> None:
+        self.send(
+            {
+                "type": "error",
+                "id": sub.sub_id,
+                "channel": sub.channel,
+                "code": "ENTITLEMENT_DENIED",
+                "message": f"subscription ended: {message}",
+            }
+        )
+
+    def heartbeat(self) -> None:
+        self.conn.offer(ws_ping(b"hb"), policy=DROP_OLDEST)
+
+    def close(self, code: int, reason: str) -> None:
+        self.conn.close_with(ws_close(code, reason), reason)
+
+    def _accept(self, raw_request: bytes) -> None:
+        head_end = raw_request.index(b"\r\n\r\n") + 4
+        self.ws.receive_data(raw_request[:head_end])
+        for event in self.ws.events():
+            if isinstance(event, WsRequest):
+                self.conn.offer(self.ws.send(AcceptConnection()))
+        # wsproto's server handshake drops bytes that came with the head; frames sent right behind it
+        # (a client that subscribes without waiting for the 101) are fed back here.
+        if raw_request[head_end:]:
+            self.ws.receive_data(raw_request[head_end:])
+
+    async def run_refused(self, raw_request: bytes, code: int) -> None:
+        """Accept, then close at once with ``code``: browsers see close codes, not HTTP statuses."""
+        self._accept(raw_request)
+        self.close(code, "rate limited" if code == CLOSE_RATE else "server full or draining")
+
+    async def run(self, raw_request: bytes) -> None:
+        self._accept(raw_request)
+        self.send({"type": "welcome", "conn_id": self.conn_id, "exp": self.identity.exp})
+        with self.expiry:
+            await self._read_loop()
+        if self.expiry.cancelled_caught:
+            self.close(CLOSE_TOKEN, "token expired")
+
+    async def _read_loop(self) -> None:
+        parts: list[str] = []
+        size = 0
+        data = b""  # the first round reads frames that arrived together with the handshake
+        while True:
+            try:
+                if data:
+                    self.ws.receive_data(data)
+                events = list(self.ws.events())
+            except RemoteProtocolError:
+                self.close(CLOSE_PROTOCOL, "protocol error")
+                return
+            for event in events:
+                if isinstance(event, TextMessage | BytesMessage):
+                    size += len(event.data)
+                    if size > self.limits.max_frame_bytes:
+                        self.close(CLOSE_PROTOCOL, "frame too large")
+                        return
+                    parts.append(event.data if isinstance(event, TextMessage) else "\0binary")
+                    if event.message_finished:
+                        text, parts, size = "".join(parts), [], 0
+                        await self._on_text(text)
+                elif isinstance(event, Ping):
+                    self.conn.offer(ws_pong(event.payload))
+                elif isinstance(event, CloseConnection):
+                    self.conn.close_with(ws_close(event.code or 1000), "closed by client")
+                    return
+                if self.conn.closed:
+                    return
+            data = await self.conn.receive()
+            if not data:
+                return
+
+    async def _on_text(self, text: str) -> None:
+        if not self._op_budget():
+            self.close(CLOSE_RATE, "too many messages")
+            return
+        try:
+            op = json.loads(text)
+        except ValueError:
+            op = None
+        if not isinstance(op, dict) or not isinstance(op.get("op"), str):
+            return self._protocol_error(None, "frames are JSON objects with an op")
+        req_id = op.get("id")
+        req_id = str(req_id) if isinstance(req_id, str | int) and not isinstance(req_id, bool) else None
+        name = op["op"]
+        if name == "ping":
+            self.send({"type": "pong", "id": req_id})
+        elif name == "subscribe":
+            try:
+                sub, cursor = await self.subscribe(
+                    req_id or "", op.get("channel"), op.get("key"), op.get("since")
+                )
+            except SubscribeError as exc:
+                return self._error(req_id, exc.code, exc.message, count=exc.code == "BAD_REQUEST")
+            # The catch-up task (if any) starts after this frame is queued: it always comes first.
+            self.send(
+                {"type": "subscribed", "id": req_id, "channel": sub.channel, "key": sub.key, "cursor": cursor}
+            )
+        elif name == "unsubscribe":
+            channel, key = op.get("channel"), op.get("key")
+            if not isinstance(channel, str) or not await self.unsubscribe(channel, key):
+                return self._error(req_id, "NOT_FOUND", "no such subscription")
+            self.send({"type": "unsubscribed", "id": req_id, "channel": channel, "key": key})
+        elif name == "refresh":
+            await self._refresh(req_id, op.get("token"))
+        else:
+            self._protocol_error(req_id, f"unknown op {name[:40]!r}")
+
+    async def _refresh(self, req_id: str | None, token: Any) -> None:
+        if not isinstance(token, str):
+            return self._error(req_id, "BAD_REQUEST", "refresh needs a token")
+        result = await self.verify(token)
+        if isinstance(result, AuthFailure):
+            return self._error(req_id, result.code, result.message)
+        if (result.sub, result.tenant_id) != (self.identity.sub, self.identity.tenant_id):
+            return self._error(
+                req_id, "TOKEN_INVALID", "a refresh token must name the same subject and tenant"
+            )
+        self.identity = result
+        self._set_expiry(result.exp)
+        self.send({"type": "refreshed", "id": req_id, "exp": result.exp})
+        if self.subs:  # the new token may carry other roles
+            await self.revalidate()
+
+    def _error(self, req_id: str | None, code: str, message: str, count: bool = False) -> None:
+        self.send({"type": "error", "id": req_id, "code": code, "message": message})
+        if count:
+            self._count_error()
+
+    def _protocol_error(self, req_id: str | None, message: str) -> None:
+        self._error(req_id, "BAD_REQUEST", message, count=True)
+
+    def _count_error(self) -> None:
+        self._errors += 1
+        if self._errors >= self.limits.max_errors:
+            self.close(CLOSE_PROTOCOL, "too many protocol errors")
+
+
+class SseSession(Session):
+    transport = "sse"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.cursors: dict[str, str] = {}
+        self.conn.gap_frame = lambda channel, n, cursor: sse_event(
+            None,
+            json.dumps({"type": "gap", "channel": channel, "dropped": n, "cursor": cursor}).encode(),
+            "gap",
+        )
+        self.conn.slow_close = lambda: b": slow consumer\n\n"
+
+    def deliver(self, sub: Subscription, msg: Message) -> None:
+        if self.floors and self._seen(sub, msg):
+            return
+        record = msg.record
+        if len(self.cursors) <= 1:
+            self.cursors[record.channel] = msg.cursor
+            data = msg.sse
+        else:
+            self.cursors[record.channel] = msg.cursor
+            data = f"id: {self.event_id()}\n".encode() + msg.sse_tail
+        self.conn.offer(data, channel=record.channel, key=record.key, policy=sub.policy, cursor=msg.cursor)
+        self.hub.stats.delivered["sse"] += 1
+
+    def event_id(self) -> str:
+        return ";".join(f"{channel}={cursor}" for channel, cursor in sorted(self.cursors.items()))
+
+    def gap(self, channel: str, dropped: int, cursor: str | None) -> None:
+        body = {"type": "gap", "channel": channel, "dropped": dropped, "cursor": cursor}
+        self.conn.offer(sse_event(None, json.dumps(body).encode(), "gap"))
+
+    def revoked(self, sub: Subscription, message: str) -> None:
+        body = {"type": "error", "channel": sub.channel, "code": "ENTITLEMENT_DENIED", "message": message}
+        self.conn.offer(sse_event(None, json.dumps(body).encode(), "error"))
+
+    def heartbeat(self) -> None:
+        self.conn.offer(SSE_PING)
+
+    def close(self, code: int, reason: str) -> None:
+        body = json.dumps({"type": "close", "code": code, "reason": reason}).encode()
+        self.conn.close_with(sse_event(None, body, "close"), reason)
+
+    async def run(self, subscriptions: list[tuple[str, str | None, str | None]]) -> None:
+        """``subscriptions``: (channel, key, cursor) from the query and ``Last-Event-ID``."""
+        for channel, _key, since in subscriptions:
+            self.cursors[channel] = since or ""
+        for channel, key, since in subscriptions:
+            _, cursor = await self.subscribe(channel, channel, key, since)
+            self.cursors[channel] = cursor
+        with self.expiry:
+            while await self.conn.receive(4096):  # SSE clients send nothing more; b"" means gone
+                pass
+        if self.expiry.cancelled_caught:
+            self.close(CLOSE_TOKEN, "token expired")
+
+
+def parse_event_id(value: str | None) -> dict[str, str]:
+    """``Last-Event-ID`` of a stream: ``<channel>=<cursor>[;...]``; unusable ids resume nothing."""
+    cursors: dict[str, str] = {}
+    for part in (value or "").split(";"):
+        channel, sep, cursor = part.strip().partition("=")
+        if sep and CHANNEL_NAME.match(channel):
+            try:
+                decode_cursor(cursor)
+            except CursorError:
+                continue
+            cursors[channel] = cursor
+    return cursors
+
+
+def limits_budget(per_s: float) -> Callable[[], bool]:
+    """A token bucket of one second's burst; returns False when the client exceeds ``per_s`` ops."""
+    state = {"tokens": per_s, "at": time.monotonic()}
+
+    def take() -> bool:
+        now = time.monotonic()
+        state["tokens"] = min(per_s, state["tokens"] + (now - state["at"]) * per_s)
+        state["at"] = now
+        if state["tokens"] < 1:
+            return False
+        state["tokens"] -= 1
+        return True
+
+    return take
