@@ -1,0 +1,127 @@
+"""Auth over HTTP: edge enforcement, the internal ``/auth/verify`` endpoints, the dev issuer's JWKS.
+
+Edge: a ``before_app_request`` hook (it runs after the pipeline hook that sets the trace and request id)
+demands a valid bearer token on every path except the public ones, and leaves the :class:`Identity` on
+``g.identity``. Denials are 401 with the contract codes and ``WWW-Authenticate: Bearer``; an unreachable
+delegated verifier is 503. :func:`require_identity` is the same check for any handler (admin endpoints).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from quart import Blueprint, Request, Response, g, request
+
+from ...errors import BackendUnavailable
+from ...http import ApiError
+from .._identity import AuthFailure, Identity, bearer_token
+from ._dev_issuer import DevIssuer
+from ._verify import UNAUTHENTICATED
+
+Verify = Callable[[str], Awaitable[Identity | AuthFailure]]
+
+
+async def require_identity(verify: Verify, req: Request, role: str | None = None) -> Identity:
+    """The caller's verified identity from ``Authorization: Bearer``; ApiError 401/403/503 otherwise.
+
+    ``role``: the token must carry it (``roles`` or ``realm_access.roles``), else 403 ENTITLEMENT_DENIED.
+    """
+    identity = getattr(g, "identity", None)
+    if not isinstance(identity, Identity):
+        token = bearer_token(req.headers.get("Authorization"))
+        if token is None:
+            raise ApiError(401, UNAUTHENTICATED, "a bearer token is required")
+        identity = await _verified(verify, token)
+    if role is not None and role not in identity.roles:
+        raise ApiError(403, "ENTITLEMENT_DENIED", f"the {role!r} role is required")
+    return identity
+
+
+async def _verified(verify: Verify, token: str) -> Identity:
+    try:
+        result = await verify(token)
+    except BackendUnavailable as exc:
+        raise ApiError(
+            503, "UPSTREAM_UNAVAILABLE", f"token verification is unavailable ({exc.backend})",
+            headers={"Retry-After": "1"},
+        ) from None
+    if isinstance(result, AuthFailure):
+        raise ApiError(401, result.code, result.message)
+    return result
+
+
+def identity_body(identity: Identity) -> dict[str, Any]:
+    """The JSON answer of ``/auth/verify`` (CONTRACT §8)."""
+    return {
+        "sub": identity.sub,
+        "tenant_id": identity.tenant_id,
+        "roles": sorted(identity.roles),
+        "exp": identity.exp,
+        "claims": dict(identity.claims),
+    }
+
+
+def edge_auth_blueprint(verify: Verify, public_paths: frozenset[str]) -> Blueprint:
+    edge = Blueprint("auth_edge", __name__)
+
+    @edge.before_app_request
+    async def _authenticate() -> None:
+        if request.path in public_paths:
+            return
+        g.identity = await require_identity(verify, request)
+
+    return edge
+
+
+def dev_jwks_blueprint(issuer: DevIssuer) -> Blueprint:
+    dev = Blueprint("auth_dev_jwks", __name__)
+    body = json.dumps(issuer.jwks())
+
+    @dev.get("/.well-known/jwks.json")
+    async def jwks() -> Response:
+        return Response(body, 200, content_type="application/json", headers={"Cache-Control": "max-age=300"})
+
+    return dev
+
+
+def auth_api_blueprint(authenticator: Any) -> Blueprint:
+    """``POST /auth/verify`` and ``POST /auth/verify-ws`` on the internal role (no token needed to call)."""
+    api = Blueprint("auth_api", __name__)
+
+    @api.post("/auth/verify")
+    async def verify() -> Response:
+        return await _answer(authenticator.verify, await _token(allow_query=False))
+
+    @api.post("/auth/verify-ws")
+    async def verify_ws() -> Response:
+        return await _answer(authenticator.verify, await _token(allow_query=True))
+
+    return api
+
+
+async def _answer(verify: Verify, token: str) -> Response:
+    identity = await _verified(verify, token)
+    return Response(json.dumps(identity_body(identity)), 200, content_type="application/json")
+
+
+async def _token(*, allow_query: bool) -> str:
+    """From ``Authorization: Bearer``, else the JSON body ``{"token": "..."}`` (else ``?token=`` for WS)."""
+    token = bearer_token(request.headers.get("Authorization"))
+    if token is not None:
+        return token
+    raw = await request.get_data(cache=False)
+    if raw:
+        try:
+            body = json.loads(raw)
+        except ValueError:  # includes bytes that are not UTF-8
+            raise ApiError(400, "BAD_REQUEST", 'the body must be JSON: {"token": "..."}') from None
+        value = body.get("token") if isinstance(body, dict) else None
+        if value is not None and not isinstance(value, str):
+            raise ApiError(400, "BAD_REQUEST", "'token' must be a string", {"field": "token"})
+        if value:
+            return value
+    if allow_query:
+        return request.args.get("token", "")
+    return ""

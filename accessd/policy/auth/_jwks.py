@@ -1,0 +1,271 @@
+"""The IdP's signing keys: fetched at start, refreshed on an interval and on an unknown ``kid``.
+
+:class:`JwksCache` is a supervised component (one per JWKS URL). Readiness waits for the first good key
+set, bounded by ``jwks_initial_fetch_timeout_s``. After that one task owns every fetch, so refreshes are
+single-flight by construction: a token with an unknown ``kid`` asks that task for a refresh and waits for the
+attempt in flight (joining it when one is running), unless an attempt was made in the last
+``jwks_min_refresh_interval_s`` (then it is refused without a fetch: a client spraying random kids must not
+turn into a request flood against the IdP).
+
+On a failed fetch the last good keys stay in service for at most ``jwks_max_stale_s``; the task retries
+with exponential backoff and reports ``jwks: degraded`` (``down`` once the keys are too old to serve).
+
+Backpressure: none queued; waiters share one ``trio.Event`` per attempt and give up after the fetch
+deadline. Cancellation: cancelling ``run`` wakes every waiter (they see the keys as they are) and closes
+the HTTP client. Errors: fetch faults (HTTP, timeouts, bad JSON, no usable key) are recorded and retried,
+never raised after start; before start they end in :class:`StartupError` at the deadline.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from collections.abc import Callable, Collection
+from typing import NoReturn, Protocol
+
+import httpx
+import trio
+
+from ...errors import BackendUnavailable, StartupError
+from ...nurseries import Health
+from ...settings import AuthSettings
+from ._metrics import AuthMetrics
+from ._verify import VerificationKey, parse_jwks
+
+log = logging.getLogger("accessd.policy.auth")
+
+OK, DEGRADED, DOWN, EMBEDDED = "ok", "degraded", "down", "embedded"
+MAX_JWKS_BYTES = 1 << 20
+FIRST_RETRY_S = 0.25
+MAX_BACKOFF_S = 300.0
+_SEVERITY = {OK: 0, EMBEDDED: 0, DEGRADED: 1, DOWN: 2}
+
+
+class KeySource(Protocol):
+    """Where verification keys come from: a JWKS URL, or the dev issuer's own key."""
+
+    name: str
+
+    async def key_for(self, kid: str | None, alg: str) -> VerificationKey | None: ...
+
+
+def lookup(keys: dict[str, VerificationKey], kid: str | None, alg: str) -> VerificationKey | None:
+    """The key for ``kid``; without a kid, the one key that fits ``alg`` (ambiguity is a miss)."""
+    if kid is not None:
+        key = keys.get(kid)
+        return key if key is not None and key.fits(alg) else None
+    fitting = [key for key in keys.values() if key.fits(alg)]
+    return fitting[0] if len(fitting) == 1 else None
+
+
+class StaticKeys:
+    """A fixed key set (the dev issuer's)."""
+
+    def __init__(self, name: str, keys: dict[str, VerificationKey]) -> None:
+        self.name = name
+        self._keys = keys
+
+    async def key_for(self, kid: str | None, alg: str) -> VerificationKey | None:
+        return lookup(self._keys, kid, alg)
+
+
+class JwksHealth:
+    """Folds the states of every key set into the one ``jwks`` dependency of ``/health`` (worst wins)."""
+
+    def __init__(self, health: Health) -> None:
+        self._health = health
+        self._states: dict[str, str] = {}
+
+    def report(self, source: str, state: str) -> None:
+        self._states[source] = state
+        self._health.set_dependency("jwks", max(self._states.values(), key=_SEVERITY.__getitem__))
+
+
+class JwksCache:
+    def __init__(
+        self,
+        name: str,
+        url: str,
+        settings: AuthSettings,
+        metrics: AuthMetrics,
+        *,
+        on_state: Callable[[str, str], None] | None = None,
+        on_keys: Callable[[str, Collection[str]], None] | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.name = name
+        self.url = url
+        self._settings = settings
+        self._metrics = metrics
+        self._on_state = on_state
+        self._on_keys = on_keys
+        self._transport = transport
+        self._rng = rng or random.Random()
+        self._client: httpx.AsyncClient | None = None
+        self._keys: dict[str, VerificationKey] = {}
+        self._good_at: float | None = None  # trio clock of the last good key set
+        self._last_attempt_at = -math.inf
+        self._failures = 0
+        self._last_error = ""
+        self._wake = trio.Event()
+        self._pending: trio.Event | None = None  # waiters of the next attempt
+        self._current: trio.Event | None = None  # waiters of the attempt in flight
+        self.state = "starting"
+        self.fetches = 0
+
+    # --- what verification calls ---------------------------------------------------------------
+
+    @property
+    def kids(self) -> list[str]:
+        return sorted(self._keys)
+
+    def _usable_keys(self) -> dict[str, VerificationKey]:
+        if self._good_at is None or trio.current_time() - self._good_at > self._settings.jwks_max_stale_s:
+            return {}
+        return self._keys
+
+    async def key_for(self, kid: str | None, alg: str) -> VerificationKey | None:
+        """The key to verify a token with; a miss may trigger one (shared, rate-floored) refresh."""
+        key = lookup(self._usable_keys(), kid, alg)
+        if key is not None:
+            return key
+        done = self._current
+        if done is None:
+            if trio.current_time() - self._last_attempt_at < self._settings.jwks_min_refresh_interval_s:
+                return None  # refused without a fetch
+            if self._pending is None:
+                self._pending = trio.Event()
+                self._wake.set()
+            done = self._pending
+        with trio.move_on_after(self._settings.jwks_fetch_timeout_s + 1):
+            await done.wait()
+        return lookup(self._usable_keys(), kid, alg)
+
+    # --- the component -------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> NoReturn:
+        timeout = httpx.Timeout(self._settings.jwks_fetch_timeout_s)
+        async with httpx.AsyncClient(
+            transport=self._transport, timeout=timeout, follow_redirects=False,
+            headers={"Accept": "application/json", "User-Agent": "accessd"},
+        ) as client:
+            self._client = client
+            try:
+                if self._good_at is None:  # a restart after a crash keeps serving the keys it has
+                    await self._first_key_set()
+                task_status.started()
+                while True:
+                    with trio.move_on_after(self._next_delay()):
+                        await self._wake.wait()
+                    await self._attempt()
+            finally:
+                self._client = None
+                for event in (self._current, self._pending):
+                    if event is not None:
+                        event.set()
+                self._current = self._pending = None
+
+    async def _first_key_set(self) -> None:
+        deadline_s = self._settings.jwks_initial_fetch_timeout_s
+        with trio.move_on_after(deadline_s) as scope:
+            delay = FIRST_RETRY_S
+            while not await self._attempt():
+                await trio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+        if scope.cancelled_caught:
+            raise StartupError(
+                self.name, f"no key set from {self.url} within {deadline_s:g} s ({self._last_error})"
+            )
+
+    def _next_delay(self) -> float:
+        now = trio.current_time()
+        settings = self._settings
+        if self._failures == 0:
+            delay = self._last_attempt_at + settings.jwks_refresh_interval_s - now  # no drift
+        else:
+            cap = min(MAX_BACKOFF_S, settings.jwks_refresh_interval_s)
+            base = max(1.0, settings.jwks_min_refresh_interval_s)
+            delay = min(cap, base * 2 ** (self._failures - 1)) * self._rng.uniform(0.5, 1.0)
+        if self._good_at is not None and self.state != DOWN:
+            delay = min(delay, self._good_at + settings.jwks_max_stale_s - now)  # wake to report "down"
+        return max(0.0, delay)
+
+    async def _attempt(self) -> bool:
+        """One fetch; every waiter of it is woken at the end, whatever happened."""
+        self._wake = trio.Event()
+        self._current = self._pending if self._pending is not None else trio.Event()
+        self._pending = None
+        self._last_attempt_at = trio.current_time()
+        self.fetches += 1
+        started = time.perf_counter()
+        try:
+            keys = await self._fetch()
+        except BackendUnavailable as exc:
+            keys = None
+            self._failures += 1
+            self._last_error = exc.problem
+        finally:
+            self._metrics.jwks_refresh.observe(time.perf_counter() - started)
+            if self._current is not None:
+                self._current.set()
+            self._current = None
+        if keys is not None:
+            self._failures = 0
+            self._install(keys)
+        self._update_state()
+        return keys is not None
+
+    async def _fetch(self) -> dict[str, VerificationKey]:
+        assert self._client is not None
+        timeout_s = self._settings.jwks_fetch_timeout_s
+        try:
+            with trio.fail_after(timeout_s):
+                async with self._client.stream("GET", self.url) as response:
+                    if response.status_code != 200:
+                        raise BackendUnavailable("jwks", f"{self.url} answered HTTP {response.status_code}")
+                    body = bytearray()
+                    async for chunk in response.aiter_bytes():
+                        body += chunk
+                        if len(body) > MAX_JWKS_BYTES:
+                            raise BackendUnavailable("jwks", f"{self.url} answered more than 1 MiB")
+            keys = parse_jwks(json.loads(body))
+        except trio.TooSlowError:
+            raise BackendUnavailable("jwks", f"{self.url} did not answer within {timeout_s:g} s") from None
+        except httpx.HTTPError as exc:
+            raise BackendUnavailable("jwks", f"{self.url}: {type(exc).__name__}: {exc}") from None
+        except ValueError as exc:  # JSON (and UTF-8) errors, a document without "keys"
+            raise BackendUnavailable("jwks", f"{self.url} answered a bad JWKS: {exc}") from None
+        if not keys:
+            raise BackendUnavailable("jwks", f"{self.url} holds no usable signing key")
+        return keys
+
+    def _install(self, keys: dict[str, VerificationKey]) -> None:
+        changed = keys.keys() != self._keys.keys()
+        self._keys = keys
+        self._good_at = trio.current_time()
+        if changed:
+            log.info("%s: %d signing keys (%s)", self.name, len(keys), ", ".join(sorted(keys)))
+            if self._on_keys is not None:
+                self._on_keys(self.name, set(keys))
+
+    def _update_state(self) -> None:
+        if self._failures == 0:
+            state = OK
+        elif self._usable_keys():
+            state = DEGRADED
+        else:
+            state = DOWN
+        if state != self.state:
+            if state == OK:
+                log.info("%s: key set is fresh", self.name)
+            elif state == DEGRADED:
+                log.warning("%s: refresh failed, serving the last good keys: %s", self.name, self._last_error)
+            else:
+                log.error("%s: no usable keys: %s", self.name, self._last_error)
+            self.state = state
+            if self._on_state is not None:
+                self._on_state(self.name, state)
