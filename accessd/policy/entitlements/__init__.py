@@ -1,0 +1,30 @@
+"""Entitlements: tenant-scoped grants (Postgres or a YAML policy file), cached decisions, instant revocation.
+
+The one function the rest of accessd calls is ``Decider.decide(identity_or_None, DecisionInput)``
+(:class:`Entitlements` in-process, :class:`RemoteEntitlements` over ``ACCESS_ENTITLEMENTS_URL``); build
+it with :func:`build_entitlements` and start its ``components`` with the Supervisor.
+"""
+
+from ._build import EntitlementsRuntime as EntitlementsRuntime
+from ._build import build_entitlements as build_entitlements
+from ._build import build_store as build_store
+from ._cache import AdaptiveTtl as AdaptiveTtl
+from ._evaluate import GrantIndex as GrantIndex
+from ._evaluate import evaluate as evaluate
+from ._file_store import FileStore as FileStore
+from ._http import entitlements_blueprint as entitlements_blueprint
+from ._model import ACTIONS as ACTIONS
+from ._model import Decision as Decision
+from ._model import DecisionInput as DecisionInput
+from ._model import Grant as Grant
+from ._model import InvalidInput as InvalidInput
+from ._model import parse_decision_input as parse_decision_input
+from ._model import parse_grant as parse_grant
+from ._pg_store import PostgresStore as PostgresStore
+from ._remote import RemoteEntitlements as RemoteEntitlements
+from ._service import Decider as Decider
+from ._service import EntitlementMetrics as EntitlementMetrics
+from ._service import Entitlements as Entitlements
+from ._store import EmptyStore as EmptyStore
+from ._store import GrantStore as GrantStore
+from ._version import PolicyVersion as PolicyVersion

@@ -1,0 +1,144 @@
+"""The internal role's entitlement endpoints (CONTRACT §9).
+
+``POST /entitlements/check`` and ``/entitlements/check-batch`` need no token (internal listener); when a
+request carries ``Authorization: Bearer`` anyway, the token is verified and its tenant must equal the
+decision's (403 ``TENANT_MISMATCH``). ``/entitlements/grants`` needs a token with the ``admin`` role and
+works only within the token's tenant.
+Errors: 400 ``BAD_REQUEST`` naming the field; 503 ``UPSTREAM_UNAVAILABLE`` when the store is unreachable
+and no cached decision applies (never an allow).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from quart import Blueprint, Response, request
+
+from ...errors import BackendUnavailable
+from ...http import ApiError
+from .._identity import AuthFailure, Identity
+from ._model import InvalidInput, parse_decision_input, parse_grant
+from ._service import Decider
+from ._store import GrantStore
+
+Verify = Callable[[str], Awaitable[Identity | AuthFailure]]
+MAX_BATCH = 1000
+
+
+def entitlements_blueprint(decider: Decider, store: GrantStore | None, verify: Verify | None) -> Blueprint:
+    """Check endpoints over ``decider``; the grants API over ``store`` (absent when ``store`` is None)."""
+    bp = Blueprint("entitlements", __name__)
+
+    @bp.post("/entitlements/check")
+    async def check() -> Response:
+        body = await _json_body()
+        inp = _parse_input(body, "")
+        identity = await _optional_identity(verify)
+        decision = await _unavailable_as_503(decider.decide(identity, inp))
+        if decision.code == "TENANT_MISMATCH":
+            raise ApiError(403, "TENANT_MISMATCH", decision.reason)
+        return _json(decision.to_json(), 200)
+
+    @bp.post("/entitlements/check-batch")
+    async def check_batch() -> Response:
+        body = await _json_body()
+        checks = body.get("checks") if isinstance(body, dict) else None
+        if not isinstance(checks, list):
+            raise ApiError(400, "BAD_REQUEST", "checks: expected a list", {"field": "checks"})
+        if len(checks) > MAX_BATCH:
+            raise ApiError(400, "BAD_REQUEST", f"checks: at most {MAX_BATCH}", {"field": "checks"})
+        inputs = [_parse_input(item, f"checks[{i}].") for i, item in enumerate(checks)]
+        identity = await _optional_identity(verify)
+        decisions = await _unavailable_as_503(decider.decide_many(identity, inputs))
+        return _json({"results": [d.to_json() for d in decisions]}, 200)
+
+    if store is None:
+        return bp
+
+    @bp.get("/entitlements/grants")
+    async def list_grants() -> Response:
+        admin = await _require_admin(verify)
+        tenant = request.args.get("tenant_id") or admin.tenant_id
+        _same_tenant(admin, tenant)
+        grants = await _unavailable_as_503(store.list_grants(tenant))
+        return _json({"grants": [g.to_json() for g in grants]}, 200)
+
+    @bp.post("/entitlements/grants")
+    async def add_grant() -> Response:
+        admin = await _require_admin(verify)
+        body = await _json_body()
+        try:
+            if isinstance(body, dict) and "id" in body:
+                raise InvalidInput("id", "assigned by the store; omit it")
+            grant = parse_grant(body)
+        except InvalidInput as exc:
+            raise ApiError(400, "BAD_REQUEST", str(exc), exc.details()) from None
+        _same_tenant(admin, grant.tenant_id)
+        try:
+            stored = await _unavailable_as_503(store.add(grant))
+        except InvalidInput as exc:
+            raise ApiError(400, "BAD_REQUEST", str(exc), exc.details()) from None
+        return _json(stored.to_json(), 201)
+
+    @bp.delete("/entitlements/grants/<grant_id>")
+    async def revoke_grant(grant_id: str) -> Response:
+        admin = await _require_admin(verify)
+        revoked = await _unavailable_as_503(store.revoke(grant_id, admin.tenant_id))
+        if revoked is None:
+            raise ApiError(404, "NOT_FOUND", f"no grant {grant_id!r} in tenant {admin.tenant_id!r}")
+        return Response(b"", status=204)
+
+    return bp
+
+
+async def _unavailable_as_503(awaitable: Awaitable[Any]) -> Any:
+    try:
+        return await awaitable
+    except BackendUnavailable as exc:
+        raise ApiError(503, "UPSTREAM_UNAVAILABLE", f"entitlement store unavailable ({exc.backend})",
+                       headers={"Retry-After": "1"}) from None
+
+
+async def _json_body() -> Any:
+    raw = await request.get_data()
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ApiError(400, "BAD_REQUEST", "body: expected JSON", {"field": "body"}) from None
+
+
+def _parse_input(data: Any, where: str) -> Any:
+    try:
+        return parse_decision_input(data, where=where)
+    except InvalidInput as exc:
+        raise ApiError(400, "BAD_REQUEST", str(exc), exc.details()) from None
+
+
+async def _optional_identity(verify: Verify | None) -> Identity | None:
+    if verify is None or "Authorization" not in request.headers:
+        return None
+    from ..auth import require_identity  # lazily: auth may come to depend on entitlements
+
+    return await require_identity(verify, request)
+
+
+async def _require_admin(verify: Verify | None) -> Identity:
+    if verify is None:
+        raise ApiError(401, "UNAUTHENTICATED", "no token verifier configured for the grants API")
+    from ..auth import require_identity
+
+    return await require_identity(verify, request, role="admin")
+
+
+def _same_tenant(identity: Identity, tenant: str) -> None:
+    if identity.tenant_id != tenant:
+        raise ApiError(403, "TENANT_MISMATCH",
+                       f"token tenant {identity.tenant_id!r} differs from tenant {tenant!r}")
+
+
+def _json(body: object, status: int) -> Response:
+    return Response(json.dumps(body), status=status, content_type="application/json")
+
+

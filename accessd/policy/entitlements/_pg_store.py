@@ -1,0 +1,239 @@
+"""The Postgres store: grants in ``entitlement_grants``, invalidation by trigger + LISTEN/NOTIFY.
+
+Schema: the ``migrations/*.sql`` files of this package, applied at start (idempotent, under an advisory
+lock); a database migrated by a newer accessd stops the start (exit 2) instead of being misread.
+Every statement that changes grants bumps ``entitlement_policy_version`` and NOTIFYs
+``accessd_entitlements`` with ``<schema>:<version>``; :class:`PostgresStore`'s watcher holds a dedicated
+LISTEN connection and moves the local :class:`PolicyVersion` within milliseconds.
+
+A lookup returns the grants *and* the version in one statement (one snapshot), so a decision computed
+from pre-revocation data is always tagged with the pre-revocation version and dies with it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import importlib.resources
+import logging
+import random
+import re
+from contextlib import AsyncExitStack
+from typing import Any, NoReturn
+
+import trio
+
+from ...aio._postgres import PgPool, SchemaTooNew, apply_migrations, open_pg_listener, open_pg_pool
+from ...errors import BackendUnavailable, ConfigError
+from ._model import DecisionInput, Grant, InvalidInput
+from ._version import PolicyVersion
+
+log = logging.getLogger("accessd.policy")
+
+COMPONENT = "entitlements"
+CHANNEL = "accessd_entitlements"
+_MIGRATION_NAME = re.compile(r"(\d{4})_([a-z0-9_]+)\.sql")
+_COLUMNS = "id, tenant_id, subject, action, resource, effect, extract(epoch FROM expires_at) AS expires_at"
+_LOOKUP = """
+SELECT v.version, g.id, g.tenant_id, g.subject, g.action, g.resource, g.effect,
+       extract(epoch FROM g.expires_at) AS expires_at
+FROM entitlement_policy_version v
+LEFT JOIN entitlement_grants g
+  ON g.tenant_id = $1 AND g.subject = ANY($2::text[]) AND (g.action = $3 OR g.action = '*')
+ AND (g.expires_at IS NULL OR g.expires_at > now())
+ AND starts_with($4, substring(g.resource FROM '^[^*?]*'))
+"""
+
+
+def migrations() -> list[tuple[int, str, str]]:
+    """``(version, name, sql)`` of every migration shipped in the package, in order."""
+    found = []
+    for entry in importlib.resources.files(__package__).joinpath("migrations").iterdir():
+        match = _MIGRATION_NAME.fullmatch(entry.name)
+        if match:
+            found.append((int(match[1]), match[2], entry.read_text(encoding="utf-8")))
+    return sorted(found)
+
+
+async def migrate(dsn: str, timeout_s: float) -> int:
+    """Apply the shipped migrations. Errors: ConfigError (schema too new), BackendUnavailable."""
+    try:
+        return await apply_migrations(dsn, COMPONENT, migrations(), timeout_s)
+    except SchemaTooNew as exc:
+        raise ConfigError("ACCESS_POSTGRES_DSN", str(exc)) from None
+
+
+def _timestamp(epoch: float | None) -> dt.datetime | None:
+    return dt.datetime.fromtimestamp(epoch, dt.UTC) if epoch is not None else None
+
+
+def _grant(row: dict[str, Any]) -> Grant:
+    expires = row["expires_at"]
+    return Grant(str(row["id"]), row["tenant_id"], row["subject"], row["action"], row["resource"],
+                 row["effect"], float(expires) if expires is not None else None)
+
+
+class PostgresStore:
+    """Grants in Postgres. ``run`` owns the pool and the LISTEN connection (reconnects with backoff) and
+    reports the ``postgres`` dependency through ``on_state``.
+
+    Errors: queries raise BackendUnavailable (a deadline of ``timeout_s`` each). A schema newer than this
+    build is a ConfigError at start. Cancellation: ``run`` closes the pool and the listener.
+    """
+
+    kind = "postgres"
+    name = "entitlements-postgres"
+    health_dependency = "postgres"  # reports its own state to /health
+
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        timeout_s: float = 2.0,
+        keepalive_s: float = 2.0,
+        on_state: Any = lambda up: None,
+        pool_size: int = 4,
+    ) -> None:
+        self._dsn = dsn
+        self._timeout_s = timeout_s
+        self._keepalive_s = keepalive_s
+        self._on_state = on_state
+        self._pool_size = pool_size
+        self._pool: PgPool | None = None
+        self._schema: str | None = None
+        self._migrated = False
+        self.version = PolicyVersion("0")
+        self.listening = False
+
+    # --- lifecycle ---
+
+    async def open(self, stack: AsyncExitStack) -> None:
+        """Open the pool (lazy, so this works while Postgres is down); used by ``run`` and the CLI."""
+        self._pool = await stack.enter_async_context(
+            open_pg_pool(self._dsn, max_size=self._pool_size, timeout_s=self._timeout_s)
+        )
+
+    async def migrate(self) -> None:
+        await migrate(self._dsn, self._timeout_s)
+        self._migrated = True
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> NoReturn:
+        async with AsyncExitStack() as stack:
+            await self.open(stack)
+            try:
+                await self.migrate()
+            except BackendUnavailable as exc:
+                self._on_state(False)
+                log.warning("postgres unreachable at start; entitlement decisions need it: %s", exc)
+            task_status.started()
+            rng = random.Random()
+            failures = 0
+            while True:
+                try:
+                    await self._listen()
+                except BackendUnavailable as exc:
+                    if self.listening or failures == 0:
+                        log.warning("postgres LISTEN connection lost: %s", exc)
+                    self.listening = False
+                    self._on_state(False)
+                failures += 1
+                cap = min(5.0, 0.1 * 2 ** min(failures, 8))
+                await trio.sleep(rng.uniform(cap * 0.1, cap))
+
+    async def _listen(self) -> None:
+        if not self._migrated:
+            await self.migrate()
+        async with open_pg_listener(self._dsn, CHANNEL, self._timeout_s) as listener:
+            self._schema = await listener.fetchval("SELECT current_schema()", self._timeout_s)
+            await self._read_version(listener)
+            self.listening = True
+            self._on_state(True)
+            log.info("listening for grant changes (schema %s, version %s)", self._schema, self.version.value)
+            while True:
+                payloads = await listener.next_payloads(self._keepalive_s)
+                if not payloads:
+                    # Keepalive, and a safety net for a lost notification.
+                    await self._read_version(listener)
+                    continue
+                for payload in payloads:
+                    schema, _, version = payload.rpartition(":")
+                    if schema == self._schema and version.isdigit():
+                        self._advance(version)
+
+    async def _read_version(self, listener: Any) -> None:
+        version = await listener.fetchval("SELECT version FROM entitlement_policy_version", self._timeout_s)
+        if version is not None:
+            self._advance(str(version))
+
+    def _advance(self, version: str) -> None:
+        if self.is_newer(version, self.version.value):
+            self.version.set(version)
+
+    # --- the GrantStore interface ---
+
+    def _require_pool(self) -> PgPool:
+        if self._pool is None:
+            raise BackendUnavailable("postgres", "store not started")
+        return self._pool
+
+    async def _fetch(self, sql: str, *args: Any) -> list[dict[str, Any]]:
+        with trio.move_on_after(self._timeout_s) as scope:
+            return await self._require_pool().fetch(sql, *args)
+        assert scope.cancelled_caught
+        raise BackendUnavailable("postgres", f"no answer within {self._timeout_s:g} s")
+
+    async def lookup(self, inp: DecisionInput) -> tuple[str, list[Grant]]:
+        rows = await self._fetch(_LOOKUP, inp.tenant_id, list(inp.subjects()), inp.action, inp.resource)
+        if not rows:
+            raise BackendUnavailable("postgres", "entitlement_policy_version is empty")
+        version = str(rows[0]["version"])
+        return version, [_grant(row) for row in rows if row["id"] is not None]
+
+    def is_newer(self, a: str, b: str) -> bool:
+        return a.isdigit() and (not b.isdigit() or int(a) > int(b))
+
+    async def list_grants(self, tenant_id: str | None) -> list[Grant]:
+        rows = await self._fetch(
+            f"SELECT {_COLUMNS} FROM entitlement_grants WHERE ($1::text IS NULL OR tenant_id = $1) "
+            "ORDER BY id",
+            tenant_id,
+        )
+        return [_grant(row) for row in rows]
+
+    async def add(self, grant: Grant) -> Grant:
+        expires = _timestamp(grant.expires_at)
+        if grant.id:
+            raise InvalidInput("id", "assigned by the store; omit it")
+        rows = await self._fetch(
+            "INSERT INTO entitlement_grants (tenant_id, subject, action, resource, effect, expires_at) "
+            f"VALUES ($1, $2, $3, $4, $5, $6) RETURNING {_COLUMNS}",
+            grant.tenant_id, grant.subject, grant.action, grant.resource, grant.effect, expires,
+        )
+        return _grant(rows[0])
+
+    async def add_many(self, grants: list[Grant]) -> int:
+        """Bulk insert (one statement, one version bump); for loads and benchmarks."""
+        if not grants:
+            return 0
+        columns = list(zip(*[
+            (g.tenant_id, g.subject, g.action, g.resource, g.effect,
+             _timestamp(g.expires_at))
+            for g in grants
+        ], strict=True))
+        await self._require_pool().execute(
+            "INSERT INTO entitlement_grants (tenant_id, subject, action, resource, effect, expires_at) "
+            "SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], "
+            "$6::timestamptz[])",
+            *[list(c) for c in columns],
+        )
+        return len(grants)
+
+    async def revoke(self, grant_id: str, tenant_id: str | None = None) -> Grant | None:
+        if not grant_id.isdigit():
+            return None
+        rows = await self._fetch(
+            f"DELETE FROM entitlement_grants WHERE id = $1 AND ($2::text IS NULL OR tenant_id = $2) "
+            f"RETURNING {_COLUMNS}",
+            int(grant_id), tenant_id,
+        )
+        return _grant(rows[0]) if rows else None
+

@@ -1,0 +1,179 @@
+"""The decision path: LRU → Redis → store, with versioned invalidation and the entitlement metrics.
+
+:class:`Entitlements` is the in-process implementation of :class:`Decider`, the one interface the gateway,
+the streaming hub and the HTTP endpoints call. Policy is pure (``_evaluate``); this module only caches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+from typing import Protocol
+
+import trio
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+from ...errors import BackendUnavailable
+from ...telemetry._metrics import LATENCY_BUCKETS
+from .._identity import Identity
+from ._cache import AdaptiveTtl, DecisionLru, Entry
+from ._evaluate import evaluate, tenant_mismatch
+from ._model import Decision, DecisionInput
+from ._store import GrantStore
+
+MAX_BATCH_CONCURRENCY = 64
+
+
+class Decider(Protocol):
+    """Decides entitlements. ``identity`` is the verified caller when there is one: its tenant must equal
+    the decision's (else a ``TENANT_MISMATCH`` denial) and its ``sub``/roles replace the input's.
+
+    Errors: BackendUnavailable when the store cannot be reached and nothing cached applies: never an allow.
+    """
+
+    async def decide(self, identity: Identity | None, inp: DecisionInput) -> Decision: ...
+
+    async def decide_many(self, identity: Identity | None, inputs: list[DecisionInput]) -> list[Decision]: ...
+
+
+class EntitlementMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.decisions = Counter(
+            "accessd_entitlement_decisions",
+            "Entitlement decisions by result (allow, deny, error) and source (lru, redis, store, token)",
+            ("result", "source"),
+            registry=registry,
+        )
+        self.eval_duration = Histogram(
+            "accessd_entitlement_eval_duration_seconds",
+            "Time to decide one entitlement, cache lookups included",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+
+
+def bind_identity(identity: Identity | None, inp: DecisionInput) -> Decision | DecisionInput:
+    """The input as the verified caller may ask it, or the TENANT_MISMATCH denial."""
+    if identity is None:
+        return inp
+    if identity.tenant_id != inp.tenant_id:
+        return tenant_mismatch(identity.tenant_id, inp.tenant_id)
+    return DecisionInput(identity.sub, inp.tenant_id, inp.action, inp.resource, frozenset(identity.roles))
+
+
+class Entitlements:
+    """In-process decisions over a grant store, an LRU and (optionally) the shared Redis tier.
+
+    Redis keys are ``<prefix>:d:<version>:<hash of the input>``: a new version makes every older entry
+    unreachable, so nothing needs deleting. The Redis tier is best-effort: a slow or absent Redis is a miss.
+    """
+
+    def __init__(
+        self,
+        store: GrantStore,
+        *,
+        lru_size: int,
+        ttl: AdaptiveTtl,
+        redis: object | None = None,
+        redis_prefix: str = "accessd:ent",
+        metrics: EntitlementMetrics | None = None,
+    ) -> None:
+        self.store = store
+        self.lru = DecisionLru(lru_size)
+        self._ttl = ttl
+        self._redis = redis  # aio.RedisBatcher: get(key) / set_nowait(key, value, ttl_s)
+        self._prefix = redis_prefix
+        self._metrics = metrics
+        store.version.add_listener(lambda _version: self.lru.clear())
+
+    async def decide(self, identity: Identity | None, inp: DecisionInput) -> Decision:
+        started = time.perf_counter()
+        bound = bind_identity(identity, inp)
+        if isinstance(bound, Decision):
+            self._count(bound, "token", started)
+            return bound
+        try:
+            decision, source = await self._decide(bound)
+        except BackendUnavailable:
+            if self._metrics is not None:
+                self._metrics.decisions.labels("error", "store").inc()
+            raise
+        self._count(decision, source, started)
+        return decision
+
+    async def decide_many(self, identity: Identity | None, inputs: list[DecisionInput]) -> list[Decision]:
+        results: list[Decision | None] = [None] * len(inputs)
+        failure: list[BackendUnavailable] = []
+        limiter = trio.CapacityLimiter(MAX_BATCH_CONCURRENCY)
+
+        async def one(i: int) -> None:
+            async with limiter:
+                try:
+                    results[i] = await self.decide(identity, inputs[i])
+                except BackendUnavailable as exc:
+                    failure.append(exc)
+
+        async with trio.open_nursery() as nursery:
+            for i in range(len(inputs)):
+                nursery.start_soon(one, i)
+        if failure:
+            raise failure[0]
+        return [r for r in results if r is not None]
+
+    def _count(self, decision: Decision, source: str, started: float) -> None:
+        if self._metrics is not None:
+            self._metrics.decisions.labels("allow" if decision.allow else "deny", source).inc()
+            self._metrics.eval_duration.observe(time.perf_counter() - started)
+
+    async def _decide(self, inp: DecisionInput) -> tuple[Decision, str]:
+        key = inp.cache_key()
+        version = self.store.version
+        current = version.value
+        entry = self.lru.get(key)
+        now = time.monotonic()
+        if entry is not None and entry.version == current and entry.expires_at > now:
+            entry.hits += 1
+            return entry.decision, "lru"
+        hits = entry.hits + 1 if entry is not None else 0
+
+        if self._redis is not None:
+            raw = await self._redis.get(self._redis_key(current, key))  # type: ignore[attr-defined]
+            if raw is not None and version.value == current:
+                decision = _decode(raw)
+                if decision.valid_until is None or decision.valid_until > time.time():
+                    ttl = self._ttl.ttl(hits, version.changed_at, decision.valid_until)
+                    self.lru.put(key, Entry(decision, current, time.monotonic() + ttl, hits))
+                    return decision, "redis"
+
+        try:
+            stored_version, grants = await self.store.lookup(inp)
+        except BackendUnavailable:
+            self._ttl.note_error()
+            raise
+        decision = evaluate(grants, inp, time.time())
+        if self.store.is_newer(stored_version, version.value):
+            version.set(stored_version)  # the NOTIFY is on its way; do not wait for it
+        ttl = self._ttl.ttl(hits, version.changed_at, decision.valid_until)
+        decision = dataclasses.replace(decision, ttl_s=ttl)
+        if stored_version == version.value and ttl > 0:
+            self.lru.put(key, Entry(decision, stored_version, time.monotonic() + ttl, hits))
+            if self._redis is not None:
+                self._redis.set_nowait(  # type: ignore[attr-defined]
+                    self._redis_key(stored_version, key), _encode(decision), ttl
+                )
+        return decision, "store"
+
+    def _redis_key(self, version: str, key: str) -> str:
+        digest = hashlib.blake2b(key.encode(), digest_size=16).hexdigest()
+        return f"{self._prefix}:d:{version}:{digest}"
+
+
+def _encode(decision: Decision) -> bytes:
+    return json.dumps([decision.allow, decision.reason, decision.ttl_s, decision.valid_until]).encode()
+
+
+def _decode(raw: bytes) -> Decision:
+    allow, reason, ttl_s, valid_until = json.loads(raw)
+    return Decision(bool(allow), str(reason), float(ttl_s), valid_until=valid_until)

@@ -1,0 +1,71 @@
+"""What every grant store offers, and the store used when none is configured (deny everything)."""
+
+from __future__ import annotations
+
+from typing import NoReturn, Protocol
+
+import trio
+
+from ._model import DecisionInput, Grant, InvalidInput
+from ._version import PolicyVersion
+
+
+class GrantStore(Protocol):
+    """A source of grants. ``lookup`` is the only call on the decision path (on cache misses).
+
+    Errors: ``lookup``/``list_grants``/``add``/``revoke`` raise BackendUnavailable when the store cannot be
+    reached; ``add`` raises InvalidInput for a grant the store refuses.
+    """
+
+    kind: str
+    name: str
+    version: PolicyVersion
+
+    async def lookup(self, inp: DecisionInput) -> tuple[str, list[Grant]]:
+        """``(version, grants)``: a superset of the grants that may apply, and the version they belong to."""
+        ...
+
+    def is_newer(self, a: str, b: str) -> bool:
+        """Whether version ``a`` is later than ``b``."""
+        ...
+
+    async def list_grants(self, tenant_id: str | None) -> list[Grant]: ...
+
+    async def add(self, grant: Grant) -> Grant: ...
+
+    async def revoke(self, grant_id: str, tenant_id: str | None = None) -> Grant | None:
+        """Delete one grant (only within ``tenant_id`` when given); the deleted grant, or None."""
+        ...
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """The store's watcher (file poll, LISTEN): keeps ``version`` current."""
+        ...
+
+
+class EmptyStore:
+    """No ``ACCESS_POSTGRES_DSN`` and no ``ACCESS_POLICY_FILE``: no grants, so every decision is a deny."""
+
+    kind = "none"
+    name = "entitlements-store"
+
+    def __init__(self) -> None:
+        self.version = PolicyVersion("empty")
+
+    async def lookup(self, inp: DecisionInput) -> tuple[str, list[Grant]]:
+        return self.version.value, []
+
+    def is_newer(self, a: str, b: str) -> bool:
+        return False
+
+    async def list_grants(self, tenant_id: str | None) -> list[Grant]:
+        return []
+
+    async def add(self, grant: Grant) -> Grant:
+        raise InvalidInput("store", "no grant store configured (ACCESS_POSTGRES_DSN or ACCESS_POLICY_FILE)")
+
+    async def revoke(self, grant_id: str, tenant_id: str | None = None) -> Grant | None:
+        return None
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> NoReturn:
+        task_status.started()
+        await trio.sleep_forever()

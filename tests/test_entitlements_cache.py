@@ -1,0 +1,178 @@
+"""The cache tiers against real Redis and Postgres: LRU → Redis → store, versioned invalidation, outages."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from urllib.parse import urlsplit
+
+import pytest
+import redis
+import trio
+import trio_asyncio
+from prometheus_client import CollectorRegistry
+
+from accessd.aio._redis import RedisBatcher
+from accessd.errors import BackendUnavailable
+from accessd.policy.entitlements import (
+    DecisionInput,
+    EntitlementMetrics,
+    Entitlements,
+    PostgresStore,
+    parse_grant,
+)
+
+from ._entitlements import TcpProxy, entitlements, health, new_schema
+
+ASK = DecisionInput("u1", "t1", "read", "curve:NG_2026", frozenset({"trader"}))
+GRANT = {"tenant_id": "t1", "subject": "role:trader", "action": "read", "resource": "curve:*",
+         "effect": "allow"}
+
+
+class Process:
+    """One simulated accessd process: its own store connection, Redis batcher, LRU and metrics."""
+
+    def __init__(self, ent: Entitlements, store: PostgresStore, registry: CollectorRegistry) -> None:
+        self.ent, self.store, self.registry = ent, store, registry
+
+    def count(self, source: str, result: str = "allow") -> float:
+        value = self.registry.get_sample_value(
+            "accessd_entitlement_decisions_total", {"result": result, "source": source}
+        )
+        return value or 0.0
+
+
+@asynccontextmanager
+async def open_process(
+    nursery: trio.Nursery, dsn: str, redis_url: str | None, prefix: str
+) -> AsyncIterator[Process]:
+    registry = CollectorRegistry()
+    h = health()
+    store = PostgresStore(dsn, keepalive_s=0.5, timeout_s=1.0,
+                          on_state=lambda up: h.set_dependency("postgres", "ok" if up else "down"))
+    await nursery.start(store.run)
+    batcher = None
+    if redis_url:
+        batcher = RedisBatcher(redis_url, queue_size=256, timeout_s=0.2)
+        await nursery.start(batcher.run)
+    ent = entitlements(store, redis=batcher, redis_prefix=prefix, metrics=EntitlementMetrics(registry))
+    yield Process(ent, store, registry)
+
+
+async def wait_listening(*stores: PostgresStore) -> None:
+    with trio.fail_after(5):
+        for store in stores:
+            while not store.listening:  # noqa: ASYNC110 - polling an outside system
+                await trio.sleep(0.01)
+
+
+def cleanup_redis(redis_url: str, prefix: str) -> None:
+    client = redis.Redis.from_url(redis_url)
+    try:
+        for key in client.scan_iter(f"{prefix}:*"):
+            client.delete(key)
+    finally:
+        client.close()
+
+
+async def test_redis_tier_is_shared_and_revocation_is_seen_by_every_process(
+    postgres_dsn: str, redis_url: str
+) -> None:
+    prefix = f"accessd-test:{secrets.token_hex(4)}"
+    dsn = await new_schema(postgres_dsn)
+    try:
+        with trio.fail_after(20):
+            async with trio_asyncio.open_loop(), trio.open_nursery() as nursery:
+                async with open_process(nursery, dsn, redis_url, prefix) as a, \
+                        open_process(nursery, dsn, redis_url, prefix) as b:
+                    await wait_listening(a.store, b.store)
+                    grant = await a.store.add(parse_grant(GRANT))
+                    with trio.fail_after(1):
+                        while not (await a.ent.decide(None, ASK)).allow:  # noqa: ASYNC110 - polling an outside system
+                            await trio.sleep(0.01)
+                    assert a.count("store") == 1
+                    await trio.sleep(0.05)  # the batcher writes to Redis within a tick
+                    assert (await b.ent.decide(None, ASK)).allow
+                    assert b.count("redis") == 1 and b.count("store") == 0
+                    assert (await b.ent.decide(None, ASK)).allow
+                    assert b.count("lru") == 1
+                    # Revoke through process A: B's LRU and the shared Redis entry hold an allow.
+                    await a.store.revoke(grant.id)
+                    revoked_at = time.monotonic()
+                    with trio.fail_after(1):
+                        while (await b.ent.decide(None, ASK)).allow:  # noqa: ASYNC110 - polling an outside system
+                            await trio.sleep(0.005)
+                    assert time.monotonic() - revoked_at < 1.0
+                    assert b.count("store", "deny") >= 1
+                    nursery.cancel_scope.cancel()
+    finally:
+        cleanup_redis(redis_url, prefix)
+
+
+async def test_redis_down_falls_back_to_the_store(postgres_dsn: str) -> None:
+    dsn = await new_schema(postgres_dsn)
+    with socket_closed_port() as port:
+        with trio.fail_after(15):
+            async with trio_asyncio.open_loop(), trio.open_nursery() as nursery:
+                async with open_process(nursery, dsn, f"redis://127.0.0.1:{port}/0", "x") as p:
+                    await wait_listening(p.store)
+                    await p.store.add(parse_grant(GRANT))
+                    with trio.fail_after(2):
+                        while not (await p.ent.decide(None, ASK)).allow:  # noqa: ASYNC110 - polling an outside system
+                            await trio.sleep(0.01)
+                    assert p.count("redis") == 0 and p.count("store") >= 1
+                    nursery.cancel_scope.cancel()
+
+
+class socket_closed_port:  # noqa: N801 - a context manager used like a function
+    """A loopback port nobody listens on."""
+
+    def __enter__(self) -> int:
+        import socket
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            return sock.getsockname()[1]
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+async def test_postgres_outage_serves_cached_decisions_and_503s_the_rest(postgres_dsn: str) -> None:
+    dsn = await new_schema(postgres_dsn)
+    parts = urlsplit(dsn)
+    proxy = TcpProxy((parts.hostname or "127.0.0.1", parts.port or 5432)).start()
+    proxied = parts._replace(netloc=f"{parts.username}@127.0.0.1:{proxy.port}").geturl()
+    try:
+        with trio.fail_after(30):
+            async with trio_asyncio.open_loop(), trio.open_nursery() as nursery:
+                async with open_process(nursery, proxied, None, "x") as p:
+                    await wait_listening(p.store)
+                    await p.store.add(parse_grant(GRANT))
+                    with trio.fail_after(2):
+                        while not (await p.ent.decide(None, ASK)).allow:  # noqa: ASYNC110 - polling an outside system
+                            await trio.sleep(0.01)
+                    proxy.cut()
+                    with trio.fail_after(3):
+                        while p.store.listening:  # noqa: ASYNC110 - polling an outside system
+                            await trio.sleep(0.01)
+                    for _ in range(5):
+                        assert (await p.ent.decide(None, ASK)).allow  # cached
+                    other = DecisionInput("u2", "t1", "read", "curve:NG_2026", frozenset({"trader"}))
+                    with pytest.raises(BackendUnavailable):
+                        await p.ent.decide(None, other)  # never an allow without the store
+                    proxy.restore()
+                    with trio.fail_after(10):
+                        while True:
+                            try:
+                                if (await p.ent.decide(None, other)).allow:
+                                    break
+                            except BackendUnavailable:
+                                await trio.sleep(0.05)
+                    nursery.cancel_scope.cancel()
+    finally:
+        proxy.stop()
+
+

@@ -1,0 +1,248 @@
+"""End to end through ``accessd run`` subprocesses: check endpoints, grants API, CLI, invalidation."""
+
+from __future__ import annotations
+
+import secrets
+import subprocess
+import sys
+import time
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import httpx
+import redis
+import trio
+
+from ._daemon import Daemon, base_env
+from ._entitlements import TcpProxy, new_schema, run_sql
+
+CHECK = {"user_id": "u1", "tenant_id": "t1", "action": "read", "resource": "curve:NG_2026",
+         "roles": ["trader"]}
+GRANT = {"tenant_id": "t1", "subject": "role:trader", "action": "read", "resource": "curve:*",
+         "effect": "allow"}
+
+
+def token(daemon: Daemon, sub: str = "admin1", tenant: str = "t1", roles: str = "admin") -> str:
+    out = subprocess.run([sys.executable, "-m", "accessd", "token", "--sub", sub, "--tenant", tenant,
+                          "--roles", roles], env=daemon.env, capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip()
+
+
+def grants_cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "accessd", "grants", *args], env=env, capture_output=True,
+                          text=True, timeout=30)
+
+
+def bearer(tok: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {tok}"}
+
+
+async def test_revocation_via_one_daemon_is_seen_by_another_within_a_second(
+    daemon_factory, postgres_dsn: str, redis_url: str
+) -> None:
+    prefix = f"accessd-test:{secrets.token_hex(4)}"
+    env = {"ACCESS_POSTGRES_DSN": await new_schema(postgres_dsn), "ACCESS_REDIS_URL": redis_url,
+           "ACCESS_ENTITLEMENT_REDIS_PREFIX": prefix}
+    a = daemon_factory(role="internal", env=env)
+    b = daemon_factory(role="internal", env=env)
+    admin = token(a)
+    b_check = f"{b.internal_url}/entitlements/check"
+    try:
+        with trio.fail_after(30):
+            async with httpx.AsyncClient(timeout=5) as client:
+                created = await client.post(f"{a.internal_url}/entitlements/grants", json=GRANT,
+                                            headers=bearer(admin))
+                assert created.status_code == 201, created.text
+                grant = created.json()
+                assert grant["id"] and grant["resource"] == "curve:*"
+                with trio.fail_after(1):
+                    while not (await client.post(b_check, json=CHECK)).json()["allow"]:  # noqa: ASYNC110
+                        await trio.sleep(0.01)
+                answer = (await client.post(f"{b.internal_url}/entitlements/check", json=CHECK)).json()
+                assert answer == {"allow": True, "ttl_s": answer["ttl_s"], "reason": f"grant {grant['id']}"}
+                assert 30 <= answer["ttl_s"] <= 120
+                batch = await client.post(f"{a.internal_url}/entitlements/check-batch",
+                                          json={"checks": [CHECK, {**CHECK, "action": "write"}]})
+                assert [r["allow"] for r in batch.json()["results"]] == [True, False]
+
+                deleted = await client.delete(f"{a.internal_url}/entitlements/grants/{grant['id']}",
+                                              headers=bearer(admin))
+                assert deleted.status_code == 204
+                revoked_at = time.monotonic()
+                with trio.fail_after(1):
+                    while (await client.post(b_check, json=CHECK)).json()["allow"]:  # noqa: ASYNC110
+                        await trio.sleep(0.01)
+                assert time.monotonic() - revoked_at < 1.0
+                metrics = (await client.get(f"{b.internal_url}/metrics")).text
+                assert 'accessd_entitlement_decisions_total{result="allow",source="lru"}' in metrics
+                assert "accessd_entitlement_eval_duration_seconds_count" in metrics
+                health = (await client.get(f"{b.internal_url}/health")).json()
+                assert health["dependencies"]["postgres"] == "ok" and health["dependencies"]["redis"] == "ok"
+    finally:
+        client_ = redis.Redis.from_url(redis_url)
+        for key in client_.scan_iter(f"{prefix}:*"):
+            client_.delete(key)
+        client_.close()
+
+
+async def test_grants_api_validates_and_stays_in_its_tenant(daemon_factory, tmp_path: Path) -> None:
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("grants: [{tenant_id: t2, subject: '*', action: read, resource: 'x:*', effect: allow}]")
+    daemon = daemon_factory(role="internal", env={"ACCESS_POLICY_FILE": str(policy)})
+    admin, trader = token(daemon), token(daemon, sub="u1", roles="trader")
+    url = f"{daemon.internal_url}/entitlements/grants"
+    with trio.fail_after(30):
+        async with httpx.AsyncClient(timeout=5) as client:
+            before = policy.read_bytes()
+            for field, body in [
+                ("resource", {**GRANT, "resource": "curve:[NG"}),
+                ("action", {**GRANT, "action": "delete"}),
+                ("tenant_id", {k: v for k, v in GRANT.items() if k != "tenant_id"}),
+                ("id", {**GRANT, "id": "7"}),
+            ]:
+                response = await client.post(url, json=body, headers=bearer(admin))
+                assert response.status_code == 400, response.text
+                assert response.json()["code"] == "BAD_REQUEST"
+                assert response.json()["details"]["field"] == field
+            assert policy.read_bytes() == before  # nothing written
+
+            assert (await client.get(url)).status_code == 401
+            assert (await client.get(url, headers=bearer(trader))).status_code == 403
+            cross = await client.post(url, json={**GRANT, "tenant_id": "t2"}, headers=bearer(admin))
+            assert cross.status_code == 403 and cross.json()["code"] == "TENANT_MISMATCH"
+            listing = await client.get(url, params={"tenant_id": "t2"}, headers=bearer(admin))
+            assert listing.status_code == 403 and listing.json()["code"] == "TENANT_MISMATCH"
+            assert (await client.get(url, headers=bearer(admin))).json() == {"grants": []}
+            other_tenants = (await client.delete(f"{url}/h0", headers=bearer(admin)))
+            assert other_tenants.status_code == 404
+            t2_id = grants_cli(daemon.env, "list", "--tenant", "t2").stdout.splitlines()
+            assert len(t2_id) == 1
+            import json
+
+            t2_grant = json.loads(t2_id[0])["id"]
+            assert (await client.delete(f"{url}/{t2_grant}", headers=bearer(admin))).status_code == 404
+            # A token presented to /check must be of the decision's tenant.
+            check = f"{daemon.internal_url}/entitlements/check"
+            mismatch = await client.post(check, json={**CHECK, "tenant_id": "t2"}, headers=bearer(trader))
+            assert mismatch.status_code == 403 and mismatch.json()["code"] == "TENANT_MISMATCH"
+            bad = await client.post(check, json={**CHECK, "action": "fly"})
+            assert bad.status_code == 400 and bad.json()["details"]["field"] == "action"
+            created = await client.post(url, json=GRANT, headers=bearer(admin))
+            assert created.status_code == 201 and "role:trader" in policy.read_text()
+            assert (await client.post(check, json=CHECK)).json()["allow"]
+
+
+async def test_policy_file_watch_reload_and_bad_edits(daemon_factory, tmp_path: Path) -> None:
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("grants: []\n")
+    daemon = daemon_factory(role="internal", env={"ACCESS_POLICY_FILE": str(policy)})
+    check = f"{daemon.internal_url}/entitlements/check"
+    with trio.fail_after(30):
+        async with httpx.AsyncClient(timeout=5) as client:
+            assert not (await client.post(check, json=CHECK)).json()["allow"]
+            added = grants_cli(daemon.env, "add", "--tenant", "t1", "--subject", "role:trader", "--action",
+                               "read", "--resource", "curve:*")
+            assert added.returncode == 0, added.stderr
+            changed_at = time.monotonic()
+            with trio.fail_after(1):
+                while not (await client.post(check, json=CHECK)).json()["allow"]:  # noqa: ASYNC110 - polling an outside system
+                    await trio.sleep(0.01)
+            assert time.monotonic() - changed_at < 1.0
+            good = policy.read_text()
+            bad_cli = grants_cli(daemon.env, "add", "--tenant", "t1", "--subject", "bob", "--action", "read",
+                                 "--resource", "x")
+            assert bad_cli.returncode == 2 and "subject" in bad_cli.stderr
+            policy.write_text("grants: [{tenant_id: t1, subject: 'role:trader', action: read}]\n")
+            await trio.sleep(0.8)
+            assert (await client.post(check, json=CHECK)).json()["allow"]  # last good grants kept
+            assert "rejected, keeping the last good grants" in daemon.logs and "resource" in daemon.logs
+            policy.write_text(good.replace("role:trader", "role:quant"))
+            with trio.fail_after(1):
+                while (await client.post(check, json=CHECK)).json()["allow"]:  # noqa: ASYNC110 - polling an outside system
+                    await trio.sleep(0.01)
+
+
+async def test_bad_start_configurations_exit_2(daemon_factory, tmp_path: Path, postgres_dsn: str) -> None:
+    policy = tmp_path / "bad.yaml"
+    policy.write_text("grants: [{tenant_id: t1, subject: '*', action: read, resource: 'a[', effect: allow}]")
+    bad_file = daemon_factory(role="internal", env={"ACCESS_POLICY_FILE": str(policy)}, wait_ready=False)
+    dsn = await new_schema(postgres_dsn)
+    schema = dict(part.split("=") for part in urlsplit(dsn).query.split("&"))["search_path"]
+    await run_sql(
+        postgres_dsn,
+        f"CREATE TABLE {schema}.accessd_schema_migrations (component text NOT NULL, version int NOT NULL, "
+        "name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now(), "
+        "PRIMARY KEY (component, version))",
+        f"INSERT INTO {schema}.accessd_schema_migrations VALUES ('entitlements', 999, 'future')",
+    )
+    too_new = daemon_factory(role="internal", env={"ACCESS_POSTGRES_DSN": dsn}, wait_ready=False)
+    with trio.fail_after(30):
+        for daemon in (bad_file, too_new):
+            while daemon.process.poll() is None:  # noqa: ASYNC110 - polling an outside system
+                await trio.sleep(0.05)
+    assert bad_file.process.returncode == 2
+    assert "ACCESS_POLICY_FILE" in bad_file.logs and "grants[0].resource" in bad_file.logs
+    assert too_new.process.returncode == 2
+    assert "ACCESS_POSTGRES_DSN" in too_new.logs and "version 999" in too_new.logs
+
+
+async def test_postgres_outage_cached_flow_uncached_503_and_recovery(
+    daemon_factory, postgres_dsn: str
+) -> None:
+    dsn = await new_schema(postgres_dsn)
+    parts = urlsplit(dsn)
+    proxy = TcpProxy((parts.hostname or "127.0.0.1", parts.port or 5432)).start()
+    proxied = parts._replace(netloc=f"{parts.username}@127.0.0.1:{proxy.port}").geturl()
+    try:
+        env = {"ACCESS_POSTGRES_DSN": proxied, "ACCESS_PROBE_INTERVAL_S": "0.5"}
+        daemon = daemon_factory(role="internal", env=env)
+        cli = grants_cli({**daemon.env, "ACCESS_POSTGRES_DSN": dsn}, "add", "--tenant", "t1", "--subject",
+                         "role:trader", "--action", "read", "--resource", "curve:*")
+        assert cli.returncode == 0, cli.stderr
+        check = f"{daemon.internal_url}/entitlements/check"
+        other = {**CHECK, "user_id": "u2"}
+        with trio.fail_after(30):
+            async with httpx.AsyncClient(timeout=5) as client:
+                with trio.fail_after(2):
+                    while not (await client.post(check, json=CHECK)).json()["allow"]:  # noqa: ASYNC110 - polling an outside system
+                        await trio.sleep(0.01)
+                proxy.cut()
+                await trio.sleep(0.3)
+                for _ in range(5):
+                    cached = await client.post(check, json=CHECK)
+                    assert cached.status_code == 200 and cached.json()["allow"]
+                down = await client.post(check, json=other)
+                assert down.status_code == 503 and down.json()["code"] == "UPSTREAM_UNAVAILABLE"
+                with trio.fail_after(3):
+                    while (await client.get(f"{daemon.internal_url}/health")).json()["dependencies"][  # noqa: ASYNC110 - polling an outside system
+                            "postgres"] != "down":
+                        await trio.sleep(0.1)
+                proxy.restore()
+                with trio.fail_after(10):
+                    while (await client.post(check, json=other)).status_code != 200:  # noqa: ASYNC110 - polling an outside system
+                        await trio.sleep(0.1)
+                assert (await client.post(check, json=other)).json()["allow"]
+    finally:
+        proxy.stop()
+
+
+async def test_grants_cli_against_postgres_and_no_store_denies(daemon_factory, postgres_dsn: str,
+                                                                tmp_path: Path) -> None:
+    env = {**base_env(tmp_path), "ACCESS_POSTGRES_DSN": await new_schema(postgres_dsn)}
+    added = grants_cli(env, "add", "--tenant", "t1", "--subject", "user:u1", "--action", "*", "--resource",
+                       "curve:*", "--effect", "deny", "--expires-at", "2031-01-01T00:00:00Z")
+    assert added.returncode == 0, added.stderr
+    assert '"effect": "deny"' in added.stdout and "2031-01-01T00:00:00Z" in added.stdout
+    grant_id = added.stdout.split('"id": "')[1].split('"')[0]
+    assert grant_id in grants_cli(env, "list", "--tenant", "t1").stdout
+    assert grants_cli(env, "list", "--tenant", "t2").stdout == ""
+    assert grants_cli(env, "revoke", grant_id).returncode == 0
+    missing = grants_cli(env, "revoke", grant_id)
+    assert missing.returncode == 1 and "no grant" in missing.stderr
+
+    daemon = daemon_factory(role="internal")  # no Postgres, no policy file: deny everything
+    with trio.fail_after(10):
+        async with httpx.AsyncClient(timeout=5) as client:
+            answer = await client.post(f"{daemon.internal_url}/entitlements/check", json=CHECK)
+    assert answer.status_code == 200 and answer.json()["allow"] is False
