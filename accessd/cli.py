@@ -53,6 +53,25 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--config", type=Path, help="TOML or YAML settings file")
     check.add_argument("--role", choices=ROLES)
 
+    token = commands.add_parser("token", help="print a JWT signed by the local dev issuer")
+    token.add_argument("--sub", required=True, help="subject (user id)")
+    token.add_argument("--tenant", required=True, help="tenant id")
+    token.add_argument("--roles", default="", help="comma-separated roles")
+    token.add_argument("--ttl", type=int, default=3600, help="lifetime in seconds (default 3600)")
+    token.add_argument("--config", type=Path, help="TOML or YAML settings file")
+
+    grants = commands.add_parser("grants", help="manage entitlement grants in the configured store")
+    grants.add_argument("--config", type=Path, help="TOML or YAML settings file")
+    from .policy.entitlements._cli import add_arguments as add_grants_arguments
+
+    add_grants_arguments(grants)
+
+    publish = commands.add_parser("publish", help="publish one message through a running daemon")
+    publish.add_argument("--config", type=Path, help="TOML or YAML settings file")
+    from .stream._cli import add_arguments as add_publish_arguments
+
+    add_publish_arguments(publish)
+
     commands.add_parser("version", help="print version and commit")
     return parser
 
@@ -78,12 +97,43 @@ def _check_config(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _token(args: argparse.Namespace) -> int:
+    from .policy.auth import MAX_TOKEN_TTL_S, DevIssuer
+
+    settings = _settings(args)
+    if not settings.dev_issuer:
+        raise ConfigError(
+            "ACCESS_JWKS_URL" if settings.auth.jwks_url else "ACCESS_JWT_ISSUERS",
+            "is set, so tokens come from that IdP; `accessd token` mints only with the embedded dev issuer",
+        )
+    if not 1 <= args.ttl <= MAX_TOKEN_TTL_S:
+        raise ConfigError("--ttl", f"{args.ttl} is outside 1..{MAX_TOKEN_TTL_S}")
+    roles = [role.strip() for role in args.roles.split(",") if role.strip()]
+    print(DevIssuer.from_settings(settings).mint(args.sub, args.tenant, roles, args.ttl))
+    return EXIT_OK
+
+
+def _grants(args: argparse.Namespace) -> int:
+    from .policy.entitlements._cli import run
+
+    return run(load_settings(config_file=args.config), args)
+
+
+def _publish(args: argparse.Namespace) -> int:
+    from .stream._cli import run
+
+    return run(load_settings(config_file=args.config), args)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "version":
         print(f"accessd {__version__} ({commit()})")
         return EXIT_OK
-    handler = {"run": _run, "check-config": _check_config}[args.command]
+    handler = {"run": _run, "check-config": _check_config, "token": _token, "grants": _grants,
+               "publish": _publish}[
+        args.command
+    ]
     try:
         return handler(args)
     except BaseExceptionGroup as group:

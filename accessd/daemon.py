@@ -14,7 +14,10 @@ import trio
 from . import aio
 from .http import AppContext, HttpListener, create_app
 from .nurseries import DependencyProbes, Health, Phase, Supervisor, build_probes
+from .policy.auth import build_auth
+from .policy.entitlements import build_entitlements, entitlements_blueprint
 from .settings import Settings
+from .stream import build_stream, entitlement_authorizer, publish_blueprint
 from .telemetry import Metrics
 
 log = logging.getLogger("accessd.nurseries")
@@ -37,25 +40,59 @@ async def serve(
         if handle_signals:
             root.start_soon(_watch_signals, root.cancel_scope, health, shutdown)
         supervisor = Supervisor(root, health, metrics, start_timeout_s=server.start_timeout_s)
-        await supervisor.start(
-            DependencyProbes(build_probes(settings), health, settings.backends.probe_interval_s)
+        # Built first (no I/O beyond local files), started in dependency order below.
+        auth = build_auth(settings, health, metrics)  # dev issuer key, or JWKS caches, or delegation
+        entitlements = build_entitlements(settings, health, metrics)  # store (+ watcher), Redis tier
+        stream = build_stream(
+            settings,
+            health,
+            metrics,
+            auth.verify,
+            entitlement_authorizer(entitlements.decider),
+            shutdown,
+            getattr(entitlements.store, "version", None),
         )
+        components = [*auth.components, *entitlements.components, *stream.components]
+        # A backend whose client component reports its own state needs no separate probe.
+        owned = {name for c in components if (name := getattr(c, "health_dependency", None))}
+        probes = build_probes(settings, skip=owned)
+        await supervisor.start(DependencyProbes(probes, health, settings.backends.probe_interval_s))
+        for component in components:
+            if component is not stream.listener:  # the listeners start last, together
+                await supervisor.start(component)  # e.g. auth readiness waits for the first key set
 
         ctx = AppContext(health=health, metrics=metrics, max_body_bytes=server.max_body_bytes)
         listeners: list[HttpListener] = []
         if server.role in ("edge", "all"):
-            app = create_app("edge", ctx)
+            app = create_app("edge", ctx, [*auth.edge_blueprints()])
             listeners.append(
-                HttpListener("edge-http", app, server.edge_bind, "ACCESS_EDGE_BIND", shutdown,
-                             server.drain_timeout_s)
+                HttpListener(
+                    "edge-http", app, server.edge_bind, "ACCESS_EDGE_BIND", shutdown, server.drain_timeout_s
+                )
             )
         if server.role in ("internal", "all"):
-            app = create_app("internal", ctx)
+            app = create_app(
+                "internal",
+                ctx,
+                [
+                    *auth.internal_blueprints(),
+                    entitlements_blueprint(entitlements.decider, entitlements.store, auth.verify),
+                    publish_blueprint(stream.source, auth.verify),
+                ],
+            )
             listeners.append(
-                HttpListener("internal-http", app, server.internal_bind, "ACCESS_INTERNAL_BIND", shutdown,
-                             server.drain_timeout_s)
+                HttpListener(
+                    "internal-http",
+                    app,
+                    server.internal_bind,
+                    "ACCESS_INTERNAL_BIND",
+                    shutdown,
+                    server.drain_timeout_s,
+                )
             )
         urls = {listener.name: await supervisor.start(listener) for listener in listeners}
+        if stream.listener is not None:
+            urls[stream.listener.name] = await supervisor.start(stream.listener)
 
         health.phase = Phase.READY
         log.info("ready: role=%s %s", server.role, " ".join(f"{k}={','.join(v)}" for k, v in urls.items()))
@@ -65,7 +102,7 @@ async def serve(
         health.phase = Phase.DRAINING
         # Listeners stop accepting on the trigger and give in-flight requests the drain deadline.
         with trio.move_on_after(server.drain_timeout_s + 1):
-            for listener in listeners:
+            for listener in [*listeners, *([stream.listener] if stream.listener else [])]:
                 await listener.stopped.wait()
         log.info("stopped")
         root.cancel_scope.cancel()

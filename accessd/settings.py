@@ -130,7 +130,7 @@ def _url(*schemes: str) -> Parser:
             return None
         parts = urlsplit(text)
         if parts.scheme not in schemes or not (parts.netloc or parts.path):
-            raise ValueError(f"{_redact(text)!r} is not a {'/'.join(schemes)} URL")
+            raise ValueError(f"{redact_url(text)!r} is not a {'/'.join(schemes)} URL")
         return text
 
     return parse
@@ -160,6 +160,22 @@ def _networks(value: Any) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network
         raise ValueError(f"not a CIDR list ({exc})") from None
 
 
+def _policies(value: Any) -> tuple[tuple[str, str], ...]:
+    if isinstance(value, str):
+        if not value.strip():
+            return ()
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"not valid JSON ({exc.msg})") from None
+    if not isinstance(value, dict):
+        raise ValueError('expected a JSON object {"<channel glob>": "conflate|drop_oldest|disconnect"}')
+    for glob, policy in value.items():
+        if policy not in ("conflate", "drop_oldest", "disconnect"):
+            raise ValueError(f"{glob!r}: {policy!r} is not conflate, drop_oldest or disconnect")
+    return tuple(value.items())
+
+
 def _file(value: Any) -> Path | None:
     text = _optional_text(value)
     if text is None:
@@ -179,7 +195,8 @@ def _optional_path(value: Any) -> Path | None:
     return None if text is None else Path(text).expanduser()
 
 
-def _redact(url: str) -> str:
+def redact_url(url: str) -> str:
+    """The URL with its password masked, for messages and logs."""
     parts = urlsplit(url)
     if parts.password:
         return url.replace(f":{parts.password}@", ":***@")
@@ -262,6 +279,37 @@ class PolicySettings:
 @dataclass(frozen=True)
 class StreamSettings:
     max_connections: int = _setting(5000, _number(int, 1), "streaming connections per process")
+    stream_policies: tuple[tuple[str, str], ...] = _setting(
+        (), _policies, 'slow-consumer policy per channel glob (JSON {"pricing.*": "conflate"})'
+    )
+    stream_max_pending_messages: int = _setting(
+        1000, _number(int, 1, 1_000_000), "queued messages per client"
+    )
+    stream_max_pending_bytes: int = _setting(1 << 20, _number(int, 1024, 1 << 30), "queued bytes per client")
+    stream_send_buffer_bytes: int = _setting(256 * 1024, _number(int, 4096, 64 << 20), "kernel send buffer")
+    stream_max_subscriptions: int = _setting(100, _number(int, 1, 100_000), "subscriptions per connection")
+    stream_max_frame_bytes: int = _setting(64 * 1024, _number(int, 256, 16 << 20), "largest client frame")
+    stream_heartbeat_s: float = _setting(15.0, _number(float, 0.1, 3600), "WS ping / SSE comment period")
+    stream_handshake_timeout_s: float = _setting(10.0, _number(float, 0.1, 600), "request head deadline")
+    stream_connects_per_minute: int = _setting(
+        30, _number(int, 1, 1_000_000), "streaming_connect tier, per IP"
+    )
+    stream_ring_size: int = _setting(
+        10_000, _number(int, 1, 10_000_000), "embedded broker records per channel"
+    )
+    stream_revalidate_s: float = _setting(
+        30.0, _number(float, 0.1, 3600), "re-check subscriptions this often"
+    )
+    kafka_metadata_refresh_s: float = _setting(
+        10.0, _number(float, 0.1, 3600), "Kafka topic metadata refresh and health check period"
+    )
+    kafka_fetch_max_wait_ms: int = _setting(500, _number(int, 1, 60_000), "Kafka long-poll wait per fetch")
+    kafka_max_batch_records: int = _setting(500, _number(int, 1, 1_000_000), "Kafka records per batch")
+    kafka_request_timeout_s: float = _setting(5.0, _number(float, 0.1, 300), "one Kafka request's deadline")
+    kafka_replay_timeout_s: float = _setting(10.0, _number(float, 0.1, 600), "one Kafka replay's deadline")
+    kafka_replay_max_records: int = _setting(
+        10_000, _number(int, 1, 10_000_000), "most records one replay returns (older ones count as a gap)"
+    )
 
 
 @dataclass(frozen=True)

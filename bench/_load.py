@@ -25,12 +25,23 @@ def build_request(url: str, method: str, body: bytes, headers: list[str]) -> tup
 
 
 async def one_connection(host: str, port: int, request: bytes, stop_at: float, out: dict) -> None:
+    while time.monotonic() < stop_at:  # servers close keep-alive connections now and then: reconnect
+        try:
+            await _requests(host, port, request, stop_at, out)
+        except ConnectionError:
+            out["reconnects"] = out.get("reconnects", 0) + 1
+
+
+async def _requests(host: str, port: int, request: bytes, stop_at: float, out: dict) -> None:
     stream = await trio.open_tcp_stream(host, port)
     buf = b""
     async with stream:
         while time.monotonic() < stop_at:
             started = time.perf_counter()
-            await stream.send_all(request)
+            try:
+                await stream.send_all(request)
+            except trio.BrokenResourceError:
+                raise ConnectionError("server closed the connection") from None
             while True:  # read one response: headers, then Content-Length bytes
                 head_end = buf.find(b"\r\n\r\n")
                 if head_end >= 0:
@@ -44,7 +55,10 @@ async def one_connection(host: str, port: int, request: bytes, stop_at: float, o
                         status = int(buf[9:12])
                         buf = buf[total:]
                         break
-                chunk = await stream.receive_some(65536)
+                try:
+                    chunk = await stream.receive_some(65536)
+                except trio.BrokenResourceError:
+                    chunk = b""
                 if not chunk:
                     raise ConnectionError("server closed the connection")
                 buf += chunk
@@ -72,6 +86,7 @@ async def run(url: str, conns: int, seconds: float, method: str, body: bytes, he
         "p95_ms": pct(0.95),
         "p99_ms": pct(0.99),
         "statuses": out["statuses"],
+        "reconnects": out.get("reconnects", 0),
     }
 
 

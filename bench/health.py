@@ -25,7 +25,9 @@ HERE = Path(__file__).parent
 def load(url: str, seconds: float, conns: int) -> dict:
     out = subprocess.run(
         [PYTHON, str(HERE / "_load.py"), url, "--seconds", str(seconds), "--conns", str(conns)],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     return json.loads(out.stdout)
 
@@ -33,7 +35,9 @@ def load(url: str, seconds: float, conns: int) -> dict:
 def measure(process: subprocess.Popen, url: str, seconds: float, conns: int) -> dict:
     cpu_before = cpu_seconds(process.pid)
     result = load(url, seconds, conns)
-    result["server_cpu_us_per_req"] = round((cpu_seconds(process.pid) - cpu_before) / result["requests"] * 1e6, 1)
+    result["server_cpu_us_per_req"] = round(
+        (cpu_seconds(process.pid) - cpu_before) / result["requests"] * 1e6, 1
+    )
     return result
 
 
@@ -57,8 +61,13 @@ def main() -> None:
     state = tempfile.mkdtemp(prefix="accessd-bench-")
     edge, internal, stream = free_port(), free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("ACCESS_")}
-    env |= {"ACCESS_EDGE_BIND": f"127.0.0.1:{edge}", "ACCESS_INTERNAL_BIND": f"127.0.0.1:{internal}",
-            "ACCESS_STREAM_BIND": f"127.0.0.1:{stream}", "ACCESS_STATE_DIR": state, "ACCESS_LOG_LEVEL": "warning"}
+    env |= {
+        "ACCESS_EDGE_BIND": f"127.0.0.1:{edge}",
+        "ACCESS_INTERNAL_BIND": f"127.0.0.1:{internal}",
+        "ACCESS_STREAM_BIND": f"127.0.0.1:{stream}",
+        "ACCESS_STATE_DIR": state,
+        "ACCESS_LOG_LEVEL": "warning",
+    }
 
     started = time.monotonic()
     daemon = spawn([PYTHON, "-m", "accessd", "run", "--role", "all"], env=env)
@@ -98,8 +107,11 @@ accessd / bare Hypercorn throughput ratio: **{ratio:.2f}**; accessd / bare Quart
 {baseline["server_cpu_us_per_req"]:.0f} µs, Quart-trio \
 {quart["server_cpu_us_per_req"] - baseline["server_cpu_us_per_req"]:.0f} µs, accessd's pipeline (request and \
 trace ids, metrics, JSON log line) {accessd["server_cpu_us_per_req"] - quart["server_cpu_us_per_req"]:.0f} µs."""
-    append_results("Daemon start-up, idle RSS, /health/live vs bare Hypercorn", "python bench/health.py "
-                   + " ".join(sys.argv[1:]), body)
+    append_results(
+        "Daemon start-up, idle RSS, /health/live vs bare Hypercorn",
+        "python bench/health.py " + " ".join(sys.argv[1:]),
+        body,
+    )
 
 
 if __name__ == "__main__":

@@ -44,7 +44,9 @@ class Daemon:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
-                raise AssertionError(f"accessd did not stop within {timeout_s}s:\n{self.logs[-4000:]}") from None
+                raise AssertionError(
+                    f"accessd did not stop within {timeout_s}s:\n{self.logs[-4000:]}"
+                ) from None
         return self.process.returncode
 
 

@@ -173,8 +173,16 @@ def tansu_broker(workdir: Path, port: int | None = None) -> Iterator[str]:
     log_path = workdir / f"tansu-{port}.log"
     with log_path.open("wb") as log:
         process = subprocess.Popen(
-            [tansu_binary(), "broker", "--listener-url", url, "--advertised-listener-url", url,
-             "--storage-engine", "memory://tansu/"],
+            [
+                tansu_binary(),
+                "broker",
+                "--listener-url",
+                url,
+                "--advertised-listener-url",
+                url,
+                "--storage-engine",
+                "memory://tansu/",
+            ],
             stdout=log,
             stderr=subprocess.STDOUT,
         )

@@ -14,7 +14,9 @@ from ._jwks import JwksServer
 from ._services import ServiceMissing, kafka_service, postgres_service, redis_service
 
 
-def _service(factory: Callable[[Path], Any], tmp_path_factory: pytest.TempPathFactory, name: str) -> Iterator[str]:
+def _service(
+    factory: Callable[[Path], Any], tmp_path_factory: pytest.TempPathFactory, name: str
+) -> Iterator[str]:
     try:
         with factory(tmp_path_factory.mktemp(name)) as address:
             yield address

@@ -16,7 +16,9 @@ def settings_table() -> str:
         default = info.default
         if isinstance(default, tuple):
             default = ",".join(map(str, default)) or "(empty)"
-        rows.append(f"| `{info.env}` | `{info.key}` | {info.doc} | `{'unset' if default is None else default}` |")
+        rows.append(
+            f"| `{info.env}` | `{info.key}` | {info.doc} | `{'unset' if default is None else default}` |"
+        )
     return "\n".join(rows)
 
 

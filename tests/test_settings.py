@@ -34,7 +34,9 @@ def test_every_contract_variable_exists() -> None:
 
 def test_precedence_file_then_env_then_flags(tmp_path: Path) -> None:
     config = tmp_path / "accessd.toml"
-    config.write_text('log_level = "debug"\nrole = "edge"\nmax_connections = 10\nedge_bind = ["0.0.0.0:9000"]\n')
+    config.write_text(
+        'log_level = "debug"\nrole = "edge"\nmax_connections = 10\nedge_bind = ["0.0.0.0:9000"]\n'
+    )
     s = load_settings(config_file=config, environ={"ACCESS_ROLE": "internal", "ACCESS_MAX_CONNECTIONS": "20"})
     assert s.telemetry.log_level == "debug"  # file
     assert s.server.edge_bind == ("0.0.0.0:9000",)  # file, as a TOML list
@@ -48,7 +50,7 @@ def test_yaml_config_and_typed_values(tmp_path: Path) -> None:
     config.write_text(
         "enable_tracing: true\notel_exporter: http://127.0.0.1:4318\n"
         'jwt_issuers: {"https://idp/realms/a": "https://idp/realms/a/certs"}\n'
-        "trusted_proxies: 10.0.0.0/8, 192.168.1.7\nkafka_bootstrap: [\"k1:9092\", \"k2:9092\"]\n"
+        'trusted_proxies: 10.0.0.0/8, 192.168.1.7\nkafka_bootstrap: ["k1:9092", "k2:9092"]\n'
     )
     s = load_settings(config_file=config, environ={})
     assert s.telemetry.enable_tracing is True

@@ -410,3 +410,18 @@ async def test_thousand_websocket_clients() -> None:
                 for n in range(3):
                     rig.publish(CHANNEL, {"n": n})
         assert received == 3000
+
+
+async def test_shutdown_drains_with_1013_and_a_final_sse_event() -> None:
+    async with stream_rig() as rig, httpx.AsyncClient(timeout=5) as client:
+        async with open_websocket_url(f"{rig.ws_url}?token={rig.token('a')}") as ws:
+            await recv(ws)
+            url = f"{rig.url}/sse/stream?channel={CHANNEL}&token={rig.token('b')}"
+            async with client.stream("GET", url) as response:
+                assert response.status_code == 200
+                rig.listener._shutdown.set()
+                assert await closed_with(ws) == 1013
+                with trio.fail_after(5):
+                    text = "".join([chunk async for chunk in response.aiter_text()])
+        assert "event: close" in text and '"code": 1013' in text
+        await rig.listener.stopped.wait()

@@ -69,7 +69,14 @@ async def test_components_start_in_order_each_ready_before_the_next(
         for component in (Slow("jwks", 0.5), Slow("store", 0.01), Slow("http", 0.2)):
             await supervisor.start(component)
         nursery.cancel_scope.cancel()
-    assert events == ["jwks starting", "jwks ready", "store starting", "store ready", "http starting", "http ready"]
+    assert events == [
+        "jwks starting",
+        "jwks ready",
+        "store starting",
+        "store ready",
+        "http starting",
+        "http ready",
+    ]
 
 
 async def test_crash_restarts_with_growing_backoff_and_counts(autojump_clock: trio.testing.MockClock) -> None:
@@ -86,9 +93,9 @@ async def test_crash_restarts_with_growing_backoff_and_counts(autojump_clock: tr
     assert len(flaky.starts) == 5
     assert restarts(metrics, "kafka") == 4
     assert health.restarting == set()
-    gaps = [b - a - 0.1 for a, b in zip(flaky.starts, flaky.starts[1:])]
+    gaps = [b - a - 0.1 for a, b in zip(flaky.starts, flaky.starts[1:], strict=False)]
     caps = [1.0, 2.0, 4.0, 8.0]
-    for gap, cap in zip(gaps, caps):
+    for gap, cap in zip(gaps, caps, strict=True):
         assert cap * 0.1 <= gap <= cap + 1e-6, (gaps, caps)
 
 
@@ -108,7 +115,7 @@ async def test_stable_component_gets_its_backoff_reset(autojump_clock: trio.test
         await supervisor.start(flaky)
         await trio.sleep(100)
         nursery.cancel_scope.cancel()
-    gaps = [b - a - 10.0 for a, b in zip(flaky.starts, flaky.starts[1:])]
+    gaps = [b - a - 10.0 for a, b in zip(flaky.starts, flaky.starts[1:], strict=False)]
     assert len(gaps) == 3 and all(gap <= 1.0 + 1e-6 for gap in gaps), gaps
 
 

@@ -16,10 +16,9 @@ Cancellation: a Trio cancel scope around the wrapper cancels the asyncio task un
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator, TypeVar
+from typing import Any, TypeVar
 
 import trio
 import trio_asyncio
@@ -40,7 +39,7 @@ async def run_aio(backend: str, fn: Callable[..., Awaitable[T]], *args: Any) -> 
     """Run asyncio coroutine function ``fn(*args)`` from Trio; library faults become BackendUnavailable."""
     try:
         return await trio_asyncio.aio_as_trio(fn)(*args)
-    except (OSError, asyncio.TimeoutError, ConnectionError) as exc:
+    except (TimeoutError, OSError, ConnectionError) as exc:
         raise BackendUnavailable(backend, f"{type(exc).__name__}: {exc}") from exc
     except Exception as exc:
         # Each library has its own error tree (redis.RedisError, asyncpg.PostgresError, KafkaError).

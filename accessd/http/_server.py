@@ -8,7 +8,10 @@ closes idle keep-alive connections and gives in-flight requests ``drain_timeout_
 from __future__ import annotations
 
 import logging
+import socket
 from collections.abc import Sequence
+from functools import partial
+from typing import Any
 
 import trio
 from hypercorn.config import Config
@@ -19,6 +22,32 @@ from quart_trio import QuartTrio
 from ..errors import ConfigError
 
 log = logging.getLogger("accessd.http")
+
+
+class _InFlight:
+    """ASGI HTTP calls in progress; a call ends once its response was handed to the socket."""
+
+    def __init__(self, app: QuartTrio) -> None:
+        self._app = app
+        self.count = 0
+        self._idle = trio.Event()
+        self._idle.set()
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self._app(scope, receive, send)
+        if self.count == 0:
+            self._idle = trio.Event()
+        self.count += 1
+        try:
+            await self._app(scope, receive, send)
+        finally:
+            self.count -= 1
+            if self.count == 0:
+                self._idle.set()
+
+    async def wait_idle(self) -> None:
+        await self._idle.wait()
 
 
 class HttpListener:
@@ -34,7 +63,7 @@ class HttpListener:
         drain_timeout_s: float,
     ) -> None:
         self.name = name
-        self._app = app
+        self._app = _InFlight(app)
         self._binds = list(binds)
         self._setting = setting
         self._shutdown = shutdown
@@ -60,14 +89,35 @@ class HttpListener:
             reason = exc.strerror or str(exc)
             raise ConfigError(self._setting, f"cannot listen on {','.join(self._binds)}: {reason}") from None
         try:
-            await worker_serve(
-                wrap_app(self._app, config.wsgi_max_body_size, None),
-                config,
-                sockets=sockets,
-                shutdown_trigger=self._shutdown.wait,
-                task_status=task_status,
-            )
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._end_after_drain, nursery.cancel_scope)
+                await nursery.start(
+                    partial(
+                        worker_serve,
+                        wrap_app(self._app, config.wsgi_max_body_size, "asgi"),
+                        config,
+                        sockets=sockets,
+                        shutdown_trigger=self._shutdown.wait,
+                    )
+                )
+                task_status.started([_url(sock) for sock in sockets.insecure_sockets])
         finally:
             for sock in sockets.insecure_sockets:
                 sock.close()
             self.stopped.set()
+
+    async def _end_after_drain(self, serving: trio.CancelScope) -> None:
+        """Once shutdown starts, end as soon as the last in-flight request is answered (or at the deadline).
+
+        Hypercorn alone keeps idle keep-alive connections open until its graceful timeout, so one idle
+        client would hold every stop for the whole drain deadline.
+        """
+        await self._shutdown.wait()
+        with trio.move_on_after(self._drain_timeout_s):
+            await self._app.wait_idle()
+        serving.cancel()
+
+
+def _url(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"

@@ -2,8 +2,8 @@
 
 from ._health import Health as Health
 from ._health import Phase as Phase
+from ._probes import DependencyProbes as DependencyProbes
+from ._probes import build_probes as build_probes
 from ._supervisor import Backoff as Backoff
 from ._supervisor import Component as Component
 from ._supervisor import Supervisor as Supervisor
-from ._probes import DependencyProbes as DependencyProbes
-from ._probes import build_probes as build_probes

@@ -8,10 +8,9 @@ Errors: a probe failure (any exception, timeouts included) marks that dependency
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from typing import NoReturn
 
-import httpx
 import trio
 
 from .. import aio
@@ -23,10 +22,14 @@ log = logging.getLogger("accessd.nurseries")
 Probe = Callable[[], Awaitable[None]]
 
 
-def build_probes(settings: Settings) -> dict[str, Probe | None]:
-    """One probe per dependency; ``None`` where the embedded default serves instead."""
+def build_probes(settings: Settings, skip: Collection[str] = ()) -> dict[str, Probe | None]:
+    """One probe per configured dependency; ``None`` where the embedded default serves instead.
+
+    ``skip``: dependencies whose client component reports its own state (the Redis batcher, the Postgres
+    store, the Kafka source, the JWKS caches), so two reporters never disagree.
+    """
     backends, timeout = settings.backends, settings.backends.probe_timeout_s
-    probes: dict[str, Probe | None] = {"redis": None, "postgres": None, "kafka": None, "jwks": None}
+    probes: dict[str, Probe | None] = {"redis": None, "postgres": None, "kafka": None}
     if backends.redis_url:
         url = backends.redis_url
         probes["redis"] = lambda: aio.ping_redis(url, timeout)
@@ -36,21 +39,7 @@ def build_probes(settings: Settings) -> dict[str, Probe | None]:
     if backends.kafka_bootstrap:
         bootstrap = backends.kafka_bootstrap
         probes["kafka"] = lambda: aio.ping_kafka(bootstrap, timeout)
-    jwks_urls = list((settings.auth.jwt_issuers or {}).values())
-    if settings.auth.jwks_url:
-        jwks_urls.append(settings.auth.jwks_url)
-    if jwks_urls:
-        probes["jwks"] = lambda: _fetch_jwks(jwks_urls, timeout)
-    return probes
-
-
-async def _fetch_jwks(urls: list[str], timeout_s: float) -> None:
-    async with httpx.AsyncClient(timeout=timeout_s) as client:
-        for url in urls:
-            response = await client.get(url)
-            response.raise_for_status()
-            if not isinstance(response.json().get("keys"), list):
-                raise ValueError(f"{url} answered without a 'keys' list")
+    return {name: probe for name, probe in probes.items() if name not in skip}
 
 
 class DependencyProbes:

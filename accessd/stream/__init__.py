@@ -6,9 +6,12 @@ slow-consumer policies, ``_sessions`` the WebSocket/SSE protocol, ``_listener`` 
 admission, ``_http11`` request heads, ``_frames`` outgoing bytes.
 """
 
+from ._build import build_stream as build_stream
+from ._build import entitlement_authorizer as entitlement_authorizer
 from ._conn import POLICIES as POLICIES
 from ._conn import Limits as Limits
 from ._embedded import EmbeddedBroker as EmbeddedBroker
+from ._http import publish_blueprint as publish_blueprint
 from ._hub import Hub as Hub
 from ._listener import StreamConfig as StreamConfig
 from ._listener import StreamListener as StreamListener

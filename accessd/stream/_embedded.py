@@ -8,13 +8,14 @@ gets a ``gap``). Memory is bounded by ``ring_size`` records per channel and ``ma
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections import deque
 
 import trio
 
 from ..errors import AccessdError
-from ._source import Position, Record, Replay
+from ._source import Gap, Position, Record, Replay
 
 PARTITION = 0
 
@@ -79,14 +80,17 @@ class EmbeddedBroker:
     async def unfollow(self, channel: str) -> None:
         self._followed.pop(channel, None)
 
-    async def next_batch(self) -> list[Record]:
+    async def next_batch(self) -> list[Record | Gap]:
         while True:
-            batch: list[Record] = []
+            batch: list[Record | Gap] = []
             for channel, next_offset in self._followed.items():
                 ring = self._rings[channel]
                 if next_offset < ring.next_offset:
-                    start = max(next_offset, ring.oldest_offset()) - ring.oldest_offset()
-                    batch.extend(ring.records[i] for i in range(start, len(ring.records)))
+                    oldest = ring.oldest_offset()
+                    if next_offset < oldest:  # the hub fell a whole ring behind
+                        batch.append(Gap(channel, PARTITION, oldest - next_offset, oldest))
+                    start = max(next_offset, oldest) - oldest
+                    batch.extend(itertools.islice(ring.records, start, None))
                     self._followed[channel] = ring.next_offset
             if batch:
                 return batch
@@ -100,5 +104,5 @@ class EmbeddedBroker:
         replay = Replay(dropped=max(0, min(oldest, stop) - start))
         first = max(start, oldest) - oldest
         last = min(stop, ring.next_offset) - oldest
-        replay.records = [ring.records[i] for i in range(first, max(first, last))]
+        replay.records = list(itertools.islice(ring.records, first, max(first, last)))
         return replay

@@ -24,7 +24,7 @@ import trio
 
 from ._conn import CONFLATE, DROP_OLDEST
 from ._frames import json_payload, message_body, sse_event, ws_text
-from ._source import Position, Record, Source, encode_cursor
+from ._source import Gap, Position, Record, Source, encode_cursor
 
 log = logging.getLogger("accessd.stream")
 
@@ -83,6 +83,8 @@ class Subscriber(Protocol):
 
     def deliver(self, sub: Subscription, msg: Message) -> None: ...
 
+    def gap(self, channel: str, dropped: int, cursor: str | None) -> None: ...
+
 
 @dataclass(eq=False)
 class Subscription:
@@ -130,7 +132,7 @@ class Hub:
         self._policies = list(policies)  # (channel glob, policy), first match wins
         self._backlog_limit = backlog_limit
         self._channels: dict[str, _Channel] = {}
-        self._observe_lag = observe_lag or (lambda seconds: None)
+        self.observe_lag = observe_lag or (lambda seconds: None)
         self.stats = HubStats()
 
     def policy_for(self, channel: str, key: str | None) -> str:
@@ -201,11 +203,14 @@ class Hub:
             batch = await self._source.next_batch()
             self.dispatch(batch)
 
-    def dispatch(self, batch: list[Record]) -> None:
+    def dispatch(self, batch: list[Record | Gap]) -> None:
         stats = self.stats
         for record in batch:
             ch = self._channels.get(record.channel)
             if ch is None:
+                continue
+            if isinstance(record, Gap):
+                self._gap(ch, record)
                 continue
             if record.offset < ch.position.get(record.partition, 0):
                 continue  # already delivered (a source replaying after a reconnect)
@@ -225,7 +230,17 @@ class Hub:
                     sub.backlog.append(msg)
                     sub.backlog_dropped += 1
             if targets:
-                self._observe_lag(max(0.0, time.time() - record.ts_ms / 1000))
+                self.observe_lag(max(0.0, time.time() - record.ts_ms / 1000))
+
+    def _gap(self, ch: _Channel, gap: Gap) -> None:
+        """The broker lost records: move the channel's position and tell every subscriber how many."""
+        ch.position[gap.partition] = gap.offset
+        if not gap.dropped:
+            return
+        cursor = encode_cursor(ch.position)
+        subs = [*ch.everything, *(sub for subs in ch.by_key.values() for sub in subs)]
+        for session in {sub.session for sub in subs}:
+            session.gap(ch.name, gap.dropped, cursor)
 
     def channel_count(self) -> int:
         return len(self._channels)

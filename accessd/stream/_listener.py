@@ -18,7 +18,7 @@ import logging
 import secrets
 import socket
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Iterable, Sequence
 from dataclasses import dataclass
 
 import trio
@@ -366,13 +366,22 @@ class StreamListener:
 
         await self._run_session(session, run())
 
-    async def _run_session(self, session: Session, body) -> None:
+    async def _run_session(self, session: Session, body: Awaitable[None]) -> None:
         self.sessions.add(session)
+        started = time.monotonic()
         try:
             await body
         finally:
             self.sessions.discard(session)
             await session.unsubscribe_all()
+            log.info(
+                "%s session %s of %s ended after %.1fs: %s",
+                session.transport,
+                session.conn_id,
+                session.identity.sub,
+                time.monotonic() - started,
+                session.conn.close_reason or "client left",
+            )
 
 
 def _trace() -> str:

@@ -31,6 +31,17 @@ class Record:
     headers: tuple[tuple[str, bytes], ...] = ()
 
 
+@dataclass(frozen=True, slots=True)
+class Gap:
+    """In-band in ``next_batch``: ``dropped`` records of ``channel``/``partition`` were lost (retention, a
+    broker that lost its log, a ring that overflowed); the records that follow start at ``offset``."""
+
+    channel: str
+    partition: int
+    dropped: int
+    offset: int
+
+
 @dataclass(slots=True)
 class Replay:
     """Records in ``[since, until)`` of one channel; ``dropped`` counts those the broker no longer holds."""
@@ -79,8 +90,9 @@ class Source(Protocol):
 
     async def unfollow(self, channel: str) -> None: ...
 
-    async def next_batch(self) -> list[Record]:
-        """The next records of followed channels, in per-partition order; waits until there are some."""
+    async def next_batch(self) -> list[Record | Gap]:
+        """The next records of followed channels, in per-partition order, with a :class:`Gap` before the
+        records that follow a loss; waits until there is something."""
         ...
 
     async def replay(self, channel: str, since: Position, until: Position) -> Replay:

@@ -38,5 +38,7 @@ def configure_logging(level: str) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     # Library chatter at debug level would drown the daemon's own lines.
-    for noisy in ("aiokafka", "asyncio", "httpx", "httpcore", "trio_asyncio"):
+    for noisy in ("asyncio", "httpx", "httpcore", "trio_asyncio"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+    # aiokafka logs every failed reconnect at ERROR; the Kafka source reports outages once, itself.
+    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)

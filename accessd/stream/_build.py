@@ -1,0 +1,167 @@
+"""Assemble streaming from settings: broker source, hub, listener, revocation and the demo feed."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from ..errors import BackendUnavailable
+from ..nurseries import Health
+from ..policy._identity import Identity
+from ..settings import Settings
+from ..telemetry import Metrics
+from ._conn import Limits
+from ._embedded import EmbeddedBroker
+from ._hub import Hub
+from ._listener import StreamConfig, StreamListener
+from ._sessions import Authorize, SessionLimits, Verify
+from ._source import Source
+
+log = logging.getLogger("accessd.stream")
+
+DEMO_CHANNEL = "pricing.curve.updates.v1"
+DEMO_CURVES = ("NG_2026", "NG_2027", "PW_DE_2026", "CO2_EUA_2026")
+
+
+@dataclass
+class StreamRuntime:
+    source: Source
+    hub: Hub
+    listener: StreamListener | None
+    components: list[Any] = field(default_factory=list)
+
+
+def entitlement_authorizer(decider: Any) -> Authorize:
+    """``subscribe`` on ``channel:<name>/<key>``, where a grant on ``channel:<name>`` also covers a key,
+    unless a deny names the key (deny beats allow)."""
+    from ..policy.entitlements import DecisionInput
+
+    async def authorize(identity: Identity, channel: str, key: str | None) -> str | None:
+        def ask(resource: str) -> DecisionInput:
+            return DecisionInput(identity.sub, identity.tenant_id, "subscribe", resource, identity.roles)
+
+        if key is None:
+            decision = await decider.decide(identity, ask(f"channel:{channel}"))
+            return None if decision.allow else decision.reason
+        keyed = await decider.decide(identity, ask(f"channel:{channel}/{key}"))
+        if keyed.allow:
+            return None
+        if keyed.reason.startswith("denied by"):
+            return keyed.reason
+        whole = await decider.decide(identity, ask(f"channel:{channel}"))
+        return None if whole.allow else whole.reason
+
+    return authorize
+
+
+def build_source(settings: Settings, health: Health) -> Source:
+    bootstrap = settings.backends.kafka_bootstrap
+    if not bootstrap:
+        return EmbeddedBroker(ring_size=settings.stream.stream_ring_size)
+    from ._kafka import KafkaSource
+
+    s = settings.stream
+    return KafkaSource(
+        bootstrap,
+        health,
+        metadata_refresh_s=s.kafka_metadata_refresh_s,
+        fetch_max_wait_ms=s.kafka_fetch_max_wait_ms,
+        max_batch_records=s.kafka_max_batch_records,
+        request_timeout_s=s.kafka_request_timeout_s,
+        replay_timeout_s=s.kafka_replay_timeout_s,
+        replay_max_records=s.kafka_replay_max_records,
+    )
+
+
+def build_stream(
+    settings: Settings,
+    health: Health,
+    metrics: Metrics,
+    verify: Verify,
+    authorize: Authorize,
+    shutdown: trio.Event,
+    policy_version: Any = None,
+) -> StreamRuntime:
+    """Components in start order: source, hub, [demo feed], [revalidator], listener (edge and all roles)."""
+    s = settings.stream
+    source = build_source(settings, health)
+    hub = Hub(source, policies=s.stream_policies, backlog_limit=s.stream_max_pending_messages)
+    runtime = StreamRuntime(source, hub, None, [source, hub])
+    if settings.server.demo:
+        runtime.components.append(DemoFeed(source))
+    if settings.server.role == "internal":
+        return runtime
+    config = StreamConfig(
+        binds=settings.server.stream_bind,
+        max_connections=s.max_connections,
+        handshake_timeout_s=s.stream_handshake_timeout_s,
+        heartbeat_s=s.stream_heartbeat_s,
+        connects_per_minute=s.stream_connects_per_minute,
+        trusted_proxies=settings.server.trusted_proxies,
+        limits=Limits(s.stream_max_pending_messages, s.stream_max_pending_bytes),
+        session=SessionLimits(
+            max_subscriptions=s.stream_max_subscriptions, max_frame_bytes=s.stream_max_frame_bytes
+        ),
+        send_buffer_bytes=s.stream_send_buffer_bytes,
+    )
+    listener = StreamListener(config, hub, verify, authorize, metrics.registry, shutdown)
+    hub.observe_lag = listener.metrics.lag.observe
+    runtime.listener = listener
+    runtime.components.append(Revalidator(listener, policy_version, s.stream_revalidate_s))
+    runtime.components.append(listener)
+    return runtime
+
+
+class Revalidator:
+    """Re-checks every subscription when the policy version moves (a revocation ends within about a second)
+    and every ``interval_s`` anyway (grant expiry, remote entitlements that send no version)."""
+
+    name = "stream-revalidator"
+
+    def __init__(self, listener: StreamListener, version: Any, interval_s: float) -> None:
+        self._listener = listener
+        self._interval_s = interval_s
+        self._changed = trio.Event()
+        if version is not None:
+            version.add_listener(lambda _value: self._changed.set())
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        while True:
+            with trio.move_on_after(self._interval_s):
+                await self._changed.wait()
+            self._changed = trio.Event()
+            await self._listener.revalidate_all()
+
+
+class DemoFeed:
+    """``--demo``: a synthetic price feed, a few curves a few times a second, into the configured broker."""
+
+    name = "demo-feed"
+
+    def __init__(self, source: Source, per_second: float = 4.0) -> None:
+        self._source = source
+        self._period_s = 1.0 / per_second
+        self._rng = random.Random(254)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        tick = 0
+        while True:
+            curve = DEMO_CURVES[tick % len(DEMO_CURVES)]
+            base = 3.0 + 0.4 * math.sin(tick / 20) + self._rng.uniform(-0.05, 0.05)
+            points = [{"tenor": f"M{m}", "price": round(base + 0.03 * m, 4)} for m in range(1, 7)]
+            data = {"curve": curve, "as_of": int(time.time() * 1000), "points": points}
+            try:
+                await self._source.publish(DEMO_CHANNEL, curve, json.dumps(data).encode())
+            except BackendUnavailable as exc:
+                log.warning("demo feed: %s", exc)
+            tick += 1
+            await trio.sleep(self._period_s)

@@ -1,0 +1,44 @@
+"""``POST /stream/publish`` (internal role, ``admin`` token): one message into the configured broker."""
+
+from __future__ import annotations
+
+import json
+
+from quart import Blueprint, Response, request
+
+from ..errors import BackendUnavailable
+from ..http import ApiError
+from ..policy.auth import Verify, require_identity
+from ._sessions import MAX_KEY_CHARS
+from ._source import CHANNEL_NAME, Source, encode_cursor
+
+
+def publish_blueprint(source: Source, verify: Verify) -> Blueprint:
+    api = Blueprint("stream", __name__)
+
+    @api.post("/stream/publish")
+    async def publish() -> Response:
+        await require_identity(verify, request, role="admin")
+        body = await request.get_json(force=True, silent=True)
+        if not isinstance(body, dict):
+            raise ApiError(400, "BAD_REQUEST", "body must be a JSON object", {"field": "body"})
+        channel, key = body.get("channel"), body.get("key")
+        if not isinstance(channel, str) or not CHANNEL_NAME.match(channel):
+            raise ApiError(400, "BAD_REQUEST", "channel must be a topic name", {"field": "channel"})
+        if key is not None and (not isinstance(key, str) or not 0 < len(key) <= MAX_KEY_CHARS):
+            raise ApiError(400, "BAD_REQUEST", "key must be a non-empty string", {"field": "key"})
+        if "data" not in body:
+            raise ApiError(400, "BAD_REQUEST", "data is required", {"field": "data"})
+        value = json.dumps(body["data"], separators=(",", ":")).encode()
+        headers = tuple(
+            (name, request.headers[name].encode()) for name in ("traceparent",) if name in request.headers
+        )
+        try:
+            position = await source.publish(channel, key, value, headers)
+        except BackendUnavailable as exc:
+            raise ApiError(
+                503, "UPSTREAM_UNAVAILABLE", f"the broker did not take the message: {exc}"
+            ) from None
+        return Response(json.dumps({"cursor": encode_cursor(position)}), 202, content_type="application/json")
+
+    return api

@@ -1,0 +1,224 @@
+"""Fan-out: N WebSocket subscribers on one channel, a publisher at R messages/s, through a real daemon.
+
+Reports deliveries/s, lag P50/P95/P99 (broker timestamp to client arrival), the daemon's CPU µs per
+delivery (from /proc: shared cores are accounted for) and its peak RSS. Clients are trio-websocket in
+several processes; on a 2-core machine they compete with the server, so read CPU per delivery first.
+Usage: python bench/fanout.py --conns 1000 --rate 20 --seconds 20 [--procs 4] [--broker embedded|kafka]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import trio
+
+sys.path.insert(0, str(Path(__file__).parents[1]))
+from _common import (  # noqa: E402
+    PYTHON,
+    append_results,
+    cpu_seconds,
+    free_port,
+    rss_mib,
+    wait_http,
+)
+
+HERE = Path(__file__).parent
+CHANNEL = "bench.fanout.v1"
+
+
+def peak_rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def percentiles(hist: dict[int, int], ps: tuple[float, ...]) -> list[float]:
+    total = sum(hist.values())
+    out, seen, items = [], 0, sorted(hist.items())
+    targets = [p * total for p in ps]
+    i = 0
+    for bucket, count in items:
+        seen += count
+        while i < len(targets) and seen >= targets[i]:
+            out.append(float(bucket))
+            i += 1
+    return out + [float(items[-1][0])] * (len(ps) - len(out)) if items else [0.0] * len(ps)
+
+
+async def publish_loop(url: str, token: str, rate: float, seconds: float) -> int:
+    sent = 0
+    async with httpx.AsyncClient(timeout=10) as client:
+        start = trio.current_time()
+        while trio.current_time() - start < seconds:
+            body = {"channel": CHANNEL, "key": f"k{sent % 8}", "data": {"n": sent, "pad": "x" * 64}}
+            await client.post(
+                f"{url}/stream/publish", json=body, headers={"Authorization": f"Bearer {token}"}
+            )
+            sent += 1
+            await trio.sleep_until(start + sent / rate)
+    return sent
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--conns", type=int, default=1000)
+    parser.add_argument("--rate", type=float, default=20.0, help="messages per second on the channel")
+    parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--procs", type=int, default=4)
+    parser.add_argument("--broker", choices=("embedded", "kafka"), default="embedded")
+    parser.add_argument("--kafka-bootstrap", help="with --broker kafka: use this broker instead of a Tansu")
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="accessd-fanout-"))
+    policy = work / "grants.yaml"
+    policy.write_text(
+        "grants:\n  - {tenant_id: bench, subject: '*', action: subscribe, resource: 'channel:bench.*', "
+        "effect: allow}\n"
+    )
+    edge, stream, internal = free_port(), free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ACCESS_")}
+    env |= {
+        "ACCESS_EDGE_BIND": f"127.0.0.1:{edge}",
+        "ACCESS_STREAM_BIND": f"127.0.0.1:{stream}",
+        "ACCESS_INTERNAL_BIND": f"127.0.0.1:{internal}",
+        "ACCESS_STATE_DIR": str(work / "state"),
+        "ACCESS_LOG_LEVEL": "warning",
+        "ACCESS_POLICY_FILE": str(policy),
+        "ACCESS_MAX_CONNECTIONS": str(args.conns + 100),
+        "ACCESS_STREAM_CONNECTS_PER_MINUTE": "1000000",
+    }
+    tansu = None
+    if args.broker == "kafka":
+        bootstrap = args.kafka_bootstrap
+        if not bootstrap:
+            sys.path.insert(0, str(HERE.parent))
+            from tests._services import tansu_broker
+
+            tansu = tansu_broker(work)
+            bootstrap = tansu.__enter__()
+        env["ACCESS_KAFKA_BOOTSTRAP"] = bootstrap
+    daemon = subprocess.Popen(
+        [PYTHON, "-m", "accessd", "run", "--role", "all"],
+        env=env,
+        stdout=open(work / "daemon.log", "wb"),
+        stderr=subprocess.STDOUT,
+    )
+    clients: list[subprocess.Popen] = []
+    try:
+        wait_http(f"http://127.0.0.1:{internal}/health/ready")
+        token = subprocess.run(
+            [
+                PYTHON,
+                "-m",
+                "accessd",
+                "token",
+                "--sub",
+                "bench",
+                "--tenant",
+                "bench",
+                "--roles",
+                "admin",
+                "--ttl",
+                "86400",
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        ws_url = f"ws://127.0.0.1:{stream}/ws/stream?token={token}"
+        per = [
+            args.conns // args.procs + (1 if i < args.conns % args.procs else 0) for i in range(args.procs)
+        ]
+        ready_files = [work / f"ready-{i}" for i in range(args.procs)]
+        for count, ready in zip(per, ready_files, strict=True):
+            clients.append(
+                subprocess.Popen(
+                    [
+                        PYTHON,
+                        str(HERE / "_fanout_client.py"),
+                        ws_url,
+                        CHANNEL,
+                        "--conns",
+                        str(count),
+                        "--seconds",
+                        str(args.seconds),
+                        "--warmup",
+                        "3",
+                        "--ready-file",
+                        str(ready),
+                    ],
+                    stdout=subprocess.PIPE,
+                    text=True,
+                )
+            )
+        deadline = time.monotonic() + 180
+        while not all(f.exists() for f in ready_files):
+            if time.monotonic() > deadline:
+                raise RuntimeError("clients did not connect within 180 s")
+            time.sleep(0.1)
+        connect_rss = rss_mib(daemon.pid)
+        for f in ready_files:
+            Path(str(f) + ".go").write_text("go")
+        publisher = f"http://127.0.0.1:{internal}"
+
+        async def drive() -> tuple[int, float, float]:
+            async with trio.open_nursery() as nursery:
+                result: dict = {}
+
+                async def pub() -> None:
+                    result["sent"] = await publish_loop(publisher, token, args.rate, args.seconds + 4)
+
+                nursery.start_soon(pub)
+                await trio.sleep(3)  # the clients' warm-up
+                cpu0 = cpu_seconds(daemon.pid)
+                await trio.sleep(args.seconds)
+                cpu1 = cpu_seconds(daemon.pid)
+            return result["sent"], cpu0, cpu1
+
+        sent, cpu0, cpu1 = trio.run(drive)
+        outputs = [json.loads(c.communicate(timeout=120)[0].strip().splitlines()[-1]) for c in clients]
+    finally:
+        for c in clients:
+            if c.poll() is None:
+                c.kill()
+        peak = peak_rss_mib(daemon.pid) if daemon.poll() is None else 0.0
+        daemon.send_signal(signal.SIGTERM)
+        daemon.wait(60)
+        if tansu is not None:
+            tansu.__exit__(None, None, None)
+
+    hist: dict[int, int] = {}
+    for out in outputs:
+        for bucket, count in out["hist"].items():
+            hist[int(bucket)] = hist.get(int(bucket), 0) + count
+    received = sum(out["received"] for out in outputs)
+    errors = sum(out["errors"] for out in outputs)
+    p50, p95, p99 = percentiles(hist, (0.50, 0.95, 0.99))
+    rate = received / args.seconds
+    cpu_us = (cpu1 - cpu0) / received * 1e6 if received else float("nan")
+    body = f"""| connections | msgs/s published | deliveries/s | lag P50 / P95 / P99 ms | server CPU µs/delivery | RSS after connect / peak MiB | client errors |
+|---|---|---|---|---|---|---|
+| {args.conns} | {args.rate:g} | {rate:,.0f} | {p50:.0f} / {p95:.0f} / {p99:.0f} | {cpu_us:.1f} | {connect_rss:.0f} / {peak:.0f} | {errors} |
+
+Broker: {args.broker}; {args.procs} client processes (trio-websocket); {sent} messages published over \
+{args.seconds + 4:g} s, {args.seconds:g} s measured after a 3 s warm-up. Lag = broker timestamp to client arrival."""
+    append_results(
+        f"Fan-out: {args.conns} WebSocket subscribers × {args.rate:g} msg/s ({args.broker} broker)",
+        "python bench/fanout.py " + " ".join(sys.argv[1:]),
+        body,
+    )
+
+
+if __name__ == "__main__":
+    main()
