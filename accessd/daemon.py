@@ -18,7 +18,7 @@ from .policy.auth import build_auth
 from .policy.entitlements import build_entitlements, entitlements_blueprint
 from .settings import Settings
 from .stream import build_stream, entitlement_authorizer, publish_blueprint
-from .telemetry import Metrics
+from .telemetry import Metrics, Tracing
 
 log = logging.getLogger("accessd.nurseries")
 
@@ -36,6 +36,24 @@ async def serve(
     health = Health(role=server.role, commit=commit)
     metrics = Metrics()
     shutdown = shutdown or trio.Event()
+    telemetry = settings.telemetry
+    tracing = Tracing(telemetry.otel_exporter if telemetry.enable_tracing else None)
+    try:
+        await _serve(settings, health, metrics, tracing, shutdown, handle_signals, task_status)
+    finally:
+        tracing.close()
+
+
+async def _serve(
+    settings: Settings,
+    health: Health,
+    metrics: Metrics,
+    tracing: Tracing,
+    shutdown: trio.Event,
+    handle_signals: bool,
+    task_status: trio.TaskStatus[dict[str, list[str]]],
+) -> None:
+    server = settings.server
     async with aio.open_asyncio_loop(), trio.open_nursery() as root:
         if handle_signals:
             root.start_soon(_watch_signals, root.cancel_scope, health, shutdown)
@@ -51,6 +69,7 @@ async def serve(
             entitlement_authorizer(entitlements.decider),
             shutdown,
             getattr(entitlements.store, "version", None),
+            tracing,
         )
         components = [*auth.components, *entitlements.components, *stream.components]
         # A backend whose client component reports its own state needs no separate probe.
@@ -61,7 +80,9 @@ async def serve(
             if component is not stream.listener:  # the listeners start last, together
                 await supervisor.start(component)  # e.g. auth readiness waits for the first key set
 
-        ctx = AppContext(health=health, metrics=metrics, max_body_bytes=server.max_body_bytes)
+        ctx = AppContext(
+            health=health, metrics=metrics, max_body_bytes=server.max_body_bytes, tracing=tracing
+        )
         listeners: list[HttpListener] = []
         if server.role in ("edge", "all"):
             app = create_app("edge", ctx, [*auth.edge_blueprints()])

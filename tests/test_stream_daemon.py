@@ -6,6 +6,7 @@ import json
 import secrets
 import subprocess
 import sys
+from contextlib import ExitStack
 from pathlib import Path
 
 import httpx
@@ -154,3 +155,43 @@ async def test_demo_feed_reaches_a_newcomer_with_zero_setup(daemon_factory) -> N
                         break
     assert message["channel"] == "pricing.curve.updates.v1"
     assert message["key"] == message["data"]["curve"] and len(message["data"]["points"]) == 6
+
+
+async def test_kafka_restart_mid_stream_keeps_subscribers(daemon_factory, tmp_path: Path) -> None:
+    from ._daemon import free_port
+    from ._services import tansu_broker
+
+    port, channel = free_port(), "pricing.restart.v1"
+    policy = tmp_path / "grants.yaml"
+    policy.write_text(GRANTS.format(channel=channel))
+    with ExitStack() as first_broker:
+        bootstrap = first_broker.enter_context(tansu_broker(tmp_path, port))
+        daemon = daemon_factory(
+            role="all",
+            env={"ACCESS_POLICY_FILE": str(policy), "ACCESS_KAFKA_BOOTSTRAP": bootstrap,
+                 "ACCESS_KAFKA_METADATA_REFRESH_S": "0.5"},
+        )
+        admin = token(daemon, "ops", roles="admin")
+        ws_url = daemon.stream_url.replace("http", "ws") + "/ws/stream"
+        publish = {"url": f"{daemon.internal_url}/stream/publish", "headers": {"Authorization": f"Bearer {admin}"}}
+        async with open_websocket_url(f"{ws_url}?token={token(daemon, 'alice')}") as ws, \
+                httpx.AsyncClient(timeout=10) as client:
+            await recv(ws)
+            await ws.send_message(json.dumps({"op": "subscribe", "id": "1", "channel": channel}))
+            await recv(ws)
+            assert (await client.post(**publish, json={"channel": channel, "data": {"n": 1}})).status_code == 202
+            assert (await recv(ws))["data"] == {"n": 1}
+
+            first_broker.close()  # the broker goes away; the WebSocket session stays
+            with trio.fail_after(20):
+                while (await client.get(f"{daemon.internal_url}/health")).json()["dependencies"]["kafka"] != "down":
+                    await trio.sleep(0.2)
+            with tansu_broker(tmp_path, port):
+                with trio.fail_after(30):  # publish until the broker takes it again
+                    while (await client.post(**publish, json={"channel": channel, "data": {"n": 2}})).status_code != 202:
+                        await trio.sleep(0.5)
+                    while (message := await recv(ws, within=30))["type"] != "message":
+                        pass  # a gap frame may announce the broker's lost log first
+                assert message["data"] == {"n": 2}
+                health = (await client.get(f"{daemon.internal_url}/health")).json()
+                assert health["dependencies"]["kafka"] == "ok"

@@ -425,3 +425,52 @@ async def test_shutdown_drains_with_1013_and_a_final_sse_event() -> None:
                     text = "".join([chunk async for chunk in response.aiter_text()])
         assert "event: close" in text and '"code": 1013' in text
         await rig.listener.stopped.wait()
+
+
+def masked_frame(opcode: int, payload: bytes, fin: bool = True) -> bytes:
+    mask = b"\x11\x22\x33\x44"
+    head = bytes([(0x80 if fin else 0) | opcode])
+    head += bytes([0x80 | len(payload)]) if len(payload) < 126 else bytes([0x80 | 126]) + len(payload).to_bytes(2)
+    return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+async def test_fragmented_frames_and_split_writes_are_reassembled() -> None:
+    async with stream_rig() as rig:
+        port = int(rig.url.rsplit(":", 1)[1])
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        async with stream:
+            await stream.send_all(
+                f"GET /ws/stream?token={rig.token('frag')} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n".encode()
+                + b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                + b"Sec-WebSocket-Version: 13\r\n\r\n"
+            )
+            op = json.dumps({"op": "ping", "id": "fragmented"}).encode()
+            # one message in three frames (text + continuation + final continuation), sent a few bytes at a time
+            wire = masked_frame(0x1, op[:5], fin=False) + masked_frame(0x0, op[5:12], fin=False)
+            wire += masked_frame(0x0, op[12:])
+            for i in range(0, len(wire), 3):
+                await stream.send_all(wire[i : i + 3])
+                await trio.sleep(0.01)
+            received = b""
+            with trio.fail_after(5):
+                while b'"fragmented"' not in received:
+                    received += await stream.receive_some(4096)
+        assert b'{"type":"pong","id":"fragmented"}' in received
+
+
+async def test_sse_heartbeats_and_nothing_left_behind() -> None:
+    async with stream_rig(heartbeat_s=0.2) as rig, httpx.AsyncClient(timeout=5) as client:
+        url = f"{rig.url}/sse/stream?channel={CHANNEL}&channel=b.v1&token={rig.token('hb')}"
+        with trio.fail_after(5):
+            async with client.stream("GET", url) as response:
+                pings = 0
+                async for line in response.aiter_lines():
+                    pings += line == ": ping"
+                    if pings == 2:
+                        break
+        async with open_websocket_url(f"{rig.ws_url}?token={rig.token('ws')}") as ws:
+            await recv(ws)
+            await subscribe(ws)
+        await trio.sleep(0.3)  # the server notices both clients are gone
+        assert not rig.listener.sessions and rig.hub.channel_count() == 0  # nothing held for them
+        assert rig.broker._followed == {}

@@ -18,7 +18,16 @@ from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
 from ..nurseries import Health
-from ..telemetry import CONTENT_TYPE, Metrics, req_id_var, request_id_from, trace_id_from, trace_id_var
+from ..telemetry import (
+    CONTENT_TYPE,
+    Metrics,
+    Tracing,
+    req_id_var,
+    request_id_from,
+    trace_id_from,
+    trace_id_hex,
+    trace_id_var,
+)
 from ._errors import ApiError, handle_api_error, handle_http_exception, handle_unexpected
 
 log = logging.getLogger("accessd.http")
@@ -31,6 +40,7 @@ class AppContext:
     health: Health
     metrics: Metrics
     max_body_bytes: int
+    tracing: Tracing | None = None
 
 
 def create_app(name: str, ctx: AppContext, blueprints: Iterable[Blueprint] = ()) -> QuartTrio:
@@ -40,10 +50,16 @@ def create_app(name: str, ctx: AppContext, blueprints: Iterable[Blueprint] = ())
     app.register_error_handler(ApiError, handle_api_error)
     app.register_error_handler(HTTPException, handle_http_exception)
     app.register_error_handler(Exception, handle_unexpected)
+
     @app.before_request
     async def _begin() -> None:
         g.started = time.perf_counter()
-        g.trace_id = trace_id_from(request.headers.get("traceparent"))
+        if ctx.tracing is not None and ctx.tracing.enabled:
+            rule = request.url_rule.rule if request.url_rule is not None else "unmatched"
+            g.span = ctx.tracing.server_span(f"{request.method} {rule}", request.headers)
+            g.trace_id = trace_id_hex(g.span)
+        else:
+            g.trace_id = trace_id_from(request.headers.get("traceparent"))
         g.request_id = request_id_from(request.headers.get("X-Request-ID"))
         trace_id_var.set(g.trace_id)
         req_id_var.set(g.request_id)
@@ -59,6 +75,10 @@ def create_app(name: str, ctx: AppContext, blueprints: Iterable[Blueprint] = ())
         log.info(
             "%s %s%s %d %.1fms", request.method, request.path, query, response.status_code, elapsed * 1e3
         )
+        span = g.pop("span", None)
+        if span is not None:
+            span.set_attribute("http.response.status_code", response.status_code)
+            span.end()
         return response
 
     # Registered after the pipeline hooks so that blueprint hooks (auth) see the trace and request id.

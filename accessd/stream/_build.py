@@ -16,7 +16,7 @@ from ..errors import BackendUnavailable
 from ..nurseries import Health
 from ..policy._identity import Identity
 from ..settings import Settings
-from ..telemetry import Metrics
+from ..telemetry import Metrics, Tracing
 from ._conn import Limits
 from ._embedded import EmbeddedBroker
 from ._hub import Hub
@@ -88,11 +88,14 @@ def build_stream(
     authorize: Authorize,
     shutdown: trio.Event,
     policy_version: Any = None,
+    tracing: Tracing | None = None,
 ) -> StreamRuntime:
     """Components in start order: source, hub, [demo feed], [revalidator], listener (edge and all roles)."""
     s = settings.stream
     source = build_source(settings, health)
-    hub = Hub(source, policies=s.stream_policies, backlog_limit=s.stream_max_pending_messages)
+    hub = Hub(
+        source, policies=s.stream_policies, backlog_limit=s.stream_max_pending_messages, tracing=tracing
+    )
     runtime = StreamRuntime(source, hub, None, [source, hub])
     if settings.server.demo:
         runtime.components.append(DemoFeed(source))

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 
-from quart import Blueprint, Response, request
+from quart import Blueprint, Response, g, request
 
 from ..errors import BackendUnavailable
 from ..http import ApiError
 from ..policy.auth import Verify, require_identity
+from ..telemetry import traceparent_of
 from ._sessions import MAX_KEY_CHARS
 from ._source import CHANNEL_NAME, Source, encode_cursor
 
@@ -30,9 +31,10 @@ def publish_blueprint(source: Source, verify: Verify) -> Blueprint:
         if "data" not in body:
             raise ApiError(400, "BAD_REQUEST", "data is required", {"field": "data"})
         value = json.dumps(body["data"], separators=(",", ":")).encode()
-        headers = tuple(
-            (name, request.headers[name].encode()) for name in ("traceparent",) if name in request.headers
-        )
+        # The message carries this request's trace context so that delivery spans can link to it.
+        span = g.get("span")
+        traceparent = traceparent_of(span) if span is not None else request.headers.get("traceparent")
+        headers = (("traceparent", traceparent.encode()),) if traceparent else ()
         try:
             position = await source.publish(channel, key, value, headers)
         except BackendUnavailable as exc:

@@ -22,6 +22,7 @@ from typing import Any, Protocol
 
 import trio
 
+from ..telemetry import Tracing
 from ._conn import CONFLATE, DROP_OLDEST
 from ._frames import json_payload, message_body, sse_event, ws_text
 from ._source import Gap, Position, Record, Source, encode_cursor
@@ -127,12 +128,14 @@ class Hub:
         policies: Iterable[tuple[str, str]] = (),
         backlog_limit: int = 1000,
         observe_lag: Any = None,
+        tracing: Tracing | None = None,
     ) -> None:
         self._source = source
         self._policies = list(policies)  # (channel glob, policy), first match wins
         self._backlog_limit = backlog_limit
         self._channels: dict[str, _Channel] = {}
         self.observe_lag = observe_lag or (lambda seconds: None)
+        self._tracing = tracing if tracing is not None and tracing.enabled else None
         self.stats = HubStats()
 
     def policy_for(self, channel: str, key: str | None) -> str:
@@ -231,6 +234,19 @@ class Hub:
                     sub.backlog_dropped += 1
             if targets:
                 self.observe_lag(max(0.0, time.time() - record.ts_ms / 1000))
+            if self._tracing is not None and record.headers:
+                self._trace_delivery(record, len(targets))
+
+    def _trace_delivery(self, record: Record, subscribers: int) -> None:
+        """One span per message fanned out (not per delivery), linked to the publisher's trace."""
+        parents = [v.decode("latin-1") for k, v in record.headers if k == "traceparent"]
+        if parents and self._tracing is not None:
+            attributes = {
+                "messaging.destination.name": record.channel,
+                "messaging.kafka.offset": record.offset,
+                "accessd.subscribers": subscribers,
+            }
+            self._tracing.linked_span(f"deliver {record.channel}", parents, attributes).end()
 
     def _gap(self, ch: _Channel, gap: Gap) -> None:
         """The broker lost records: move the channel's position and tell every subscriber how many."""

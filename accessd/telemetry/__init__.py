@@ -7,3 +7,6 @@ from ._metrics import CONTENT_TYPE as CONTENT_TYPE
 from ._metrics import Metrics as Metrics
 from ._trace import request_id_from as request_id_from
 from ._trace import trace_id_from as trace_id_from
+from ._tracing import Tracing as Tracing
+from ._tracing import trace_id_hex as trace_id_hex
+from ._tracing import traceparent_of as traceparent_of
