@@ -303,7 +303,7 @@ class StreamSettings:
     kafka_metadata_refresh_s: float = _setting(
         10.0, _number(float, 0.1, 3600), "Kafka topic metadata refresh and health check period"
     )
-    kafka_fetch_max_wait_ms: int = _setting(500, _number(int, 1, 60_000), "Kafka long-poll wait per fetch")
+    kafka_fetch_max_wait_ms: int = _setting(100, _number(int, 1, 60_000), "Kafka long-poll wait per fetch")
     kafka_max_batch_records: int = _setting(500, _number(int, 1, 1_000_000), "Kafka records per batch")
     kafka_request_timeout_s: float = _setting(5.0, _number(float, 0.1, 300), "one Kafka request's deadline")
     kafka_replay_timeout_s: float = _setting(10.0, _number(float, 0.1, 600), "one Kafka replay's deadline")

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import httpx
@@ -42,6 +43,33 @@ def peak_rss_mib(pid: int) -> float:
     return 0.0
 
 
+def scrape(url: str) -> dict[str, float]:
+    """The daemon's own lag histogram buckets and drop counters, from /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    values: dict[str, float] = {}
+    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=10).text):
+        for sample in family.samples:
+            if sample.name == "accessd_stream_delivery_lag_seconds_bucket":
+                values[f"le={sample.labels['le']}"] = sample.value
+            elif sample.name == "accessd_stream_messages_delivered_total":
+                values["delivered"] = values.get("delivered", 0.0) + sample.value
+            elif sample.name == "accessd_stream_dropped_total":
+                values[f"dropped:{sample.labels['reason']}"] = sample.value
+    return values
+
+
+def histogram_quantiles(before: dict[str, float], after: dict[str, float], qs: tuple[float, ...]) -> list[str]:
+    """Upper bucket bounds holding each quantile of the observations made between two scrapes."""
+    buckets = sorted((float(k[3:]), after[k] - before.get(k, 0.0)) for k in after if k.startswith("le="))
+    total = buckets[-1][1] if buckets else 0.0
+    out = []
+    for q in qs:
+        bound = next((le for le, count in buckets if total and count >= q * total), float("inf"))
+        out.append("≤" + (f"{bound * 1000:g}" if bound != float("inf") else "∞"))
+    return out
+
+
 def percentiles(hist: dict[int, int], ps: tuple[float, ...]) -> list[float]:
     total = sum(hist.values())
     out, seen, items = [], 0, sorted(hist.items())
@@ -56,14 +84,15 @@ def percentiles(hist: dict[int, int], ps: tuple[float, ...]) -> list[float]:
 
 
 async def publish_loop(url: str, token: str, rate: float, seconds: float) -> int:
+    """Publish on schedule: each POST starts at its slot even if earlier ones are still in flight."""
     sent = 0
-    async with httpx.AsyncClient(timeout=10) as client:
+    limits = httpx.Limits(max_connections=32)
+    async with httpx.AsyncClient(timeout=30, limits=limits) as client, trio.open_nursery() as nursery:
         start = trio.current_time()
         while trio.current_time() - start < seconds:
             body = {"channel": CHANNEL, "key": f"k{sent % 8}", "data": {"n": sent, "pad": "x" * 64}}
-            await client.post(
-                f"{url}/stream/publish", json=body, headers={"Authorization": f"Bearer {token}"}
-            )
+            headers = {"Authorization": f"Bearer {token}"}
+            nursery.start_soon(partial(client.post, f"{url}/stream/publish", json=body, headers=headers))
             sent += 1
             await trio.sleep_until(start + sent / rate)
     return sent
@@ -181,12 +210,15 @@ def main() -> None:
 
                 nursery.start_soon(pub)
                 await trio.sleep(3)  # the clients' warm-up
+                result["before"] = await trio.to_thread.run_sync(scrape, metrics_url)
                 cpu0 = cpu_seconds(daemon.pid)
                 await trio.sleep(args.seconds)
                 cpu1 = cpu_seconds(daemon.pid)
-            return result["sent"], cpu0, cpu1
+                result["after"] = await trio.to_thread.run_sync(scrape, metrics_url)
+            return result["sent"], cpu0, cpu1, result["before"], result["after"]
 
-        sent, cpu0, cpu1 = trio.run(drive)
+        metrics_url = f"http://127.0.0.1:{edge}"
+        sent, cpu0, cpu1, before, after = trio.run(drive)
         outputs = [json.loads(c.communicate(timeout=120)[0].strip().splitlines()[-1]) for c in clients]
     finally:
         for c in clients:
@@ -206,13 +238,19 @@ def main() -> None:
     errors = sum(out["errors"] for out in outputs)
     p50, p95, p99 = percentiles(hist, (0.50, 0.95, 0.99))
     rate = received / args.seconds
-    cpu_us = (cpu1 - cpu0) / received * 1e6 if received else float("nan")
-    body = f"""| connections | msgs/s published | deliveries/s | lag P50 / P95 / P99 ms | server CPU µs/delivery | RSS after connect / peak MiB | client errors |
-|---|---|---|---|---|---|---|
-| {args.conns} | {args.rate:g} | {rate:,.0f} | {p50:.0f} / {p95:.0f} / {p99:.0f} | {cpu_us:.1f} | {connect_rss:.0f} / {peak:.0f} | {errors} |
+    server_delivered = after.get("delivered", 0.0) - before.get("delivered", 0.0)
+    cpu_us = (cpu1 - cpu0) / server_delivered * 1e6 if server_delivered else float("nan")
+    s50, s95, s99 = histogram_quantiles(before, after, (0.50, 0.95, 0.99))
+    drops = {k[8:]: int(after[k] - before.get(k, 0.0)) for k in after if k.startswith("dropped:")}
+    drops_text = ", ".join(f"{k} {v:,}" for k, v in sorted(drops.items()) if v) or "none"
+    body = f"""| connections | msgs/s published | deliveries/s (server / clients) | client lag P50 / P95 / P99 ms | server lag P50 / P95 / P99 ms | server CPU µs/delivery | RSS after connect / peak MiB | slow-consumer handling | client errors |
+|---|---|---|---|---|---|---|---|---|
+| {args.conns} | {args.rate:g} | {server_delivered / args.seconds:,.0f} / {rate:,.0f} | {p50:.0f} / {p95:.0f} / {p99:.0f} | {s50} / {s95} / {s99} | {cpu_us:.1f} | {connect_rss:.0f} / {peak:.0f} | {drops_text} | {errors} |
 
 Broker: {args.broker}; {args.procs} client processes (trio-websocket); {sent} messages published over \
-{args.seconds + 4:g} s, {args.seconds:g} s measured after a 3 s warm-up. Lag = broker timestamp to client arrival."""
+{args.seconds + 4:g} s, {args.seconds:g} s measured after a 3 s warm-up. Client lag = broker timestamp to arrival in a client process;
+server lag = `accessd_stream_delivery_lag_seconds` (broker timestamp to the fan-out's socket writes), bucket
+bounds from the daemon's own histogram over the same window."""
     append_results(
         f"Fan-out: {args.conns} WebSocket subscribers × {args.rate:g} msg/s ({args.broker} broker)",
         "python bench/fanout.py " + " ".join(sys.argv[1:]),
