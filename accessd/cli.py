@@ -93,7 +93,19 @@ def _run(args: argparse.Namespace) -> int:
 
 def _check_config(args: argparse.Namespace) -> int:
     settings = _settings(args)
-    print(f"ok: role={settings.server.role} env={settings.server.env} ({len(describe())} settings checked)")
+    checked = f"{len(describe())} settings"
+    if settings.policy.policy_file is not None:
+        from .policy.entitlements._file_store import SETTING, parse_policy
+        from .policy.entitlements._model import InvalidInput
+
+        try:
+            _, grants, _ = parse_policy(settings.policy.policy_file.read_bytes())
+        except InvalidInput as exc:
+            raise ConfigError(SETTING, f"{settings.policy.policy_file}: {exc}") from None
+        except OSError as exc:
+            raise ConfigError(SETTING, f"cannot read {settings.policy.policy_file}: {exc.strerror}") from None
+        checked += f", {len(grants)} grants"
+    print(f"ok: role={settings.server.role} env={settings.server.env} ({checked} checked)")
     return EXIT_OK
 
 

@@ -178,3 +178,13 @@ def test_check_config_and_version(tmp_path: Path) -> None:
     assert result.returncode == 0 and "role=edge" in result.stdout
     version = accessd("version", env=base_env(tmp_path))
     assert version.returncode == 0 and version.stdout.startswith("accessd 0.1.0 (")
+
+
+def test_check_config_validates_the_policy_file(tmp_path: Path) -> None:
+    good, bad = tmp_path / "good.yaml", tmp_path / "bad.yaml"
+    good.write_text("grants:\n  - {tenant_id: t1, subject: '*', action: read, resource: 'curve:*', effect: allow}\n")
+    bad.write_text("grants:\n  - {tenant_id: t1, subject: '*', action: fly, resource: 'curve:*', effect: allow}\n")
+    ok = accessd("check-config", env=base_env(tmp_path) | {"ACCESS_POLICY_FILE": str(good)})
+    assert ok.returncode == 0 and "1 grants" in ok.stdout
+    result = accessd("check-config", env=base_env(tmp_path) | {"ACCESS_POLICY_FILE": str(bad)})
+    assert_one_line_exit_2(result, "ACCESS_POLICY_FILE", "action")
