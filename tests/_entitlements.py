@@ -16,21 +16,12 @@ import trio_asyncio
 from accessd.nurseries import Health
 from accessd.policy.entitlements import AdaptiveTtl, Entitlements, FileStore, GrantStore, PostgresStore
 
-
-async def _pg(dsn: str, *statements: str) -> None:
-    import asyncpg
-
-    conn = await asyncpg.connect(dsn, timeout=5)
-    try:
-        for statement in statements:
-            await conn.execute(statement)
-    finally:
-        await conn.close()
+from ._services import execute_sql
 
 
 async def run_sql(dsn: str, *statements: str) -> None:
     """Run statements on a private asyncio loop in a thread (independent of the code under test)."""
-    await trio.to_thread.run_sync(lambda: asyncio.run(_pg(dsn, *statements)))
+    await trio.to_thread.run_sync(lambda: asyncio.run(execute_sql(dsn, *statements)))
 
 
 def with_query(dsn: str, **params: str) -> str:

@@ -71,7 +71,8 @@ def redis_service(workdir: Path) -> Iterator[str]:
         server.stop()
 
 
-async def _pg(dsn: str, *statements: str) -> None:
+async def execute_sql(dsn: str, *statements: str) -> None:
+    """Run statements on a fresh asyncpg connection (plain asyncio: for fixtures outside trio)."""
     import asyncpg
 
     conn = await asyncpg.connect(dsn, timeout=5)
@@ -87,7 +88,7 @@ def postgres_ok(dsn: str) -> bool:
     if not _tcp_open(parts.hostname or "127.0.0.1", parts.port or 5432):
         return False
     try:
-        asyncio.run(_pg(dsn, "SELECT 1"))
+        asyncio.run(execute_sql(dsn, "SELECT 1"))
         return True
     except Exception:
         return False
@@ -120,12 +121,12 @@ def postgres_service(workdir: Path) -> Iterator[str]:
             ) from exc
         base = server.url
     database = f"accessd_test_{secrets.token_hex(4)}"
-    asyncio.run(_pg(base, f'CREATE DATABASE "{database}"'))
+    asyncio.run(execute_sql(base, f'CREATE DATABASE "{database}"'))
     try:
         yield _with_database(base, database)
     finally:
         try:
-            asyncio.run(_pg(base, f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)'))
+            asyncio.run(execute_sql(base, f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)'))
         finally:
             if server is not None:
                 server.stop()
