@@ -115,9 +115,11 @@ async def test_resume_and_live_revocation(streaming_daemon) -> None:
         assert sorted([(await recv(ws))["data"]["n"] for _ in range(4)]) == [1, 2, 3, 4]
 
         policy.write_text("grants: []\n")  # revoke everything
+        revoked_at = trio.current_time()
         with trio.fail_after(3):
             ended = await recv(ws)
             assert ended["type"] == "error" and ended["code"] == "ENTITLEMENT_DENIED"
+            assert trio.current_time() - revoked_at < 1.0  # CONTRACT §9: every process within 1 s
             with pytest.raises(ConnectionClosed) as closed:
                 await ws.get_message()
         assert closed.value.reason.code == 4003

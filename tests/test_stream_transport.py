@@ -474,3 +474,12 @@ async def test_sse_heartbeats_and_nothing_left_behind() -> None:
         await trio.sleep(0.3)  # the server notices both clients are gone
         assert not rig.listener.sessions and rig.hub.channel_count() == 0  # nothing held for them
         assert rig.broker._followed == {}
+
+
+async def test_sse_stream_ends_when_the_token_expires() -> None:
+    async with stream_rig() as rig, httpx.AsyncClient(timeout=5) as client:
+        url = f"{rig.url}/sse/stream?channel={CHANNEL}&token={rig.token('brief', ttl_s=1.0)}"
+        with trio.fail_after(5):
+            async with client.stream("GET", url) as response:
+                text = "".join([chunk async for chunk in response.aiter_text()])
+        assert "event: close" in text and '"code": 4001' in text
