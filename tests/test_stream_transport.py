@@ -239,8 +239,15 @@ async def test_token_expiry_closes_4001_unless_refreshed() -> None:
 
 async def test_revalidation_ends_revoked_subscriptions() -> None:
     async with stream_rig() as rig:
-        async with open_websocket_url(f"{rig.ws_url}?token={rig.token('alice')}") as ws:
+        async with (
+            open_websocket_url(f"{rig.ws_url}?token={rig.token('alice')}") as ws,
+            open_websocket_url(f"{rig.ws_url}?token={rig.token('idle')}") as idle,
+        ):
             await recv(ws)
+            await recv(idle)
+            await rig.listener.revalidate_all()
+            await idle.send_message(json.dumps({"op": "ping", "id": "p"}))
+            assert (await recv(idle))["type"] == "pong"  # no subscription yet: nothing to revoke, stays open
             await subscribe(ws, "a.v1")
             await subscribe(ws, "b.v1")
             rig.denied.add("a.v1")

@@ -140,15 +140,18 @@ class Connection:
         self._start_writer()
 
     def _drop_oldest_for(self, item: Pending) -> None:
+        """Drop the oldest queued messages until ``item`` fits; control frames (replies, gaps) stay."""
         dropped: dict[str, tuple[int, str | None]] = {}
-        while self._pending and (
+        while (
             len(self._pending) + 1 > self._limits.max_pending_messages
             or self._pending_bytes + len(item.data) > self._limits.max_pending_bytes
         ):
-            old = self._pending.popleft()
+            index = next((i for i, old in enumerate(self._pending) if old.channel is not None), None)
+            if index is None:
+                break  # only control frames left: they are small, let the message through
+            old = self._pending[index]
+            del self._pending[index]
             self._pending_bytes -= len(old.data)
-            if old.channel is None:  # control frames (gap, pong) are tiny; keep them flowing
-                continue
             self._by_key.pop((old.channel, old.key), None)
             count, _ = dropped.get(old.channel, (0, None))
             dropped[old.channel] = (count + 1 + old.skipped, old.cursor)

@@ -233,11 +233,22 @@ class StreamListener:
             for session in list(self.sessions):
                 session.heartbeat()
 
-    async def revalidate_all(self) -> None:
-        """After a policy change: every session re-checks its subscriptions (see Session.revalidate)."""
-        for session in list(self.sessions):
-            if not session.conn.closed:
-                await session.revalidate()
+    async def revalidate_all(self, concurrency: int = 32) -> None:
+        """After a policy change: every session re-checks its subscriptions (see Session.revalidate).
+
+        Sessions are checked concurrently (bounded), so thousands of uncached decisions against the store
+        still end a revoked subscription within about a second.
+        """
+        limiter = trio.CapacityLimiter(concurrency)
+
+        async def one(session: Session) -> None:
+            async with limiter:
+                if not session.conn.closed:
+                    await session.revalidate()
+
+        async with trio.open_nursery() as nursery:
+            for session in list(self.sessions):
+                nursery.start_soon(one, session)
 
     # --- one connection --------------------------------------------------------------------------------
 

@@ -129,6 +129,8 @@ class Session:
         except BackendUnavailable:
             messages, dropped = [], 0
             log.warning("catch-up of %s failed: broker unavailable; continuing live", sub.channel)
+        if self.subs.get((sub.channel, sub.key)) is not sub:
+            return  # unsubscribed (or the session ended) while the replay ran
         if dropped:
             self.gap(sub.channel, dropped, encode_cursor(since))
         for msg in messages:
@@ -152,7 +154,9 @@ class Session:
             await self.unsubscribe(channel, key)
 
     async def revalidate(self) -> None:
-        """Re-check subscriptions after a policy change; end denied ones (close 4003 when none remain)."""
+        """Re-check subscriptions after a policy change; end denied ones, and close 4003 when that
+        leaves none (a session that had not subscribed yet is left alone)."""
+        revoked = False
         for (channel, key), sub in list(self.subs.items()):
             try:
                 denied = await self.authorize(self.identity, channel, key)
@@ -161,7 +165,8 @@ class Session:
             if denied is not None and (channel, key) in self.subs:
                 await self.unsubscribe(channel, key)
                 self.revoked(sub, denied)
-        if not self.subs and not self.conn.closed:
+                revoked = True
+        if revoked and not self.subs and not self.conn.closed:
             self.close(CLOSE_DENIED, "no subscription left")
 
     def _seen(self, sub: Subscription, msg: Message) -> bool:
