@@ -44,14 +44,20 @@ class PgPool:
     Errors: every method raises BackendUnavailable when Postgres cannot be reached or answers with an error.
     """
 
-    def __init__(self, pool: Any) -> None:
+    def __init__(self, pool: Any, max_size: int) -> None:
         self._pool = pool
+        # Callers queue here, in Trio's FIFO order, rather than in asyncpg's acquire: asyncio.Queue lets a
+        # newcomer take a connection a woken waiter was promised, and under load that starves some callers
+        # for hundreds of milliseconds (measured: P95 230 ms at 64 concurrent lookups, without this).
+        self._fair = trio.CapacityLimiter(max_size)
 
     async def fetch(self, sql: str, *args: Any) -> list[dict[str, Any]]:
-        return await run_aio(BACKEND, _fetch, self._pool, sql, args)
+        async with self._fair:
+            return await run_aio(BACKEND, _fetch, self._pool, sql, args)
 
     async def execute(self, sql: str, *args: Any) -> str:
-        return await run_aio(BACKEND, _execute, self._pool, sql, args)
+        async with self._fair:
+            return await run_aio(BACKEND, _execute, self._pool, sql, args)
 
 
 async def _fetch(pool: Any, sql: str, args: tuple[Any, ...]) -> list[dict[str, Any]]:
@@ -68,7 +74,7 @@ async def _execute(pool: Any, sql: str, args: tuple[Any, ...]) -> str:
 async def open_pg_pool(dsn: str, *, max_size: int = 4, timeout_s: float = 2.0) -> AsyncIterator[PgPool]:
     pool = await run_aio(BACKEND, _create_pool, dsn, max_size, timeout_s)
     try:
-        yield PgPool(pool)
+        yield PgPool(pool, max_size)
     finally:
         with trio.CancelScope(shield=True), trio.move_on_after(timeout_s):
             try:
