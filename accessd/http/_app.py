@@ -1,36 +1,24 @@
 """Quart-trio applications for the edge and internal roles, and the per-request pipeline around them.
 
 Every request gets a request id (echoed when sane), a W3C trace id (from ``traceparent`` or fresh), a
-JSON log line and the ``accessd_http_*`` metrics; every error leaves as the uniform body. Feature packages
-add their endpoints as blueprints handed to :func:`create_app`.
+JSON log line and the ``accessd_http_*`` metrics (``_pipeline``); every error leaves as the uniform body.
+Feature packages add their endpoints as blueprints handed to :func:`create_app`.
 """
 
 from __future__ import annotations
 
 import json
-import logging
-import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from quart import Blueprint, Response, g, request
+from quart import Blueprint, Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
 from ..nurseries import Health
-from ..telemetry import (
-    CONTENT_TYPE,
-    Metrics,
-    Tracing,
-    req_id_var,
-    request_id_from,
-    trace_id_from,
-    trace_id_hex,
-    trace_id_var,
-)
+from ..telemetry import CONTENT_TYPE, Metrics, Tracing
 from ._errors import ApiError, handle_api_error, handle_http_exception, handle_unexpected
-
-log = logging.getLogger("accessd.http")
+from ._pipeline import ROUTE_KEY, RequestPipeline
 
 
 @dataclass(frozen=True)
@@ -52,36 +40,13 @@ def create_app(name: str, ctx: AppContext, blueprints: Iterable[Blueprint] = ())
     app.register_error_handler(Exception, handle_unexpected)
 
     @app.before_request
-    async def _begin() -> None:
-        g.started = time.perf_counter()
-        if ctx.tracing is not None and ctx.tracing.enabled:
-            rule = request.url_rule.rule if request.url_rule is not None else "unmatched"
-            g.span = ctx.tracing.server_span(f"{request.method} {rule}", request.headers)
-            g.trace_id = trace_id_hex(g.span)
-        else:
-            g.trace_id = trace_id_from(request.headers.get("traceparent"))
-        g.request_id = request_id_from(request.headers.get("X-Request-ID"))
-        trace_id_var.set(g.trace_id)
-        req_id_var.set(g.request_id)
+    async def _note_route() -> None:
+        if request.url_rule is not None:  # the pipeline labels metrics and spans with it
+            request.scope[ROUTE_KEY] = request.url_rule.rule
 
-    @app.after_request
-    async def _finish(response: Response) -> Response:
-        response.headers["X-Request-ID"] = g.request_id
-        rule = request.url_rule.rule if request.url_rule is not None else "unmatched"
-        elapsed = time.perf_counter() - g.started
-        ctx.metrics.http_requests.labels(rule, request.method, str(response.status_code)).inc()
-        ctx.metrics.http_duration.labels(rule).observe(elapsed)
-        query = "?<redacted>" if request.query_string else ""  # query strings may carry tokens
-        log.info(
-            "%s %s%s %d %.1fms", request.method, request.path, query, response.status_code, elapsed * 1e3
-        )
-        span = g.pop("span", None)
-        if span is not None:
-            span.set_attribute("http.response.status_code", response.status_code)
-            span.end()
-        return response
+    app.asgi_app = RequestPipeline(app.asgi_app, ctx.metrics, ctx.tracing)  # type: ignore[method-assign]
 
-    # Registered after the pipeline hooks so that blueprint hooks (auth) see the trace and request id.
+    # Blueprint hooks (auth) run after ``_note_route``; ids and trace are set before Quart sees the request.
     app.register_blueprint(_ops_blueprint(ctx))
     for blueprint in blueprints:
         app.register_blueprint(blueprint)

@@ -10,8 +10,10 @@ import json
 import logging
 from typing import Any
 
-from quart import Response, g
+from quart import Response
 from werkzeug.exceptions import HTTPException
+
+from ..telemetry import trace_id_var
 
 log = logging.getLogger("accessd.http")
 
@@ -57,7 +59,7 @@ def error_response(
     headers: dict[str, str] | None = None,
 ) -> Response:
     body = {
-        "trace_id": getattr(g, "trace_id", None),
+        "trace_id": trace_id_var.get(),
         "code": code,
         "message": message,
         "details": details or {},

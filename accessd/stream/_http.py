@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 
-from quart import Blueprint, Response, g, request
+from quart import Blueprint, Response, request
 
 from ..errors import BackendUnavailable
 from ..http import ApiError
+from ..http._pipeline import span_var
 from ..policy.auth import Verify, require_identity
 from ..telemetry import traceparent_of
 from ._sessions import MAX_KEY_CHARS
@@ -32,7 +33,7 @@ def publish_blueprint(source: Source, verify: Verify) -> Blueprint:
             raise ApiError(400, "BAD_REQUEST", "data is required", {"field": "data"})
         value = json.dumps(body["data"], separators=(",", ":")).encode()
         # The message carries this request's trace context so that delivery spans can link to it.
-        span = g.get("span")
+        span = span_var.get()
         traceparent = traceparent_of(span) if span is not None else request.headers.get("traceparent")
         headers = (("traceparent", traceparent.encode()),) if traceparent else ()
         try:
