@@ -59,7 +59,9 @@ def scrape(url: str) -> dict[str, float]:
     return values
 
 
-def histogram_quantiles(before: dict[str, float], after: dict[str, float], qs: tuple[float, ...]) -> list[str]:
+def histogram_quantiles(
+    before: dict[str, float], after: dict[str, float], qs: tuple[float, ...]
+) -> list[str]:
     """Upper bucket bounds holding each quantile of the observations made between two scrapes."""
     buckets = sorted((float(k[3:]), after[k] - before.get(k, 0.0)) for k in after if k.startswith("le="))
     total = buckets[-1][1] if buckets else 0.0
@@ -106,6 +108,11 @@ def main() -> None:
     parser.add_argument("--procs", type=int, default=4)
     parser.add_argument("--broker", choices=("embedded", "kafka"), default="embedded")
     parser.add_argument("--kafka-bootstrap", help="with --broker kafka: use this broker instead of a Tansu")
+    parser.add_argument(
+        "--raw-clients",
+        action="store_true",
+        help="minimal WebSocket clients (real handshake and framing) that need less CPU than trio-websocket",
+    )
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="accessd-fanout-"))
@@ -186,6 +193,7 @@ def main() -> None:
                         "3",
                         "--ready-file",
                         str(ready),
+                        *(["--raw"] if args.raw_clients else []),
                     ],
                     stdout=subprocess.PIPE,
                     text=True,
@@ -247,7 +255,7 @@ def main() -> None:
 |---|---|---|---|---|---|---|---|---|
 | {args.conns} | {args.rate:g} | {server_delivered / args.seconds:,.0f} / {rate:,.0f} | {p50:.0f} / {p95:.0f} / {p99:.0f} | {s50} / {s95} / {s99} | {cpu_us:.1f} | {connect_rss:.0f} / {peak:.0f} | {drops_text} | {errors} |
 
-Broker: {args.broker}; {args.procs} client processes (trio-websocket); {sent} messages published over \
+Broker: {args.broker}; {args.procs} client processes ({"minimal raw WebSocket clients" if args.raw_clients else "trio-websocket"}); {sent} messages published over \
 {args.seconds + 4:g} s, {args.seconds:g} s measured after a 3 s warm-up. Client lag = broker timestamp to arrival in a client process;
 server lag = `accessd_stream_delivery_lag_seconds` (broker timestamp to the fan-out's socket writes), bucket
 bounds from the daemon's own histogram over the same window."""
