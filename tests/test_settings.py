@@ -77,6 +77,8 @@ def test_yaml_config_and_typed_values(tmp_path: Path) -> None:
         ({"ACCESS_COLOUR": "blue"}, "ACCESS_COLOUR", "unknown setting"),
         ({"ACCESS_ENV": "prod"}, "ACCESS_JWKS_URL", "required when ACCESS_ENV is prod"),
         ({"ACCESS_ENABLE_TRACING": "true"}, "ACCESS_OTEL_EXPORTER", "required"),
+        ({"ACCESS_STREAM_POLICIES": '{"pricing.*": "hoard"}'}, "ACCESS_STREAM_POLICIES", "not conflate"),
+        ({"ACCESS_STREAM_POLICIES": "[1]"}, "ACCESS_STREAM_POLICIES", "expected a JSON object"),
     ],
 )
 def test_bad_values_name_the_setting(environ: dict[str, str], setting: str, problem: str) -> None:
@@ -112,3 +114,8 @@ def test_unreadable_config_file(tmp_path: Path) -> None:
     path.write_bytes(b"\xff\xfe\x00garbage")
     with pytest.raises(ConfigError, match="cannot read"):
         load_settings(config_file=path, environ={})
+
+
+def test_stream_policies_keep_their_order() -> None:
+    s = load_settings(environ={"ACCESS_STREAM_POLICIES": '{"pricing.*": "conflate", "*": "disconnect"}'})
+    assert s.stream.stream_policies == (("pricing.*", "conflate"), ("*", "disconnect"))
