@@ -100,6 +100,29 @@ async def publish_loop(url: str, token: str, rate: float, seconds: float) -> int
     return sent
 
 
+async def publish_to_kafka(bootstrap: str, rate: float, seconds: float) -> int:
+    """Publish on schedule with an aiokafka producer in this process (the daemon only consumes)."""
+    import trio_asyncio
+    from aiokafka import AIOKafkaProducer
+
+    async with trio_asyncio.open_loop():
+        producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=0)
+        await trio_asyncio.aio_as_trio(producer.start)()
+        sent = 0
+        try:
+            start = trio.current_time()
+            while sent == 0 or trio.current_time() - start < seconds:
+                value = json.dumps({"n": sent, "pad": "x" * 64}).encode()
+                await trio_asyncio.aio_as_trio(producer.send_and_wait)(
+                    CHANNEL, value, key=f"k{sent % 8}".encode()
+                )
+                sent += 1
+                await trio.sleep_until(start + sent / rate)
+        finally:
+            await trio_asyncio.aio_as_trio(producer.stop)()
+    return sent
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--conns", type=int, default=1000)
@@ -143,6 +166,7 @@ def main() -> None:
             tansu = tansu_broker(work)
             bootstrap = tansu.__enter__()
         env["ACCESS_KAFKA_BOOTSTRAP"] = bootstrap
+        trio.run(publish_to_kafka, bootstrap, 1000.0, 0.0)  # the topic exists before anyone follows it
     daemon = subprocess.Popen(
         [PYTHON, "-m", "accessd", "run", "--role", "all"],
         env=env,
@@ -214,7 +238,13 @@ def main() -> None:
                 result: dict = {}
 
                 async def pub() -> None:
-                    result["sent"] = await publish_loop(publisher, token, args.rate, args.seconds + 4)
+                    seconds = args.seconds + 4
+                    if args.broker == "kafka":  # producers write to Kafka, not through accessd
+                        result["sent"] = await publish_to_kafka(
+                            env["ACCESS_KAFKA_BOOTSTRAP"], args.rate, seconds
+                        )
+                    else:
+                        result["sent"] = await publish_loop(publisher, token, args.rate, seconds)
 
                 nursery.start_soon(pub)
                 await trio.sleep(3)  # the clients' warm-up
@@ -255,7 +285,7 @@ def main() -> None:
 |---|---|---|---|---|---|---|---|---|
 | {args.conns} | {args.rate:g} | {server_delivered / args.seconds:,.0f} / {rate:,.0f} | {p50:.0f} / {p95:.0f} / {p99:.0f} | {s50} / {s95} / {s99} | {cpu_us:.1f} | {connect_rss:.0f} / {peak:.0f} | {drops_text} | {errors} |
 
-Broker: {args.broker}; {args.procs} client processes ({"minimal raw WebSocket clients" if args.raw_clients else "trio-websocket"}); {sent} messages published over \
+Broker: {args.broker}{" (published straight to Kafka by the bench)" if args.broker == "kafka" else " (published through POST /stream/publish)"}; {args.procs} client processes ({"minimal raw WebSocket clients" if args.raw_clients else "trio-websocket"}); {sent} messages published over \
 {args.seconds + 4:g} s, {args.seconds:g} s measured after a 3 s warm-up. Client lag = broker timestamp to arrival in a client process;
 server lag = `accessd_stream_delivery_lag_seconds` (broker timestamp to the fan-out's socket writes), bucket
 bounds from the daemon's own histogram over the same window."""
