@@ -12,13 +12,11 @@ from __future__ import annotations
 
 import logging
 from types import MappingProxyType
-from typing import Any, NoReturn
+from typing import Any
 from urllib.parse import urlsplit
 
-import httpx
-import trio
-
 from ...errors import BackendUnavailable
+from ...http._client import RemoteClient
 from .._identity import AuthFailure, Identity
 from ._verify import TOKEN_EXPIRED, TOKEN_INVALID, UNAUTHENTICATED
 
@@ -33,51 +31,24 @@ def verify_url(auth_url: str) -> str:
     return auth_url if path.endswith("/auth/verify") else auth_url.rstrip("/") + "/auth/verify"
 
 
-class RemoteVerifier:
+class RemoteVerifier(RemoteClient):
     name = "auth-remote"
 
     def __init__(self, auth_url: str, timeout_s: float, *, max_connections: int = 100) -> None:
+        super().__init__("auth", timeout_s=timeout_s, max_connections=max_connections)
         self.url = verify_url(auth_url)
-        self._timeout_s = timeout_s
-        self._limits = httpx.Limits(
-            max_connections=max_connections, max_keepalive_connections=max_connections
-        )
-        self._client: httpx.AsyncClient | None = None
-
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> NoReturn:
-        async with httpx.AsyncClient(timeout=self._timeout_s, limits=self._limits) as client:
-            self._client = client
-            try:
-                task_status.started()
-                await trio.sleep_forever()
-            finally:
-                self._client = None
 
     async def verify(self, token: str) -> Identity | AuthFailure:
-        client = self._client
-        if client is None:
-            raise BackendUnavailable("auth", "the remote verifier is not running")
-        try:
-            with trio.fail_after(self._timeout_s):
-                response = await client.post(self.url, headers={"Authorization": f"Bearer {token}"})
-        except trio.TooSlowError:
-            problem = f"{self.url} did not answer within {self._timeout_s:g} s"
-            raise BackendUnavailable("auth", problem) from None
-        except httpx.HTTPError as exc:
-            raise BackendUnavailable("auth", f"{self.url}: {type(exc).__name__}") from None
-        try:
-            body = response.json()
-        except ValueError:
-            body = None
-        if response.status_code == 401:
+        status, body = await self.post(self.url, headers={"Authorization": f"Bearer {token}"})
+        if status == 401:
             code = body.get("code") if isinstance(body, dict) else None
             message = body.get("message") if isinstance(body, dict) else None
             return AuthFailure(
                 code if code in _CODES else TOKEN_INVALID,
                 message if isinstance(message, str) else "token rejected",
             )
-        if response.status_code != 200 or not isinstance(body, dict):
-            raise BackendUnavailable("auth", f"{self.url} answered HTTP {response.status_code}")
+        if status != 200 or not isinstance(body, dict):
+            raise BackendUnavailable("auth", f"{self.url} answered HTTP {status}")
         identity = _identity(body)
         if identity is None:
             raise BackendUnavailable("auth", f"{self.url} answered a body that is not an identity")

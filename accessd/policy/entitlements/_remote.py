@@ -7,12 +7,10 @@ Errors: unreachable, slow (``timeout_s``) or failing remote → BackendUnavailab
 
 from __future__ import annotations
 
-from typing import Any, NoReturn
-
-import httpx
-import trio
+from typing import Any
 
 from ...errors import BackendUnavailable
+from ...http._client import RemoteClient
 from .._identity import Identity
 from ._model import Decision, DecisionInput
 from ._service import bind_identity
@@ -33,33 +31,18 @@ def _decision(body: Any) -> Decision:
         raise BackendUnavailable(BACKEND, f"malformed answer: {exc!r}") from None
 
 
-class RemoteEntitlements:
+class RemoteEntitlements(RemoteClient):
     name = "entitlements-remote"
 
     def __init__(self, url: str, *, timeout_s: float = 2.0) -> None:
+        super().__init__(BACKEND, timeout_s=timeout_s)
         self._url = url.rstrip("/")
-        self._timeout_s = timeout_s
-        self._client: httpx.AsyncClient | None = None
-
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> NoReturn:
-        async with httpx.AsyncClient(base_url=self._url, timeout=self._timeout_s) as client:
-            self._client = client
-            try:
-                task_status.started()
-                await trio.sleep_forever()
-            finally:
-                self._client = None
 
     async def _post(self, path: str, body: dict[str, Any]) -> Any:
-        if self._client is None:
-            raise BackendUnavailable(BACKEND, "client not started")
-        try:
-            response = await self._client.post(path, json=body)
-        except httpx.HTTPError as exc:
-            raise BackendUnavailable(BACKEND, f"{type(exc).__name__}: {exc}") from exc
-        if response.status_code != 200:
-            raise BackendUnavailable(BACKEND, f"{path} answered {response.status_code}")
-        return response.json()
+        status, answer = await self.post(self._url + path, json=body)
+        if status != 200 or answer is None:
+            raise BackendUnavailable(BACKEND, f"{path} answered HTTP {status}")
+        return answer
 
     async def decide(self, identity: Identity | None, inp: DecisionInput) -> Decision:
         bound = bind_identity(identity, inp)

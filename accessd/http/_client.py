@@ -1,0 +1,52 @@
+"""A supervised component that owns one pooled httpx client, for calls to a remote accessd role.
+
+Errors: a refused connection, a transport error or no answer within ``timeout_s`` raises
+:class:`BackendUnavailable` naming ``backend``; an answer (any status) is the caller's to judge, and a body
+that is not JSON reads as ``None``. Cancellation: the client is closed when the component's task ends.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NoReturn
+
+import httpx
+import trio
+
+from ..errors import BackendUnavailable
+
+
+class RemoteClient:
+    def __init__(self, backend: str, *, timeout_s: float, max_connections: int = 100) -> None:
+        self._backend = backend
+        self._timeout_s = timeout_s
+        self._limits = httpx.Limits(
+            max_connections=max_connections, max_keepalive_connections=max_connections
+        )
+        self._client: httpx.AsyncClient | None = None
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> NoReturn:
+        async with httpx.AsyncClient(timeout=self._timeout_s, limits=self._limits) as client:
+            self._client = client
+            try:
+                task_status.started()
+                await trio.sleep_forever()
+            finally:
+                self._client = None
+
+    async def post(self, url: str, **kwargs: Any) -> tuple[int, Any]:
+        """``(status, parsed JSON body or None)`` of one POST."""
+        client = self._client
+        if client is None:
+            raise BackendUnavailable(self._backend, f"the client for {url} is not running")
+        try:
+            with trio.fail_after(self._timeout_s):
+                response = await client.post(url, **kwargs)
+        except trio.TooSlowError:
+            problem = f"{url} did not answer within {self._timeout_s:g} s"
+            raise BackendUnavailable(self._backend, problem) from None
+        except httpx.HTTPError as exc:
+            raise BackendUnavailable(self._backend, f"{url}: {type(exc).__name__}") from None
+        try:
+            return response.status_code, response.json()
+        except ValueError:
+            return response.status_code, None
