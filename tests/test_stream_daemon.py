@@ -212,3 +212,26 @@ def _logs_on_failure(daemon):
         yield
     except BaseException as exc:
         raise AssertionError(f"daemon log tail:\n{daemon.logs[-5000:]}") from exc
+
+
+async def test_edge_delegates_auth_and_entitlements_to_an_internal_daemon(daemon_factory, tmp_path: Path) -> None:
+    channel = "pricing.remote.v1"
+    policy = tmp_path / "grants.yaml"
+    policy.write_text(GRANTS.format(channel=channel))
+    internal = daemon_factory(role="internal", env={"ACCESS_POLICY_FILE": str(policy)})
+    edge = daemon_factory(
+        role="edge",
+        env={"ACCESS_AUTH_URL": internal.internal_url, "ACCESS_ENTITLEMENTS_URL": internal.internal_url,
+             "ACCESS_DRAIN_TIMEOUT_S": "0.5"},
+    )
+    ws_url = edge.stream_url.replace("http", "ws") + "/ws/stream"
+    async with open_websocket_url(f"{ws_url}?token={token(internal, 'alice')}") as ws:
+        assert (await recv(ws))["type"] == "welcome"  # verified by the internal daemon
+        await ws.send_message(json.dumps({"op": "subscribe", "id": "1", "channel": channel}))
+        assert (await recv(ws))["type"] == "subscribed"  # allowed by the internal daemon's grants
+        await ws.send_message(json.dumps({"op": "subscribe", "id": "2", "channel": "other.v1"}))
+        assert (await recv(ws))["code"] == "ENTITLEMENT_DENIED"
+        assert internal.stop() == 0
+        await ws.send_message(json.dumps({"op": "subscribe", "id": "3", "channel": "third.v1"}))
+        unavailable = await recv(ws)
+        assert unavailable["code"] == "UPSTREAM_UNAVAILABLE"  # unknown is never an allow
