@@ -34,6 +34,17 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def daemon_env(state_dir: str | Path, **settings: str) -> tuple[dict[str, str], dict[str, int]]:
+    """Environment for a bench daemon: the parent's minus its ``ACCESS_*`` settings, free loopback ports for
+    every listener, a private state dir, warning-level logs (a JSON line per request would measure the
+    logger), then ``settings``. Returns it with the ports by listener name."""
+    ports = {"edge": free_port(), "stream": free_port(), "internal": free_port()}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ACCESS_")}
+    env |= {f"ACCESS_{name.upper()}_BIND": f"127.0.0.1:{port}" for name, port in ports.items()}
+    env |= {"ACCESS_STATE_DIR": str(state_dir), "ACCESS_LOG_LEVEL": "warning", **settings}
+    return env, ports
+
+
 def cpu_seconds(pid: int) -> float:
     """utime + stime of a process (all its threads), from /proc: shared cores are accounted for."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -34,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _load  # noqa: E402
-from _common import PYTHON, append_results, cpu_seconds, free_port, wait_http  # noqa: E402
+from _common import PYTHON, append_results, cpu_seconds, daemon_env, wait_http  # noqa: E402
 
 from accessd.policy.auth import (  # noqa: E402
     Authenticator,
@@ -135,15 +134,10 @@ def http_load(alg: str, cache: bool, seconds: float, conns: int) -> dict[str, An
     with tempfile.TemporaryDirectory() as tmp:
         key_file = Path(tmp) / f"{alg}.pem"
         _write_key(key_file, alg)
-        port = free_port()
-        env = {k: v for k, v in os.environ.items() if not k.startswith("ACCESS_")}
-        env.update(
-            ACCESS_STATE_DIR=tmp,
-            ACCESS_DEV_KEY_FILE=str(key_file),
-            ACCESS_INTERNAL_BIND=f"127.0.0.1:{port}",
-            ACCESS_LOG_LEVEL="warning",  # one JSON line per request would measure the logger
-            ACCESS_TOKEN_CACHE_SIZE="10000" if cache else "0",
+        env, ports = daemon_env(
+            tmp, ACCESS_DEV_KEY_FILE=str(key_file), ACCESS_TOKEN_CACHE_SIZE="10000" if cache else "0"
         )
+        port = ports["internal"]
         token = subprocess.run(
             [PYTHON, "-m", "accessd", "token", "--sub", "bench", "--tenant", "t1", "--roles", "trader"],
             env=env, capture_output=True, text=True, check=True,

@@ -28,7 +28,7 @@ import trio_asyncio
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import PYTHON, append_results, free_port, wait_http  # noqa: E402
+from _common import PYTHON, append_results, daemon_env, wait_http  # noqa: E402
 
 from accessd.aio._redis import RedisBatcher  # noqa: E402
 from accessd.policy.entitlements import (  # noqa: E402
@@ -144,11 +144,13 @@ async def in_process(dsn: str, redis_url: str, prefix: str) -> dict[str, dict[st
 def http_load(
     dsn: str, redis_url: str, prefix: str, seconds: float, conns: list[int]
 ) -> list[dict[str, object]]:
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ACCESS_")}
-    env.update(ACCESS_INTERNAL_BIND=f"127.0.0.1:{port}", ACCESS_POSTGRES_DSN=dsn, ACCESS_REDIS_URL=redis_url,
-               ACCESS_ENTITLEMENT_REDIS_PREFIX=prefix, ACCESS_LOG_LEVEL="warning",
-               ACCESS_STATE_DIR=tempfile.mkdtemp(prefix="accessd-bench-"))
+    env, ports = daemon_env(
+        tempfile.mkdtemp(prefix="accessd-bench-"),
+        ACCESS_POSTGRES_DSN=dsn,
+        ACCESS_REDIS_URL=redis_url,
+        ACCESS_ENTITLEMENT_REDIS_PREFIX=prefix,
+    )
+    port = ports["internal"]
     daemon = subprocess.Popen([PYTHON, "-m", "accessd", "run", "--role", "internal"], env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

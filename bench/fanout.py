@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -27,7 +26,7 @@ from _common import (  # noqa: E402
     PYTHON,
     append_results,
     cpu_seconds,
-    free_port,
+    daemon_env,
     rss_mib,
     wait_http,
 )
@@ -144,18 +143,13 @@ def main() -> None:
         "grants:\n  - {tenant_id: bench, subject: '*', action: subscribe, resource: 'channel:bench.*', "
         "effect: allow}\n"
     )
-    edge, stream, internal = free_port(), free_port(), free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ACCESS_")}
-    env |= {
-        "ACCESS_EDGE_BIND": f"127.0.0.1:{edge}",
-        "ACCESS_STREAM_BIND": f"127.0.0.1:{stream}",
-        "ACCESS_INTERNAL_BIND": f"127.0.0.1:{internal}",
-        "ACCESS_STATE_DIR": str(work / "state"),
-        "ACCESS_LOG_LEVEL": "warning",
-        "ACCESS_POLICY_FILE": str(policy),
-        "ACCESS_MAX_CONNECTIONS": str(args.conns + 100),
-        "ACCESS_STREAM_CONNECTS_PER_MINUTE": "1000000",
-    }
+    env, ports = daemon_env(
+        work / "state",
+        ACCESS_POLICY_FILE=str(policy),
+        ACCESS_MAX_CONNECTIONS=str(args.conns + 100),
+        ACCESS_STREAM_CONNECTS_PER_MINUTE="1000000",
+    )
+    edge, stream, internal = ports["edge"], ports["stream"], ports["internal"]
     tansu = None
     if args.broker == "kafka":
         bootstrap = args.kafka_bootstrap

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -17,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import PYTHON, append_results, cpu_seconds, free_port, rss_mib, spawn, wait_http
+from _common import PYTHON, append_results, cpu_seconds, daemon_env, free_port, rss_mib, spawn, wait_http
 
 HERE = Path(__file__).parent
 
@@ -59,15 +58,8 @@ def main() -> None:
     args = parser.parse_args()
 
     state = tempfile.mkdtemp(prefix="accessd-bench-")
-    edge, internal, stream = free_port(), free_port(), free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ACCESS_")}
-    env |= {
-        "ACCESS_EDGE_BIND": f"127.0.0.1:{edge}",
-        "ACCESS_INTERNAL_BIND": f"127.0.0.1:{internal}",
-        "ACCESS_STREAM_BIND": f"127.0.0.1:{stream}",
-        "ACCESS_STATE_DIR": state,
-        "ACCESS_LOG_LEVEL": "warning",
-    }
+    env, ports = daemon_env(state)
+    edge = ports["edge"]
 
     started = time.monotonic()
     daemon = spawn([PYTHON, "-m", "accessd", "run", "--role", "all"], env=env)
