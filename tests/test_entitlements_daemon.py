@@ -10,10 +10,15 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx
+import pytest
 import redis
 import trio
 
-from ._daemon import Daemon, base_env
+from accessd.errors import BackendUnavailable
+from accessd.policy._identity import Identity
+from accessd.policy.entitlements import RemoteEntitlements, parse_decision_input
+
+from ._daemon import Daemon, base_env, free_port
 from ._entitlements import TcpProxy, new_schema, run_sql
 
 CHECK = {"user_id": "u1", "tenant_id": "t1", "action": "read", "resource": "curve:NG_2026",
@@ -214,6 +219,8 @@ async def test_postgres_outage_cached_flow_uncached_503_and_recovery(
                     assert cached.status_code == 200 and cached.json()["allow"]
                 down = await client.post(check, json=other)
                 assert down.status_code == 503 and down.json()["code"] == "UPSTREAM_UNAVAILABLE"
+                under = await client.post(f"{daemon.internal_url}/entitlements/denied-under", json=other)
+                assert under.status_code == 503 and under.json()["code"] == "UPSTREAM_UNAVAILABLE"
                 with trio.fail_after(3):
                     while (await client.get(f"{daemon.internal_url}/health")).json()["dependencies"][  # noqa: ASYNC110 - polling an outside system
                             "postgres"] != "down":
@@ -246,3 +253,50 @@ async def test_grants_cli_against_postgres_and_no_store_denies(daemon_factory, p
         async with httpx.AsyncClient(timeout=5) as client:
             answer = await client.post(f"{daemon.internal_url}/entitlements/check", json=CHECK)
     assert answer.status_code == 200 and answer.json()["allow"] is False
+
+
+async def test_denied_under_endpoint_and_remote_client(daemon_factory, tmp_path: Path) -> None:
+    channel = "channel:pricing.curve.updates.v1"
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(
+        "grants:\n"
+        f"  - {{tenant_id: t1, subject: '*', action: subscribe, resource: '{channel}', effect: allow}}\n"
+        f"  - {{tenant_id: t1, subject: 'user:bob', action: subscribe, resource: '{channel}/NG_2026', "
+        "effect: deny}\n"
+        f"  - {{tenant_id: t1, subject: 'role:quant', action: '*', resource: '{channel}/PW_*', effect: deny}}\n"
+    )
+    daemon = daemon_factory(role="internal", env={"ACCESS_POLICY_FILE": str(policy)})
+    url = f"{daemon.internal_url}/entitlements/denied-under"
+    bob = {"user_id": "bob", "tenant_id": "t1", "action": "subscribe", "resource": channel, "roles": ["quant"]}
+    with trio.fail_after(30):
+        async with httpx.AsyncClient(timeout=5) as client:
+            answer = await client.post(url, json=bob)
+            assert answer.status_code == 200, answer.text
+            assert answer.json()["deny"] == [f"{channel}/NG_2026", f"{channel}/PW_*"]
+            assert 30 <= answer.json()["ttl_s"] <= 120
+            alice = await client.post(url, json={**bob, "user_id": "alice", "roles": []})
+            assert alice.json()["deny"] == []
+            bad = await client.post(url, json={**bob, "resource": "channel:*"})
+            assert bad.status_code == 400 and bad.json()["details"]["field"] == "resource"
+            # An optional token: its user and roles count, and its tenant must be the decision's.
+            as_bob = bearer(token(daemon, sub="bob", roles="viewer"))
+            assert (await client.post(url, json={**bob, "user_id": "x"}, headers=as_bob)).json()["deny"] == [
+                f"{channel}/NG_2026"]
+            mismatch = await client.post(url, json={**bob, "tenant_id": "t2"}, headers=as_bob)
+            assert mismatch.status_code == 403 and mismatch.json()["code"] == "TENANT_MISMATCH"
+
+        remote = RemoteEntitlements(daemon.internal_url, timeout_s=5)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(remote.run)
+            inp = parse_decision_input(bob)
+            assert await remote.denied_under(None, inp) == (f"{channel}/NG_2026", f"{channel}/PW_*")
+            identity = Identity("bob", "t1", frozenset(), exp=0)
+            assert await remote.denied_under(identity, inp) == (f"{channel}/NG_2026",)
+            assert await remote.denied_under(Identity("bob", "t2", frozenset(), exp=0), inp) == ("*",)
+            nursery.cancel_scope.cancel()
+        closed = RemoteEntitlements(f"http://127.0.0.1:{free_port()}", timeout_s=1)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(closed.run)
+            with pytest.raises(BackendUnavailable):
+                await closed.denied_under(None, inp)
+            nursery.cancel_scope.cancel()

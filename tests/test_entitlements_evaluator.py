@@ -10,10 +10,15 @@ from accessd.policy.entitlements import (
     Grant,
     GrantIndex,
     InvalidInput,
+    deny_globs_under,
     evaluate,
+    hidden_keys,
+    matches_under,
     parse_decision_input,
     parse_grant,
+    resource_matches,
 )
+from accessd.policy.entitlements._evaluate import HIDDEN_KEYS_MEMO
 
 NOW = 1_800_000_000.0
 
@@ -122,3 +127,80 @@ def test_valid_grant_and_input_parse() -> None:
     assert inp.roles == frozenset()
     with pytest.raises(InvalidInput, match="resource"):
         parse_decision_input({"user_id": "u1", "tenant_id": "t1", "action": "read", "resource": "curve:*"})
+
+
+# --- deny globs under a resource (per-key filtering of an unkeyed subscription) -----------------------
+
+CHANNEL = "channel:pricing.curve.updates.v1"
+
+
+def test_deny_globs_under_picks_the_callers_applicable_denies() -> None:
+    grants = [
+        grant("1", "*", "subscribe", CHANNEL),  # an allow: never listed
+        grant("2", "user:bob", "subscribe", f"{CHANNEL}/NG_2026", "deny"),
+        grant("3", "role:trader", "*", f"{CHANNEL}/PW_*", "deny"),
+        grant("4", "*", "subscribe", "channel:pricing.*/XX", "deny"),  # a wildcard before the key
+        grant("5", "user:bob", "subscribe", f"{CHANNEL}.v2/NG_2026", "deny"),  # another channel
+        grant("6", "user:bob", "subscribe", "channel:other/NG_2026", "deny"),
+        grant("7", "user:bob", "read", f"{CHANNEL}/A", "deny"),  # another action
+        grant("8", "user:eve", "subscribe", f"{CHANNEL}/B", "deny"),  # another caller
+        grant("9", "user:bob", "subscribe", f"{CHANNEL}/C", "deny", tenant="t2"),  # another tenant
+        grant("10", "user:bob", "subscribe", f"{CHANNEL}/D", "deny", expires_at=NOW - 1),  # expired
+        grant("11", "user:bob", "subscribe", f"{CHANNEL}/E", "deny", expires_at=NOW + 60),
+        grant("12", "user:bob", "subscribe", f"{CHANNEL}/NG_2026", "deny"),  # same glob twice: listed once
+    ]
+    inp = ask(CHANNEL, "subscribe", user="bob", roles=("trader",))
+    globs, valid_until = deny_globs_under(grants, inp, NOW)
+    assert globs == ("channel:pricing.*/XX", f"{CHANNEL}/E", f"{CHANNEL}/NG_2026", f"{CHANNEL}/PW_*")
+    assert valid_until == NOW + 60
+    assert deny_globs_under(grants, ask(CHANNEL, "subscribe", user="alice", roles=()), NOW) == (
+        ("channel:pricing.*/XX",), None)
+    # The evaluator agrees: the channel itself is allowed, the denied keys are not.
+    assert evaluate(grants, inp, NOW).allow
+    assert not evaluate(grants, ask(f"{CHANNEL}/NG_2026", "subscribe", user="bob"), NOW).allow
+    index = GrantIndex(grants)
+    assert {g.id for g in index.candidates_under(inp)} >= {"2", "3", "4", "11", "12"}
+    assert deny_globs_under(index.candidates_under(inp), inp, NOW) == (globs, NOW + 60)
+
+
+def test_deny_on_the_channel_itself_or_a_parent_is_listed() -> None:
+    for glob in (CHANNEL, "channel:*", "*", f"{CHANNEL}*", "channel:pricing.curve.updates.v?"):
+        assert matches_under(glob, CHANNEL), glob
+    for glob in (f"{CHANNEL}.v2", "channel:pricing.curve.updates.v", "curve:*", "channel:?", f"{CHANNEL}x/*"):
+        assert not matches_under(glob, CHANNEL), glob
+
+
+def _strings(alphabet: str, max_len: int) -> list[str]:
+    out = [""]
+    frontier = [""]
+    for _ in range(max_len):
+        frontier = [s + c for s in frontier for c in alphabet]
+        out += frontier
+    return out
+
+
+def test_matches_under_is_exact_against_brute_force() -> None:
+    """Never misses a glob that hides some key (a security bug), and lists none that hides no key."""
+    import random
+
+    rng = random.Random(8)
+    keys = _strings("rab/:", 4)  # every literal a glob below can hold, as long as any glob
+    for _ in range(2000):
+        resource = rng.choice(["r", "r/a", "r:a", "ra", "r/ab"])
+        glob = "".join(rng.choice("rab/:*?") for _ in range(rng.randint(1, 4))).replace("**", "*")
+        expected = any(resource_matches(glob, f"{resource}/{key}") for key in keys)
+        assert matches_under(glob, resource) == expected, (glob, resource)
+
+
+def test_hidden_keys_matches_like_the_evaluator_and_bounds_its_memo() -> None:
+    assert hidden_keys(CHANNEL, ()) is None
+    hidden = hidden_keys(CHANNEL, (f"{CHANNEL}/NG_2026", f"{CHANNEL}/PW_*", "channel:pricing.*/XX"))
+    assert hidden is not None
+    assert hidden("NG_2026") and hidden("NG_2026/sub")  # hierarchical: a key under a denied key
+    assert not hidden("NG_2027") and not hidden("NG_202")
+    assert hidden("PW_1") and hidden("PW_a/b") and not hidden("PWX")
+    assert hidden("XX") and not hidden("XY")
+    for i in range(HIDDEN_KEYS_MEMO + 5):  # past the memo bound: still right
+        assert hidden(f"PW_{i}") and not hidden(f"K{i}")
+    everything = hidden_keys(CHANNEL, ("*",))
+    assert everything is not None and everything("anything")

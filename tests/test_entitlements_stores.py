@@ -10,7 +10,14 @@ import trio
 
 from accessd.errors import BackendUnavailable
 from accessd.policy._identity import Identity
-from accessd.policy.entitlements import DecisionInput, Entitlements, GrantStore, InvalidInput, parse_grant
+from accessd.policy.entitlements import (
+    DecisionInput,
+    Entitlements,
+    GrantStore,
+    InvalidInput,
+    hidden_keys,
+    parse_grant,
+)
 
 from ._entitlements import entitlements, open_store
 
@@ -137,3 +144,49 @@ async def _write_policy(store: GrantStore, grants: list) -> None:  # type: ignor
     tmp = path.with_suffix(".tmp")
     tmp.write_text(yaml.safe_dump(body))
     tmp.replace(path)
+
+
+async def test_denied_under_lists_key_denies_and_follows_grant_changes(
+    kind: str, postgres_dsn: str, tmp_path: Path
+) -> None:
+    """An unkeyed subscriber allowed on a channel learns which keys under it a deny hides from them."""
+    channel = "channel:pricing.curve.updates.v1"
+    with trio.fail_after(20):
+        async with open_store(kind, postgres_dsn=postgres_dsn, tmp_path=tmp_path) as store:
+            ent = entitlements(store)
+            bob = ask(channel, "subscribe", user="bob", roles=("quant",))
+            assert await ent.denied_under(None, bob) == ()
+            await store.add(g("*", "subscribe", channel))
+            await store.add(g("user:bob", "subscribe", f"{channel}/NG_2026", "deny"))
+            await store.add(g("role:quant", "*", f"{channel}/PW_*", "deny"))
+            await store.add(g("*", "*", "channel:pricing.*/XX", "deny"))
+            await store.add(g("user:bob", "read", f"{channel}/A", "deny"))  # another action
+            await store.add(g("user:bob", "subscribe", f"{channel}.v2/B", "deny"))  # another channel
+            await store.add(g("user:bob", "subscribe", "curve:*", "deny"))
+            await store.add(g("user:bob", "subscribe", f"{channel}/C", "deny", tenant="t2"))
+            await store.add(g("user:bob", "subscribe", f"{channel}/D", "deny", expires_at=time.time() - 5))
+            expected = ("channel:pricing.*/XX", f"{channel}/NG_2026", f"{channel}/PW_*")
+
+            async def bob_sees_every_deny() -> bool:
+                return await ent.denied_under(None, bob) == expected
+
+            await until(bob_sees_every_deny)
+            assert (await ent.decide(None, bob)).allow  # the channel itself stays allowed
+            hidden = hidden_keys(channel, await ent.denied_under(None, bob))
+            assert hidden is not None and hidden("NG_2026") and hidden("PW_1") and not hidden("NG_2027")
+            # The caller's identity replaces the input's user and roles, as in decide.
+            as_bob = Identity("bob", "t1", frozenset(), exp=0)
+            assert await ent.denied_under(as_bob, ask(channel, "subscribe", user="x", roles=("quant",))) == (
+                "channel:pricing.*/XX", f"{channel}/NG_2026")
+            assert await ent.denied_under(Identity("bob", "t2", frozenset(), exp=0), bob) == ("*",)
+
+            # The answer is cached (TTL at least 30 s), yet a grant change is seen at once.
+            assert len(ent.under_lru) >= 1
+            extra = await store.add(g("user:bob", "subscribe", f"{channel}/EU_*", "deny"))
+
+            async def bob_sees_the_new_deny() -> bool:
+                return f"{channel}/EU_*" in await ent.denied_under(None, bob)
+
+            assert await until(bob_sees_the_new_deny) < 1.0
+            await store.revoke(extra.id)
+            assert await until(bob_sees_every_deny) < 1.0

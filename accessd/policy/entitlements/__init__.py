@@ -2,7 +2,9 @@
 
 The one function the rest of accessd calls is ``Decider.decide(identity_or_None, DecisionInput)``
 (:class:`Entitlements` in-process, :class:`RemoteEntitlements` over ``ACCESS_ENTITLEMENTS_URL``); build
-it with :func:`build_entitlements` and start its ``components`` with the Supervisor.
+it with :func:`build_entitlements` and start its ``components`` with the Supervisor. For an unkeyed
+subscription, ``Decider.denied_under`` lists the deny globs under a channel and :func:`hidden_keys` turns
+them into a per-message-key filter.
 """
 
 from ._build import EntitlementsRuntime as EntitlementsRuntime
@@ -10,7 +12,11 @@ from ._build import build_entitlements as build_entitlements
 from ._build import build_store as build_store
 from ._cache import AdaptiveTtl as AdaptiveTtl
 from ._evaluate import GrantIndex as GrantIndex
+from ._evaluate import deny_globs_under as deny_globs_under
 from ._evaluate import evaluate as evaluate
+from ._evaluate import hidden_keys as hidden_keys
+from ._evaluate import matches_under as matches_under
+from ._evaluate import resource_matches as resource_matches
 from ._file_store import FileStore as FileStore
 from ._http import entitlements_blueprint as entitlements_blueprint
 from ._model import ACTIONS as ACTIONS

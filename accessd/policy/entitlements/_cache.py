@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Generic, Protocol, TypeVar
 
 from ._model import Decision
 
@@ -22,24 +23,43 @@ class Entry:
     hits: int = 0
 
 
-class DecisionLru:
-    """A bounded LRU of decisions. Overflow policy: evict the least recently used entry."""
+@dataclass
+class UnderEntry:
+    """A cached ``denied_under`` answer: the deny globs under a resource for one caller and action."""
+
+    globs: tuple[str, ...]
+    version: str
+    expires_at: float  # monotonic
+    hits: int = 0
+
+
+class _Versioned(Protocol):
+    version: str
+    expires_at: float
+    hits: int
+
+
+E = TypeVar("E", bound=_Versioned)
+
+
+class DecisionLru(Generic[E]):
+    """A bounded LRU of cached answers. Overflow policy: evict the least recently used entry."""
 
     def __init__(self, max_entries: int) -> None:
         self._max = max_entries
-        self._entries: OrderedDict[str, Entry] = OrderedDict()
+        self._entries: OrderedDict[str, E] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._entries)
 
-    def get(self, key: str) -> Entry | None:
+    def get(self, key: str) -> E | None:
         """The entry, fresh or not (callers check ``version``/``expires_at``; hits carry over a refresh)."""
         entry = self._entries.get(key)
         if entry is not None:
             self._entries.move_to_end(key)
         return entry
 
-    def put(self, key: str, entry: Entry) -> None:
+    def put(self, key: str, entry: E) -> None:
         self._entries[key] = entry
         self._entries.move_to_end(key)
         while len(self._entries) > self._max:

@@ -5,6 +5,9 @@ Rules (CONTRACT §9): a grant applies when its tenant equals the decision's tena
 is ``*``, its resource glob matches the resource, and it has not expired. Any applicable ``deny`` beats any
 applicable ``allow``; nothing applicable means deny. Resources are hierarchical at ``/``: a grant on
 ``channel:x`` (or ``channel:x/*``) also covers ``channel:x/NG_2026`` (§10's key filters).
+
+:func:`deny_globs_under` and :func:`hidden_keys` serve an unkeyed subscription: which keys under the
+channel a deny hides from this caller, so the stream can filter per message key.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from collections.abc import Callable, Iterable
 from ._model import Decision, DecisionInput, Grant
 
 NO_MATCH = "no matching grant"
+HIDDEN_KEYS_MEMO = 10_000  # keys remembered per matcher; then the memo starts over
 
 
 @functools.lru_cache(maxsize=65536)
@@ -41,6 +45,116 @@ def resource_matches(glob: str, resource: str) -> bool:
             return True
         cut = resource.find("/", cut + 1)
     return False
+
+
+def literal_prefix(glob: str) -> str:
+    """The part of ``glob`` before its first wildcard (all of it when it has none)."""
+    cut = len(glob)
+    for wildcard in "*?":
+        at = glob.find(wildcard)
+        if at >= 0:
+            cut = min(cut, at)
+    return glob[:cut]
+
+
+def prefix_compatible(glob: str, resource: str) -> bool:
+    """A cheap necessary condition for ``glob`` to match something strictly under ``resource``: its literal
+    prefix and ``resource + "/"`` are prefixes of one another (what the stores filter on)."""
+    prefix, under = literal_prefix(glob), resource + "/"
+    return under.startswith(prefix) or prefix.startswith(under)
+
+
+def _extendable(glob: str, prefix: str) -> bool:
+    """Whether some string starting with ``prefix`` is fully matched by ``glob`` (an NFA over the glob:
+    once ``prefix`` is consumed, any live state can be completed, as ``*`` may be empty and ``?`` any)."""
+
+    def closure(states: set[int]) -> set[int]:
+        out = set(states)
+        for i in sorted(states):
+            j = i
+            while j < len(glob) and glob[j] == "*":
+                j += 1
+                out.add(j)
+        return out
+
+    states = closure({0})
+    for char in prefix:
+        step: set[int] = set()
+        for i in states:
+            if i < len(glob):
+                if glob[i] == "*":
+                    step.add(i)
+                elif glob[i] == "?" or glob[i] == char:
+                    step.add(i + 1)
+        if not step:
+            return False
+        states = closure(step)
+    return True
+
+
+def matches_under(glob: str, resource: str) -> bool:
+    """Whether ``resource_matches(glob, resource + "/" + key)`` holds for some key.
+
+    Exactly when the glob covers ``resource`` itself (or a ``/``-parent of it), or fully matches some string
+    that starts with ``resource + "/"``.
+    """
+    return prefix_compatible(glob, resource) and (
+        resource_matches(glob, resource) or _extendable(glob, resource + "/")
+    )
+
+
+def deny_globs_under(
+    grants: Iterable[Grant], inp: DecisionInput, now: float
+) -> tuple[tuple[str, ...], float | None]:
+    """The resource globs of the deny grants that apply to ``inp``'s caller and action and can match a
+    resource strictly under ``inp.resource``, sorted and without duplicates; and ``valid_until``, the
+    earliest expiry among them (the answer only shrinks then, but no cache should keep it longer).
+
+    ``grants`` may be any superset (others are filtered here).
+    """
+    subjects = set(inp.subjects())
+    globs: set[str] = set()
+    valid_until: float | None = None
+    for grant in grants:
+        if (
+            grant.effect != "deny"
+            or grant.tenant_id != inp.tenant_id
+            or grant.subject not in subjects
+            or (grant.action != inp.action and grant.action != "*")
+            or not grant.active(now)
+            or not matches_under(grant.resource, inp.resource)
+        ):
+            continue
+        globs.add(grant.resource)
+        if grant.expires_at is not None:
+            valid_until = grant.expires_at if valid_until is None else min(valid_until, grant.expires_at)
+    return tuple(sorted(globs)), valid_until
+
+
+def hidden_keys(resource: str, globs: tuple[str, ...]) -> Callable[[str], bool] | None:
+    """``None`` when nothing is denied, else ``hidden(key)``: whether ``resource + "/" + key`` is matched by
+    any of ``globs`` (``resource_matches`` semantics: ``*`` spans ``/``, a glob covers what lies under it).
+
+    For the stream's per-message filter of an unkeyed subscription; answers are memoised per key (at most
+    ``HIDDEN_KEYS_MEMO``, then the memo is cleared), so a channel's hot keys cost a dict lookup.
+    """
+    if not globs:
+        return None
+    under = resource + "/"
+    patterns = tuple(globs)
+    memo: dict[str, bool] = {}
+
+    def hidden(key: str) -> bool:
+        answer = memo.get(key)
+        if answer is None:
+            target = under + key
+            answer = any(resource_matches(glob, target) for glob in patterns)
+            if len(memo) >= HIDDEN_KEYS_MEMO:
+                memo.clear()
+            memo[key] = answer
+        return answer
+
+    return hidden
 
 
 def evaluate(grants: Iterable[Grant], inp: DecisionInput, now: float) -> Decision:
@@ -102,6 +216,13 @@ class GrantIndex:
 
     def __len__(self) -> int:
         return len(self.grants)
+
+    def candidates_under(self, inp: DecisionInput) -> list[Grant]:
+        """The caller's deny grants for the action whose glob may match something under ``inp.resource``."""
+        return [
+            g for g in self.candidates(inp)
+            if g.effect == "deny" and prefix_compatible(g.resource, inp.resource)
+        ]
 
     def candidates(self, inp: DecisionInput) -> list[Grant]:
         found: list[Grant] = []

@@ -175,6 +175,10 @@ class FileStore:
         snapshot = self._snapshot
         return snapshot.version, snapshot.index.candidates(inp)
 
+    async def lookup_under(self, inp: DecisionInput) -> tuple[str, list[Grant]]:
+        snapshot = self._snapshot
+        return snapshot.version, snapshot.index.candidates_under(inp)
+
     def is_newer(self, a: str, b: str) -> bool:
         return a == self._snapshot.version and a != b
 

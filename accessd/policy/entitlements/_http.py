@@ -2,8 +2,10 @@
 
 ``POST /entitlements/check`` and ``/entitlements/check-batch`` need no token (internal listener); when a
 request carries ``Authorization: Bearer`` anyway, the token is verified and its tenant must equal the
-decision's (403 ``TENANT_MISMATCH``). ``/entitlements/grants`` needs a token with the ``admin`` role and
-works only within the token's tenant.
+decision's (403 ``TENANT_MISMATCH``). ``POST /entitlements/denied-under`` takes the same body and answers
+``{"deny": [<glob>, ...], "ttl_s": n}``: the deny globs that hide keys under the resource from the caller
+(for an edge filtering an unkeyed subscription per message key).
+``/entitlements/grants`` needs a token with the ``admin`` role and works only within the token's tenant.
 Errors: 400 ``BAD_REQUEST`` naming the field; 503 ``UPSTREAM_UNAVAILABLE`` when the store is unreachable
 and no cached decision applies (never an allow).
 """
@@ -19,6 +21,7 @@ from quart import Blueprint, Response, request
 from ...errors import BackendUnavailable
 from ...http import ApiError
 from .._identity import AuthFailure, Identity
+from ._evaluate import tenant_mismatch
 from ._model import InvalidInput, parse_decision_input, parse_grant
 from ._service import Decider
 from ._store import GrantStore
@@ -53,6 +56,20 @@ def entitlements_blueprint(decider: Decider, store: GrantStore | None, verify: V
         identity = await _optional_identity(verify)
         decisions = await _unavailable_as_503(decider.decide_many(identity, inputs))
         return _json({"results": [d.to_json() for d in decisions]}, 200)
+
+    @bp.post("/entitlements/denied-under")
+    async def denied_under() -> Response:
+        body = await _json_body()
+        inp = _parse_input(body, "")
+        identity = await _optional_identity(verify)
+        if identity is not None and identity.tenant_id != inp.tenant_id:
+            raise ApiError(403, "TENANT_MISMATCH", tenant_mismatch(identity.tenant_id, inp.tenant_id).reason)
+        with_ttl = getattr(decider, "denied_under_ttl", None)
+        if with_ttl is not None:
+            globs, ttl_s = await _unavailable_as_503(with_ttl(identity, inp))
+        else:  # a decider without a cache of its own: nothing to promise
+            globs, ttl_s = await _unavailable_as_503(decider.denied_under(identity, inp)), 0.0
+        return _json({"deny": list(globs), "ttl_s": int(ttl_s)}, 200)
 
     if store is None:
         return bp

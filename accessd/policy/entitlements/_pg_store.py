@@ -43,6 +43,19 @@ LEFT JOIN entitlement_grants g
  AND starts_with($4, substring(g.resource FROM '^[^*?]*'))
 """
 
+# The caller's deny grants whose literal prefix (before the first wildcard) and ``resource/`` ($4) are
+# prefixes of one another: a superset of the globs that can match something under the resource.
+_LOOKUP_UNDER = """
+SELECT v.version, g.id, g.tenant_id, g.subject, g.action, g.resource, g.effect,
+       extract(epoch FROM g.expires_at) AS expires_at
+FROM entitlement_policy_version v
+LEFT JOIN entitlement_grants g
+  ON g.tenant_id = $1 AND g.subject = ANY($2::text[]) AND (g.action = $3 OR g.action = '*')
+ AND g.effect = 'deny'
+ AND (g.expires_at IS NULL OR g.expires_at > now())
+ AND (starts_with($4, substring(g.resource FROM '^[^*?]*')) OR starts_with(g.resource, $4))
+"""
+
 
 def migrations() -> list[tuple[int, str, str]]:
     """``(version, name, sql)`` of every migration shipped in the package, in order."""
@@ -182,7 +195,13 @@ class PostgresStore:
         raise BackendUnavailable("postgres", f"no answer within {self._timeout_s:g} s")
 
     async def lookup(self, inp: DecisionInput) -> tuple[str, list[Grant]]:
-        rows = await self._fetch(_LOOKUP, inp.tenant_id, list(inp.subjects()), inp.action, inp.resource)
+        return await self._lookup(_LOOKUP, inp, inp.resource)
+
+    async def lookup_under(self, inp: DecisionInput) -> tuple[str, list[Grant]]:
+        return await self._lookup(_LOOKUP_UNDER, inp, inp.resource + "/")
+
+    async def _lookup(self, sql: str, inp: DecisionInput, resource: str) -> tuple[str, list[Grant]]:
+        rows = await self._fetch(sql, inp.tenant_id, list(inp.subjects()), inp.action, resource)
         if not rows:
             raise BackendUnavailable("postgres", "entitlement_policy_version is empty")
         version = str(rows[0]["version"])

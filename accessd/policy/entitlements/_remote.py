@@ -1,7 +1,8 @@
 """A :class:`Decider` backed by a remote internal role (``ACCESS_ENTITLEMENTS_URL``).
 
 The edge role uses it instead of deciding in-process; the internal role does the caching and sees every
-invalidation, so this client keeps no cache of its own (a revocation stays instant).
+invalidation, so this client keeps no cache of its own (a revocation stays instant). ``denied_under`` asks
+``POST /entitlements/denied-under``.
 Errors: unreachable, slow (``timeout_s``) or failing remote → BackendUnavailable("entitlements").
 """
 
@@ -13,7 +14,7 @@ from ...errors import BackendUnavailable
 from ...http._client import RemoteClient
 from .._identity import Identity
 from ._model import Decision, DecisionInput
-from ._service import bind_identity
+from ._service import EVERYTHING, bind_identity
 
 BACKEND = "entitlements"
 
@@ -49,6 +50,16 @@ class RemoteEntitlements(RemoteClient):
         if isinstance(bound, Decision):
             return bound
         return _decision(await self._post("/entitlements/check", _body(bound)))
+
+    async def denied_under(self, identity: Identity | None, inp: DecisionInput) -> tuple[str, ...]:
+        bound = bind_identity(identity, inp)
+        if isinstance(bound, Decision):
+            return EVERYTHING
+        body = await self._post("/entitlements/denied-under", _body(bound))
+        globs = body.get("deny") if isinstance(body, dict) else None
+        if not isinstance(globs, list) or not all(isinstance(g, str) and g for g in globs):
+            raise BackendUnavailable(BACKEND, "malformed denied-under answer")
+        return tuple(globs)
 
     async def decide_many(self, identity: Identity | None, inputs: list[DecisionInput]) -> list[Decision]:
         bound = [bind_identity(identity, inp) for inp in inputs]

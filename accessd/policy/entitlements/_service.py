@@ -18,12 +18,15 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from ...errors import BackendUnavailable
 from ...telemetry._metrics import LATENCY_BUCKETS
 from .._identity import Identity
-from ._cache import AdaptiveTtl, DecisionLru, Entry
-from ._evaluate import evaluate, tenant_mismatch
+from ._cache import AdaptiveTtl, DecisionLru, Entry, UnderEntry
+from ._evaluate import deny_globs_under, evaluate, tenant_mismatch
 from ._model import Decision, DecisionInput
 from ._store import GrantStore
 
 MAX_BATCH_CONCURRENCY = 64
+# ``denied_under`` for a caller of another tenant than the decision's: every key hidden (``decide`` denies
+# the subscription anyway; this keeps a caller that forgot to ask it on the safe side).
+EVERYTHING = ("*",)
 
 
 class Decider(Protocol):
@@ -36,6 +39,16 @@ class Decider(Protocol):
     async def decide(self, identity: Identity | None, inp: DecisionInput) -> Decision: ...
 
     async def decide_many(self, identity: Identity | None, inputs: list[DecisionInput]) -> list[Decision]: ...
+
+    async def denied_under(self, identity: Identity | None, inp: DecisionInput) -> tuple[str, ...]:
+        """The resource globs of the deny grants that apply to the caller and ``inp.action`` and can match a
+        resource strictly under ``inp.resource`` (``inp.resource + "/" + key``); sorted, maybe a superset.
+
+        For an unkeyed subscription: :func:`hidden_keys` turns them into a per-message-key filter. Identity
+        as in ``decide``; a tenant mismatch answers ``("*",)`` (everything hidden).
+        Errors: BackendUnavailable when the store cannot be reached and nothing cached applies.
+        """
+        ...
 
 
 class EntitlementMetrics:
@@ -81,12 +94,17 @@ class Entitlements:
         metrics: EntitlementMetrics | None = None,
     ) -> None:
         self.store = store
-        self.lru = DecisionLru(lru_size)
+        self.lru: DecisionLru[Entry] = DecisionLru(lru_size)
+        self.under_lru: DecisionLru[UnderEntry] = DecisionLru(lru_size)
         self._ttl = ttl
         self._redis = redis  # aio.RedisBatcher: get(key) / set_nowait(key, value, ttl_s)
         self._prefix = redis_prefix
         self._metrics = metrics
-        store.version.add_listener(lambda _version: self.lru.clear())
+        store.version.add_listener(self._clear)
+
+    def _clear(self, _version: str) -> None:
+        self.lru.clear()
+        self.under_lru.clear()
 
     async def decide(self, identity: Identity | None, inp: DecisionInput) -> Decision:
         started = time.perf_counter()
@@ -121,6 +139,44 @@ class Entitlements:
         if failure:
             raise failure[0]
         return [r for r in results if r is not None]
+
+    async def denied_under(self, identity: Identity | None, inp: DecisionInput) -> tuple[str, ...]:
+        globs, _ttl = await self.denied_under_ttl(identity, inp)
+        return globs
+
+    async def denied_under_ttl(
+        self, identity: Identity | None, inp: DecisionInput
+    ) -> tuple[tuple[str, ...], float]:
+        """``denied_under`` and how long the answer may be cached (seconds).
+
+        Cached in-process like decisions: tagged with the policy version (a grant change drops it), bounded
+        by the adaptive TTL and the earliest expiry of the grants in it. No Redis tier: asked once per
+        subscription, not per request.
+        """
+        bound = bind_identity(identity, inp)
+        if isinstance(bound, Decision):
+            return EVERYTHING, 0.0
+        key = bound.cache_key()
+        version = self.store.version
+        current = version.value
+        entry = self.under_lru.get(key)
+        now = time.monotonic()
+        if entry is not None and entry.version == current and entry.expires_at > now:
+            entry.hits += 1
+            return entry.globs, entry.expires_at - now
+        hits = entry.hits + 1 if entry is not None else 0
+        try:
+            stored_version, grants = await self.store.lookup_under(bound)
+        except BackendUnavailable:
+            self._ttl.note_error()
+            raise
+        globs, valid_until = deny_globs_under(grants, bound, time.time())
+        if self.store.is_newer(stored_version, version.value):
+            version.set(stored_version)
+        ttl = self._ttl.ttl(hits, version.changed_at, valid_until)
+        if stored_version == version.value and ttl > 0:
+            self.under_lru.put(key, UnderEntry(globs, stored_version, time.monotonic() + ttl, hits))
+        return globs, ttl
 
     def _count(self, decision: Decision, source: str, started: float) -> None:
         if self._metrics is not None:

@@ -25,6 +25,11 @@ class GrantStore(Protocol):
         """``(version, grants)``: a superset of the grants that may apply, and the version they belong to."""
         ...
 
+    async def lookup_under(self, inp: DecisionInput) -> tuple[str, list[Grant]]:
+        """``(version, grants)``: a superset of the caller's deny grants for ``inp.action`` that may match a
+        resource strictly under ``inp.resource`` (see ``_evaluate.deny_globs_under``)."""
+        ...
+
     def is_newer(self, a: str, b: str) -> bool:
         """Whether version ``a`` is later than ``b``."""
         ...
@@ -52,6 +57,9 @@ class EmptyStore:
         self.version = PolicyVersion("empty")
 
     async def lookup(self, inp: DecisionInput) -> tuple[str, list[Grant]]:
+        return self.version.value, []
+
+    async def lookup_under(self, inp: DecisionInput) -> tuple[str, list[Grant]]:
         return self.version.value, []
 
     def is_newer(self, a: str, b: str) -> bool:
