@@ -20,6 +20,7 @@ from accessd.policy.entitlements import (
     DecisionInput,
     EntitlementMetrics,
     Entitlements,
+    FileStore,
     PostgresStore,
     parse_grant,
 )
@@ -176,3 +177,52 @@ async def test_postgres_outage_serves_cached_decisions_and_503s_the_rest(postgre
         proxy.stop()
 
 
+
+
+async def test_two_databases_sharing_redis_and_prefix_never_read_each_others_decisions(
+    postgres_dsn: str, redis_url: str
+) -> None:
+    """Version counters start at 1 in every database; the store epoch keeps their Redis entries apart."""
+    prefix = f"accessd-test:{secrets.token_hex(4)}"
+    dsn_a, dsn_b = await new_schema(postgres_dsn), await new_schema(postgres_dsn)
+    try:
+        with trio.fail_after(20):
+            async with trio_asyncio.open_loop(), trio.open_nursery() as nursery:
+                async with open_process(nursery, dsn_a, redis_url, prefix) as a, \
+                        open_process(nursery, dsn_b, redis_url, prefix) as b, \
+                        open_process(nursery, dsn_a, redis_url, prefix) as a2:
+                    await wait_listening(a.store, b.store, a2.store)
+                    await a.store.add(parse_grant(GRANT))  # A allows
+                    await b.store.add(parse_grant({**GRANT, "effect": "deny"}))  # B denies, same version
+                    with trio.fail_after(2):
+                        while a.store.version.value != "2" or b.store.version.value != "2":  # noqa: ASYNC110
+                            await trio.sleep(0.01)
+                    assert (await a.ent.decide(None, ASK)).allow
+                    await trio.sleep(0.05)  # the batcher writes to Redis within a tick
+                    decision = await b.ent.decide(None, ASK)
+                    assert not decision.allow and decision.reason.startswith("denied by grant")
+                    assert b.count("redis", "allow") == 0 and b.count("store", "deny") == 1
+                    # One database, one epoch: the processes of one deployment still share entries.
+                    assert (await a2.ent.decide(None, ASK)).allow and a2.count("redis") == 1
+                    assert a.store.epoch and a2.store.epoch == a.store.epoch != b.store.epoch
+                    nursery.cancel_scope.cancel()
+    finally:
+        cleanup_redis(redis_url, prefix)
+
+
+async def test_role_names_cannot_collide_in_cache_keys(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Roles come from tokens unvalidated: {"a,b"} must not be served the cached answer of {"a", "b"}."""
+    split = DecisionInput("u1", "t1", "read", "curve:X", frozenset({"a", "b"}))
+    joined = DecisionInput("u1", "t1", "read", "curve:X", frozenset({"a,b"}))
+    assert split.cache_key() != joined.cache_key()
+    assert DecisionInput("u1\x1fa", "t1", "read", "curve:X").cache_key() != DecisionInput(
+        "u1", "t1", "read", "curve:X", frozenset({"a"})).cache_key()
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("grants: [{tenant_id: t1, subject: 'role:b', action: read, resource: 'curve:*', "
+                      "effect: allow}]\n")
+    store = FileStore(policy)
+    with trio.fail_after(5):
+        await store.load()
+        ent = entitlements(store)
+        assert (await ent.decide(None, split)).allow
+        assert not (await ent.decide(None, joined)).allow

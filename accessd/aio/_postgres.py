@@ -192,6 +192,10 @@ class _Listening:
     async def fetchval(self, sql: str, timeout_s: float) -> Any:
         return await self.conn.fetchval(sql, timeout=timeout_s)
 
+    async def fetchrow(self, sql: str, timeout_s: float) -> dict[str, Any] | None:
+        row = await self.conn.fetchrow(sql, timeout=timeout_s)
+        return dict(row) if row is not None else None
+
     async def close(self) -> None:
         if self.conn is not None and not self.conn.is_closed():
             try:
@@ -214,8 +218,15 @@ class PgListener:
         return await run_aio(BACKEND, self._inner.next, timeout_s)
 
     async def fetchval(self, sql: str, timeout_s: float) -> Any:
-        with trio.fail_after(timeout_s + 0.5):
+        with trio.move_on_after(timeout_s + 0.5):
             return await run_aio(BACKEND, self._inner.fetchval, sql, timeout_s)
+        raise BackendUnavailable(BACKEND, f"no answer within {timeout_s:g} s")
+
+    async def fetchrow(self, sql: str, timeout_s: float) -> dict[str, Any] | None:
+        """The first row of ``sql`` as a dict, or None."""
+        with trio.move_on_after(timeout_s + 0.5):
+            return await run_aio(BACKEND, self._inner.fetchrow, sql, timeout_s)
+        raise BackendUnavailable(BACKEND, f"no answer within {timeout_s:g} s")
 
 
 @asynccontextmanager

@@ -7,7 +7,9 @@ Every statement that changes grants bumps ``entitlement_policy_version`` and NOT
 LISTEN connection and moves the local :class:`PolicyVersion` within milliseconds.
 
 A lookup returns the grants *and* the version in one statement (one snapshot), so a decision computed
-from pre-revocation data is always tagged with the pre-revocation version and dies with it.
+from pre-revocation data is always tagged with the pre-revocation version and dies with it. The same
+statement reads the store's ``epoch`` (a random id made once per database and schema by migration 0002),
+which the shared Redis tier puts in its keys: version counters start at 1 everywhere, epochs do not.
 """
 
 from __future__ import annotations
@@ -32,11 +34,13 @@ log = logging.getLogger("accessd.policy")
 COMPONENT = "entitlements"
 CHANNEL = "accessd_entitlements"
 _MIGRATION_NAME = re.compile(r"(\d{4})_([a-z0-9_]+)\.sql")
+_VERSION = "SELECT v.version, e.epoch FROM entitlement_policy_version v CROSS JOIN entitlement_store_epoch e"
 _COLUMNS = "id, tenant_id, subject, action, resource, effect, extract(epoch FROM expires_at) AS expires_at"
 _LOOKUP = """
-SELECT v.version, g.id, g.tenant_id, g.subject, g.action, g.resource, g.effect,
+SELECT v.version, e.epoch, g.id, g.tenant_id, g.subject, g.action, g.resource, g.effect,
        extract(epoch FROM g.expires_at) AS expires_at
 FROM entitlement_policy_version v
+CROSS JOIN entitlement_store_epoch e
 LEFT JOIN entitlement_grants g
   ON g.tenant_id = $1 AND g.subject = ANY($2::text[]) AND (g.action = $3 OR g.action = '*')
  AND (g.expires_at IS NULL OR g.expires_at > now())
@@ -46,9 +50,10 @@ LEFT JOIN entitlement_grants g
 # The caller's deny grants whose literal prefix (before the first wildcard) and ``resource/`` ($4) are
 # prefixes of one another: a superset of the globs that can match something under the resource.
 _LOOKUP_UNDER = """
-SELECT v.version, g.id, g.tenant_id, g.subject, g.action, g.resource, g.effect,
+SELECT v.version, e.epoch, g.id, g.tenant_id, g.subject, g.action, g.resource, g.effect,
        extract(epoch FROM g.expires_at) AS expires_at
 FROM entitlement_policy_version v
+CROSS JOIN entitlement_store_epoch e
 LEFT JOIN entitlement_grants g
   ON g.tenant_id = $1 AND g.subject = ANY($2::text[]) AND (g.action = $3 OR g.action = '*')
  AND g.effect = 'deny'
@@ -115,6 +120,7 @@ class PostgresStore:
         self._schema: str | None = None
         self._migrated = False
         self.version = PolicyVersion("0")
+        self.epoch: str | None = None  # known once Postgres has answered
         self.listening = False
 
     # --- lifecycle ---
@@ -173,9 +179,10 @@ class PostgresStore:
                         self._advance(version)
 
     async def _read_version(self, listener: Any) -> None:
-        version = await listener.fetchval("SELECT version FROM entitlement_policy_version", self._timeout_s)
-        if version is not None:
-            self._advance(str(version))
+        row = await listener.fetchrow(_VERSION, self._timeout_s)
+        if row is not None:
+            self.epoch = str(row["epoch"])
+            self._advance(str(row["version"]))
 
     def _advance(self, version: str) -> None:
         if self.is_newer(version, self.version.value):
@@ -203,8 +210,9 @@ class PostgresStore:
     async def _lookup(self, sql: str, inp: DecisionInput, resource: str) -> tuple[str, list[Grant]]:
         rows = await self._fetch(sql, inp.tenant_id, list(inp.subjects()), inp.action, resource)
         if not rows:
-            raise BackendUnavailable("postgres", "entitlement_policy_version is empty")
+            raise BackendUnavailable("postgres", "entitlement_policy_version or _store_epoch is empty")
         version = str(rows[0]["version"])
+        self.epoch = str(rows[0]["epoch"])
         return version, [_grant(row) for row in rows if row["id"] is not None]
 
     def is_newer(self, a: str, b: str) -> bool:

@@ -79,8 +79,10 @@ def bind_identity(identity: Identity | None, inp: DecisionInput) -> Decision | D
 class Entitlements:
     """In-process decisions over a grant store, an LRU and (optionally) the shared Redis tier.
 
-    Redis keys are ``<prefix>:d:<version>:<hash of the input>``: a new version makes every older entry
-    unreachable, so nothing needs deleting. The Redis tier is best-effort: a slow or absent Redis is a miss.
+    Redis keys are ``<prefix>:d:<store epoch>:<version>:<hash of the input>``: a new version makes every
+    older entry unreachable, so nothing needs deleting; the epoch keeps two stores whose version counters
+    agree (two Postgres databases sharing one Redis and prefix) apart. No epoch yet, no Redis tier.
+    The Redis tier is best-effort: a slow or absent Redis is a miss.
     """
 
     def __init__(
@@ -194,8 +196,9 @@ class Entitlements:
             return entry.decision, "lru"
         hits = entry.hits + 1 if entry is not None else 0
 
-        if self._redis is not None:
-            raw = await self._redis.get(self._redis_key(current, key))  # type: ignore[attr-defined]
+        epoch = self.store.epoch
+        if self._redis is not None and epoch is not None:
+            raw = await self._redis.get(self._redis_key(epoch, current, key))  # type: ignore[attr-defined]
             if raw is not None and version.value == current:
                 decision = _decode(raw)
                 if decision.valid_until is None or decision.valid_until > time.time():
@@ -215,15 +218,16 @@ class Entitlements:
         decision = dataclasses.replace(decision, ttl_s=ttl)
         if stored_version == version.value and ttl > 0:
             self.lru.put(key, Entry(decision, stored_version, time.monotonic() + ttl, hits))
-            if self._redis is not None:
+            epoch = self.store.epoch  # read by the lookup, with the version
+            if self._redis is not None and epoch is not None:
                 self._redis.set_nowait(  # type: ignore[attr-defined]
-                    self._redis_key(stored_version, key), _encode(decision), ttl
+                    self._redis_key(epoch, stored_version, key), _encode(decision), ttl
                 )
         return decision, "store"
 
-    def _redis_key(self, version: str, key: str) -> str:
+    def _redis_key(self, epoch: str, version: str, key: str) -> str:
         digest = hashlib.blake2b(key.encode(), digest_size=16).hexdigest()
-        return f"{self._prefix}:d:{version}:{digest}"
+        return f"{self._prefix}:d:{epoch}:{version}:{digest}"
 
 
 def _encode(decision: Decision) -> bytes:

@@ -20,6 +20,10 @@ class GrantStore(Protocol):
     kind: str
     name: str
     version: PolicyVersion
+    # What identifies this store's grant data in shared caches, next to ``version``: a (version, epoch)
+    # pair must name one set of grants across every deployment sharing a Redis. None while unknown (the
+    # shared tier is skipped then).
+    epoch: str | None
 
     async def lookup(self, inp: DecisionInput) -> tuple[str, list[Grant]]:
         """``(version, grants)``: a superset of the grants that may apply, and the version they belong to."""
@@ -52,6 +56,7 @@ class EmptyStore:
 
     kind = "none"
     name = "entitlements-store"
+    epoch = "none"  # no grants: every empty store answers alike, so sharing their entries is harmless
 
     def __init__(self) -> None:
         self.version = PolicyVersion("empty")
