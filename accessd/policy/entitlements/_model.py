@@ -8,6 +8,7 @@ return a value or raise :class:`InvalidInput` naming the offending field. Nothin
 from __future__ import annotations
 
 import datetime as dt
+import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -80,8 +81,10 @@ class DecisionInput:
         return (f"user:{self.user_id}", *(f"role:{r}" for r in sorted(self.roles)), "*")
 
     def cache_key(self) -> str:
-        roles = ",".join(sorted(self.roles))
-        return f"{self.tenant_id}\x1f{self.user_id}\x1f{roles}\x1f{self.action}\x1f{self.resource}"
+        """An unambiguous key: JSON, so no value (a role name from a token is not validated) can contain a
+        separator that makes two inputs collide (roles ``{"a,b"}`` against ``{"a", "b"}``)."""
+        return json.dumps([self.tenant_id, self.user_id, sorted(self.roles), self.action, self.resource],
+                          separators=(",", ":"))
 
 
 @dataclass(frozen=True)
