@@ -98,7 +98,7 @@ async def _serve(
                 [
                     *auth.internal_blueprints(),
                     entitlements_blueprint(entitlements.decider, entitlements.store, auth.verify),
-                    publish_blueprint(stream.source, auth.verify),
+                    publish_blueprint(stream.source, auth.verify, publish_role=settings.stream.publish_role),
                 ],
             )
             listeners.append(

@@ -12,6 +12,7 @@ import dataclasses
 import ipaddress
 import json
 import os
+import re
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -105,6 +106,16 @@ def parse_hostport(text: str) -> tuple[str, int]:
     if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
         raise ValueError(f"{text!r} has no valid port (0-65535)")
     return host, int(port_text)
+
+
+_ROLE_NAME = re.compile(r"[A-Za-z0-9_.@:/+=-]{1,128}")
+
+
+def _role_name(value: Any) -> str:
+    text = _text(value)
+    if not _ROLE_NAME.fullmatch(text):
+        raise ValueError(f"{text!r} is not a role name (letters, digits, _.@:/+=-)")
+    return text
 
 
 def _binds(value: Any) -> tuple[str, ...]:
@@ -310,6 +321,12 @@ class StreamSettings:
     kafka_replay_max_records: int = _setting(
         10_000, _number(int, 1, 10_000_000), "most records one replay returns (older ones count as a gap)"
     )
+    publish_role: str = _setting(
+        "publisher",
+        _role_name,
+        "token role needed for POST /stream/publish: one only the IdP assigns (channels are shared by every "
+        "tenant, so a tenant's own admin role must not do)",
+    )
 
 
 @dataclass(frozen=True)
@@ -448,5 +465,10 @@ def _check_consistency(settings: Settings) -> None:
         )
     if settings.policy.entitlement_ttl_min_s > settings.policy.entitlement_ttl_max_s:
         raise ConfigError("ACCESS_ENTITLEMENT_TTL_MIN_S", "must not exceed ACCESS_ENTITLEMENT_TTL_MAX_S")
+    if settings.stream.publish_role == "admin":
+        raise ConfigError(
+            "ACCESS_PUBLISH_ROLE",
+            "must not be admin: that role is per tenant, and channels are shared by every tenant",
+        )
     if settings.telemetry.enable_tracing and settings.telemetry.otel_exporter is None:
         raise ConfigError("ACCESS_OTEL_EXPORTER", "required when ACCESS_ENABLE_TRACING is true")

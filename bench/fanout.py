@@ -181,7 +181,7 @@ def main() -> None:
                 "--tenant",
                 "bench",
                 "--roles",
-                "admin",
+                "publisher",  # ACCESS_PUBLISH_ROLE's default: this token also publishes
                 "--ttl",
                 "86400",
             ],

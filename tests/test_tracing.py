@@ -55,7 +55,7 @@ async def test_request_and_delivery_spans(daemon_factory, otlp: OtlpReceiver, tm
             published = await client.post(
                 f"{daemon.internal_url}/stream/publish",
                 json={"channel": "traced.v1", "data": {"x": 1}},
-                headers={"Authorization": f"Bearer {mint('admin')}",
+                headers={"Authorization": f"Bearer {mint('publisher')}",
                          "traceparent": f"00-{PUBLISH_TRACE}-b7ad6b7169203331-01"},
             )
             assert published.status_code == 202

@@ -1,7 +1,8 @@
 """``accessd publish CHANNEL JSON [--key K]``: one message through a running daemon's publish endpoint.
 
 The daemon publishes to whatever broker it is configured with (Kafka, or its embedded broker). The token is
-``--token``, or with the dev issuer an ``admin`` token minted on the spot from the shared state directory.
+``--token``, or with the dev issuer a token with the publish role (``ACCESS_PUBLISH_ROLE``) minted on the spot
+from the shared state directory.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ def add_arguments(publish: argparse.ArgumentParser) -> None:
     publish.add_argument("channel", help="channel (Kafka topic) name")
     publish.add_argument("data", help="the message, as JSON text")
     publish.add_argument("--key", help="message key (e.g. a curve id)")
-    publish.add_argument("--token", help="admin token (default: minted by the dev issuer)")
+    publish.add_argument("--token", help="token with the publish role (default: minted by the dev issuer)")
     publish.add_argument("--url", help="internal listener base URL (default: from ACCESS_INTERNAL_BIND)")
 
 
@@ -53,7 +54,7 @@ def _dev_token(settings: Settings) -> str:
         raise ConfigError("--token", "required: the dev issuer is off (ACCESS_JWKS_URL is set)")
     from ..policy.auth import DevIssuer
 
-    return DevIssuer.from_settings(settings).mint("accessd-cli", "ops", ["admin"], 300)
+    return DevIssuer.from_settings(settings).mint("accessd-cli", "ops", [settings.stream.publish_role], 300)
 
 
 def _internal_url(settings: Settings) -> str:

@@ -1,4 +1,8 @@
-"""``POST /stream/publish`` (internal role, ``admin`` token): one message into the configured broker."""
+"""``POST /stream/publish`` (internal role): one message into the configured broker.
+
+The token must carry ``publish_role`` (``ACCESS_PUBLISH_ROLE``, default ``publisher``), a role only the IdP
+assigns: channels are shared by every tenant, so a tenant's own ``admin`` role must not be enough.
+"""
 
 from __future__ import annotations
 
@@ -15,12 +19,12 @@ from ._sessions import MAX_KEY_CHARS
 from ._source import CHANNEL_NAME, Source, encode_cursor
 
 
-def publish_blueprint(source: Source, verify: Verify) -> Blueprint:
+def publish_blueprint(source: Source, verify: Verify, *, publish_role: str) -> Blueprint:
     api = Blueprint("stream", __name__)
 
     @api.post("/stream/publish")
     async def publish() -> Response:
-        await require_identity(verify, request, role="admin")
+        await require_identity(verify, request, role=publish_role)
         body = await request.get_json(force=True, silent=True)
         if not isinstance(body, dict):
             raise ApiError(400, "BAD_REQUEST", "body must be a JSON object", {"field": "body"})
