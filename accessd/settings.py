@@ -251,7 +251,9 @@ class BackendSettings:
 class AuthSettings:
     jwks_url: str | None = _setting(None, _url("http", "https"), "IdP JWKS endpoint")
     jwt_issuer: str | None = _setting(None, _optional_text, "required iss")
-    jwt_audience: str | None = _setting(None, _optional_text, "required aud")
+    jwt_audience: str | None = _setting(
+        None, _optional_text, "required aud (with ACCESS_ENV=prod and an IdP, start fails without one)"
+    )
     jwt_issuers: dict[str, str] | None = _setting(None, _issuers, "issuer → JWKS URL map (JSON)")
     tenant_claim: str = _setting("tenant_id", _text, "claim holding the tenant")
     auth_url: str | None = _setting(None, _url("http", "https"), "remote internal role for auth")
@@ -457,6 +459,18 @@ def _check_consistency(settings: Settings) -> None:
             f"required when ACCESS_ENV is {settings.server.env} (the dev issuer runs only in local/dev)",
         )
     auth = settings.auth
+    delegates_auth = settings.server.role == "edge" and auth.auth_url is not None  # verifies nothing itself
+    if (
+        settings.server.env == "prod"
+        and (auth.jwks_url or auth.jwt_issuers)
+        and auth.jwt_audience is None
+        and not delegates_auth
+    ):
+        raise ConfigError(
+            "ACCESS_JWT_AUDIENCE",
+            "required when ACCESS_ENV is prod and tokens are verified against an IdP (ACCESS_JWKS_URL or "
+            "ACCESS_JWT_ISSUERS): without it a token the IdP issued to any other client is accepted",
+        )
     if auth.jwks_url and auth.jwt_issuers and auth.jwt_issuer is None:
         raise ConfigError(
             "ACCESS_JWT_ISSUER",
