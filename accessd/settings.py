@@ -268,6 +268,9 @@ class AuthSettings:
     auth_timeout_s: float = _setting(2.0, _number(float, 0.05, 60), "deadline of one ACCESS_AUTH_URL call")
     token_cache_size: int = _setting(10000, _number(int, 0, 10_000_000), "verified tokens kept (0: off)")
     max_token_bytes: int = _setting(8192, _number(int, 256, 65536), "largest token accepted")
+    auth_failures_per_minute: int = _setting(
+        60, _number(int, 1, 1_000_000), "failed authentications per client IP on the edge before 429"
+    )
     dev_key_file: Path | None = _setting(
         None, _optional_path, "dev issuer key (PEM); unset: <state_dir>/dev-issuer-key.pem"
     )
@@ -305,7 +308,16 @@ class StreamSettings:
     stream_heartbeat_s: float = _setting(15.0, _number(float, 0.1, 3600), "WS ping / SSE comment period")
     stream_handshake_timeout_s: float = _setting(10.0, _number(float, 0.1, 600), "request head deadline")
     stream_connects_per_minute: int = _setting(
-        30, _number(int, 1, 1_000_000), "streaming_connect tier, per IP"
+        30, _number(int, 1, 1_000_000), "streaming_connect tier, per IP (failed attempts count too)"
+    )
+    stream_max_handshakes: int = _setting(
+        1000, _number(int, 1, 1_000_000), "request heads read at once (excess connections closed)"
+    )
+    stream_max_handshakes_per_ip: int = _setting(
+        50, _number(int, 1, 1_000_000), "request heads read at once from one address (not trusted proxies)"
+    )
+    stream_write_timeout_s: float = _setting(
+        30.0, _number(float, 0.1, 3600), "a client not caught up for this long is closed"
     )
     stream_ring_size: int = _setting(
         10_000, _number(int, 1, 10_000_000), "embedded broker records per channel"

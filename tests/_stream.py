@@ -16,6 +16,7 @@ from typing import Any
 import trio
 from prometheus_client import CollectorRegistry
 
+from accessd.errors import BackendUnavailable
 from accessd.policy._identity import AuthFailure, Identity
 from accessd.stream import EmbeddedBroker, Hub, Limits, SessionLimits, StreamConfig, StreamListener
 
@@ -29,6 +30,12 @@ class Rig:
     tokens: dict[str, Identity]
     denied: set[str] = field(default_factory=set)  # channel names nobody may subscribe to
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+    verifier_down: bool = False  # verify raises BackendUnavailable (a delegated verifier that is away)
+    faults: dict[str, Exception] = field(default_factory=dict)  # channel -> what authorize raises
+
+    @property
+    def port(self) -> int:
+        return int(self.url.rsplit(":", 1)[1])
 
     @property
     def ws_url(self) -> str:
@@ -47,13 +54,17 @@ class Rig:
 
 @asynccontextmanager
 async def stream_rig(**config: Any) -> AsyncIterator[Rig]:
-    broker = EmbeddedBroker(ring_size=config.pop("ring_size", 1000))
+    broker = EmbeddedBroker(
+        ring_size=config.pop("ring_size", 1000), max_channels=config.pop("max_channels", 10_000)
+    )
     hub = Hub(broker, policies=config.pop("policies", ()))
-    tokens: dict[str, Identity] = {}
-    denied: set[str] = set()
+    rig: Rig | None = None
 
     async def verify(token: str) -> Identity | AuthFailure:
-        identity = tokens.get(token)
+        assert rig is not None
+        if rig.verifier_down:
+            raise BackendUnavailable("auth", "test verifier is down")
+        identity = rig.tokens.get(token)
         if identity is None:
             return AuthFailure("TOKEN_INVALID", "unknown test token")
         if identity.exp < time.time():
@@ -61,7 +72,10 @@ async def stream_rig(**config: Any) -> AsyncIterator[Rig]:
         return identity
 
     async def authorize(identity: Identity, channel: str, key: str | None) -> str | None:
-        return f"{identity.sub} may not subscribe to {channel}" if channel in denied else None
+        assert rig is not None
+        if channel in rig.faults:
+            raise rig.faults[channel]
+        return f"{identity.sub} may not subscribe to {channel}" if channel in rig.denied else None
 
     registry = CollectorRegistry()
     shutdown = trio.Event()
@@ -78,10 +92,66 @@ async def stream_rig(**config: Any) -> AsyncIterator[Rig]:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(hub.run)
         (url,) = await nursery.start(listener.run)
-        rig = Rig(broker, hub, listener, url, tokens, denied, registry)
+        rig = Rig(broker, hub, listener, url, {}, registry=registry)
         try:
             yield rig
         finally:
             shutdown.set()
             await listener.stopped.wait()
             nursery.cancel_scope.cancel()
+
+
+# --- a raw WebSocket client, for what well-behaved clients never send ------------------------------------
+
+UPGRADE_HEADERS = (
+    b"Host: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+)
+
+
+def upgrade_request(token: str, headers: bytes = UPGRADE_HEADERS) -> bytes:
+    return b"GET /ws/stream?token=" + token.encode() + b" HTTP/1.1\r\n" + headers + b"\r\n"
+
+
+def masked_frame(opcode: int, payload: bytes, fin: bool = True) -> bytes:
+    """One client frame (clients must mask)."""
+    mask = b"\x11\x22\x33\x44"
+    head = bytes([(0x80 if fin else 0) | opcode])
+    if len(payload) < 126:
+        head += bytes([0x80 | len(payload)])
+    elif len(payload) < 65536:
+        head += bytes([0x80 | 126]) + len(payload).to_bytes(2, "big")
+    else:
+        head += bytes([0x80 | 127]) + len(payload).to_bytes(8, "big")
+    return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+def server_frames(data: bytes) -> list[tuple[int, bytes]]:
+    """(opcode, payload) of the complete unmasked server frames in ``data`` (after the 101 head)."""
+    data = data[data.index(b"\r\n\r\n") + 4 :]
+    frames = []
+    while len(data) >= 2:
+        length, at = data[1] & 0x7F, 2
+        if length == 126:
+            length, at = int.from_bytes(data[2:4], "big"), 4
+        elif length == 127:
+            length, at = int.from_bytes(data[2:10], "big"), 10
+        if len(data) < at + length:
+            break
+        frames.append((data[0] & 0x0F, data[at : at + length]))
+        data = data[at + length :]
+    return frames
+
+
+async def read_until_closed(stream: trio.abc.Stream, within: float = 10) -> bytes:
+    """Everything the server sends until it hangs up (a reset counts as hanging up)."""
+    received = b""
+    with trio.fail_after(within):
+        while True:
+            try:
+                chunk = await stream.receive_some(65536)
+            except trio.BrokenResourceError:
+                return received
+            if not chunk:
+                return received
+            received += chunk

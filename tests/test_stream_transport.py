@@ -12,7 +12,7 @@ from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket
 
 from accessd.stream import Limits, SessionLimits
 
-from ._stream import Rig, stream_rig
+from ._stream import Rig, masked_frame, stream_rig
 
 CHANNEL = "pricing.curve.updates.v1"
 
@@ -391,9 +391,8 @@ async def test_abrupt_reset_mid_write_leaves_others_unharmed() -> None:
 
 
 async def test_thousand_websocket_clients() -> None:
-    async with stream_rig() as rig:
+    async with stream_rig(connects_per_minute=10_000, max_handshakes_per_ip=1000) as rig:
         token = rig.token("many")
-        rig.listener._budget = type(rig.listener._budget)(10_000)
         received = 0
 
         async def client(ready: trio.MemorySendChannel) -> None:
@@ -432,13 +431,6 @@ async def test_shutdown_drains_with_1013_and_a_final_sse_event() -> None:
                     text = "".join([chunk async for chunk in response.aiter_text()])
         assert "event: close" in text and '"code": 1013' in text
         await rig.listener.stopped.wait()
-
-
-def masked_frame(opcode: int, payload: bytes, fin: bool = True) -> bytes:
-    mask = b"\x11\x22\x33\x44"
-    head = bytes([(0x80 if fin else 0) | opcode])
-    head += bytes([0x80 | len(payload)]) if len(payload) < 126 else bytes([0x80 | 126]) + len(payload).to_bytes(2)
-    return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
 
 
 async def test_fragmented_frames_and_split_writes_are_reassembled() -> None:

@@ -107,12 +107,15 @@ def build_stream(
         handshake_timeout_s=s.stream_handshake_timeout_s,
         heartbeat_s=s.stream_heartbeat_s,
         connects_per_minute=s.stream_connects_per_minute,
+        max_handshakes=s.stream_max_handshakes,
+        max_handshakes_per_ip=s.stream_max_handshakes_per_ip,
         trusted_proxies=settings.server.trusted_proxies,
         limits=Limits(s.stream_max_pending_messages, s.stream_max_pending_bytes),
         session=SessionLimits(
             max_subscriptions=s.stream_max_subscriptions, max_frame_bytes=s.stream_max_frame_bytes
         ),
         send_buffer_bytes=s.stream_send_buffer_bytes,
+        write_timeout_s=s.stream_write_timeout_s,
     )
     listener = StreamListener(config, hub, verify, authorize, metrics.registry, shutdown)
     hub.observe_lag = listener.metrics.lag.observe

@@ -7,8 +7,13 @@ rest wait in this connection's pending buffer, drained by a writer task started 
 Backpressure: the pending buffer is bounded in messages and bytes; when a message would overflow it, the
 channel's slow-consumer policy applies: ``conflate`` (keep only the newest pending message per
 channel+key; the one delivered carries ``conflated: <n skipped>``), ``drop_oldest`` (drop the oldest whole
-messages and deliver a ``gap`` frame in their place), or ``disconnect`` (close 4008). Memory per connection is
-at most ``max_pending_bytes`` plus one partly written frame.
+messages; the oldest dropped one's slot becomes a ``gap`` frame counting them), or ``disconnect`` (close
+4008). Control frames (replies, pongs, heartbeats, gaps) count against the same byte bound: they may push
+out messages, and when they alone exceed it the client is not reading its replies (close 1008). Only the
+newest pending pong and heartbeat are kept. Memory per connection is at most ``max_pending_bytes`` plus one
+partly written frame; every step is O(1) per frame (dropped entries are tombstones, compacted in bulk).
+A client that has not caught up (nothing pending) for ``write_timeout_s`` is closed, however many bytes it
+reads meanwhile: a trickle reader cannot hold a connection and its buffer for ever.
 Cancellation: closing notifies Trio first (``notify_closing``) so no task waits on a closed descriptor.
 """
 
@@ -16,9 +21,10 @@ from __future__ import annotations
 
 import errno
 import logging
+import secrets
 import socket
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
 import trio
@@ -27,6 +33,8 @@ log = logging.getLogger("accessd.stream")
 
 CONFLATE, DROP_OLDEST, DISCONNECT = "conflate", "drop_oldest", "disconnect"
 POLICIES = (CONFLATE, DROP_OLDEST, DISCONNECT)
+PONG, HEARTBEAT = "pong", "heartbeat"  # coalesced control frames: only the newest one is kept
+_COMPACT_AT = 64  # tombstones tolerated before the queue is rebuilt
 
 
 @dataclass(frozen=True)
@@ -36,9 +44,11 @@ class Limits:
 
 
 class Pending:
-    """A queued message. ``render(skipped)`` rebuilds it when conflation replaced older ones."""
+    """A queued frame. Messages have a ``channel``; control frames have none and may hold a ``slot``
+    (coalesced: ``pong``, ``heartbeat``, or ``("gap", channel)``). ``render(skipped)`` rebuilds a message
+    that conflation replaced; for a gap, ``skipped`` is the number of messages it stands for."""
 
-    __slots__ = ("data", "channel", "key", "skipped", "render", "cursor")
+    __slots__ = ("data", "channel", "key", "skipped", "render", "cursor", "slot", "dropped")
 
     def __init__(
         self,
@@ -47,6 +57,7 @@ class Pending:
         key: str | None = None,
         render: Callable[[int], bytes] | None = None,
         cursor: str | None = None,
+        slot: Hashable | None = None,
     ) -> None:
         self.data = data
         self.channel = channel
@@ -54,6 +65,8 @@ class Pending:
         self.skipped = 0
         self.render = render
         self.cursor = cursor
+        self.slot = slot
+        self.dropped = False
 
 
 class Connection:
@@ -64,12 +77,17 @@ class Connection:
     ) -> None:
         self.sock = sock
         self.nursery = nursery
+        self.conn_id = secrets.token_hex(8)
         self._limits = limits
         self._write_timeout_s = write_timeout_s
         self._head: memoryview | None = None  # a frame partly written: must finish before anything else
-        self._pending: deque[Pending] = deque()
-        self._by_key: dict[tuple[str, str | None], Pending] = {}
+        self._queue: deque[Pending] = deque()  # every pending frame in order, tombstones included
+        self._messages: deque[Pending] = deque()  # live pending messages in order: the drop candidates
+        self._by_key: dict[tuple[str, str | None], Pending] = {}  # conflate: the pending one per key
+        self._slots: dict[Hashable, Pending] = {}
+        self._tombstones = 0
         self._pending_bytes = 0
+        self._behind_since: float | None = None  # when the buffer last went from empty to non-empty
         self._writing = False
         self._idle = trio.Event()
         self._idle.set()
@@ -77,7 +95,8 @@ class Connection:
         self.close_reason: str | None = None
         self.on_slow: Callable[[str, int], None] = lambda reason, n: None  # metrics hook: (reason, count)
         self.gap_frame: Callable[[str, int, str | None], bytes] = lambda channel, n, cursor: b""
-        self.slow_close: Callable[[], bytes] = lambda: b""
+        self.slow_close: Callable[[], bytes] = lambda: b""  # 4008
+        self.overflow_close: Callable[[], bytes] = lambda: b""  # 1008: unread replies over the bound
 
     # --- the hot path ----------------------------------------------------------------------------------
 
@@ -90,11 +109,15 @@ class Connection:
         policy: str = DROP_OLDEST,
         render: Callable[[int], bytes] | None = None,
         cursor: str | None = None,
+        slot: Hashable | None = None,
     ) -> bool:
-        """Send now if the socket takes it, else queue under ``policy``. False once the connection is gone."""
+        """Send now if the socket takes it, else queue under ``policy``. False once the connection is gone.
+
+        ``slot`` (control frames only): a pending frame of the same slot is replaced, not added to.
+        """
         if self.closed:
             return False
-        if self._head is None and not self._pending:
+        if self._head is None and not self._queue:
             try:
                 sent = self.sock.send(data)
             except BlockingIOError:
@@ -108,12 +131,17 @@ class Connection:
                 self._head = memoryview(data)[sent:]
                 self._start_writer()
                 return True
-        self._enqueue(Pending(data, channel, key, render, cursor), policy)
+        if slot is not None and (older := self._slots.get(slot)) is not None:
+            self._pending_bytes += len(data) - len(older.data)
+            older.data = data
+        else:
+            self._enqueue(Pending(data, channel, key, render, cursor, slot), policy)
         return not self.closed
 
     # --- slow consumers ----------------------------------------------------------------------------------
 
     def _enqueue(self, item: Pending, policy: str) -> None:
+        limits = self._limits
         if policy == CONFLATE and item.channel is not None:
             older = self._by_key.get((item.channel, item.key))
             if older is not None:  # keep the queue slot, hold the newest content
@@ -123,60 +151,101 @@ class Connection:
                 self.on_slow("conflated", 1)
                 self._start_writer()
                 return
-        over = (
-            len(self._pending) + 1 > self._limits.max_pending_messages
-            or self._pending_bytes + len(item.data) > self._limits.max_pending_bytes
-        )
-        if over and policy == DISCONNECT:
-            self.on_slow("disconnected", 1)
-            self.close_with(self.slow_close(), "slow consumer")
-            return
-        if over:
+        message = item.channel is not None
+        full = message and len(self._messages) >= limits.max_pending_messages
+        if full or self._pending_bytes + len(item.data) > limits.max_pending_bytes:
+            if message and policy == DISCONNECT:
+                self.on_slow("disconnected", 1)
+                self.close_with(self.slow_close(), "slow consumer")
+                return
             self._drop_oldest_for(item)
-        self._pending.append(item)
+            if not message and self._pending_bytes + len(item.data) > limits.max_pending_bytes:
+                self.on_slow("overflow", 1)
+                self.close_with(self.overflow_close(), "too many unread replies")
+                return
+        self._queue.append(item)
         self._pending_bytes += len(item.data)
-        if item.channel is not None and policy == CONFLATE:
-            self._by_key[(item.channel, item.key)] = item
+        if message:
+            self._messages.append(item)
+            if policy == CONFLATE:
+                self._by_key[(item.channel, item.key)] = item  # type: ignore[index]
+        elif item.slot is not None:
+            self._slots[item.slot] = item
         self._start_writer()
 
     def _drop_oldest_for(self, item: Pending) -> None:
-        """Drop the oldest queued messages until ``item`` fits; control frames (replies, gaps) stay."""
-        dropped: dict[str, tuple[int, str | None]] = {}
-        while (
-            len(self._pending) + 1 > self._limits.max_pending_messages
-            or self._pending_bytes + len(item.data) > self._limits.max_pending_bytes
+        """Drop the oldest pending messages until ``item`` fits (or none is left). The first one dropped of
+        a channel becomes that channel's gap frame, in its place; later ones add to the pending gap."""
+        limits = self._limits
+        counts: dict[str, int] = {}
+        while self._messages and (
+            (item.channel is not None and len(self._messages) >= limits.max_pending_messages)
+            or self._pending_bytes + len(item.data) > limits.max_pending_bytes
         ):
-            index = next((i for i, old in enumerate(self._pending) if old.channel is not None), None)
-            if index is None:
-                break  # only control frames left: they are small, let the message through
-            old = self._pending[index]
-            del self._pending[index]
-            self._pending_bytes -= len(old.data)
-            self._by_key.pop((old.channel, old.key), None)
-            count, _ = dropped.get(old.channel, (0, None))
-            dropped[old.channel] = (count + 1 + old.skipped, old.cursor)
-        for channel, (count, cursor) in dropped.items():
-            gap = Pending(self.gap_frame(channel, count, cursor))
-            self._pending.appendleft(gap)
-            self._pending_bytes += len(gap.data)
+            old = self._messages.popleft()
+            channel = old.channel
+            assert channel is not None
+            if self._by_key.get((channel, old.key)) is old:
+                del self._by_key[(channel, old.key)]
+            counts[channel] = counts.get(channel, 0) + 1 + old.skipped
+            gap = self._slots.get(("gap", channel))
+            if gap is None:  # this slot becomes the gap frame: it stays before newer messages
+                old.channel, old.key, old.render, old.slot = None, None, None, ("gap", channel)
+                old.skipped = 1 + old.skipped
+                self._slots[old.slot] = gap = old
+                self._pending_bytes -= len(old.data)
+                old.data = b""
+            else:
+                gap.skipped += 1 + old.skipped
+                gap.cursor = old.cursor
+                self._tombstone(old)
+            new = self.gap_frame(channel, gap.skipped, gap.cursor)
+            self._pending_bytes += len(new) - len(gap.data)
+            gap.data = new
+        for count in counts.values():
             self.on_slow("dropped", count)
+
+    def _tombstone(self, item: Pending) -> None:
+        item.dropped = True
+        self._pending_bytes -= len(item.data)
+        self._tombstones += 1
+        if self._tombstones > _COMPACT_AT and self._tombstones * 2 > len(self._queue):
+            self._queue = deque(i for i in self._queue if not i.dropped)
+            self._tombstones = 0
+
+    def _pop(self) -> Pending | None:
+        """The next frame to write, taken out of the bookkeeping; None when nothing is pending."""
+        while self._queue:
+            item = self._queue.popleft()
+            if item.dropped:
+                self._tombstones -= 1
+                continue
+            self._pending_bytes -= len(item.data)
+            if item.channel is not None:
+                self._messages.popleft()  # the oldest live message is always the first one queued
+                if self._by_key.get((item.channel, item.key)) is item:
+                    del self._by_key[(item.channel, item.key)]
+            elif item.slot is not None:
+                del self._slots[item.slot]
+            return item
+        return None
 
     # --- the writer, only while something is pending -----------------------------------------------------
 
     def _start_writer(self) -> None:
         if not self._writing and not self.closed:
             self._writing = True
+            self._behind_since = trio.current_time()
             self._idle = trio.Event()
             self.nursery.start_soon(self._drain)
 
     async def _drain(self) -> None:
         try:
-            while not self.closed and (self._head is not None or self._pending):
+            while not self.closed:
                 if self._head is None:
-                    item = self._pending.popleft()
-                    self._pending_bytes -= len(item.data)
-                    if item.channel is not None:
-                        self._by_key.pop((item.channel, item.key), None)
+                    item = self._pop()
+                    if item is None:
+                        break
                     data = item.render(item.skipped) if item.skipped and item.render else item.data
                     self._head = memoryview(data)
                 try:
@@ -188,9 +257,10 @@ class Connection:
                     return
                 self._head = self._head[sent:] if sent < len(self._head) else None
                 if self._head is not None:
-                    with trio.move_on_after(self._write_timeout_s) as waited:
+                    assert self._behind_since is not None
+                    with trio.move_on_at(self._behind_since + self._write_timeout_s) as waited:
                         await trio.lowlevel.wait_writable(self.sock)
-                    if waited.cancelled_caught:  # a client that stopped reading altogether
+                    if waited.cancelled_caught:  # not caught up for the whole write timeout
                         self.on_slow("write_timeout", 1)
                         self.abort("write timeout")
                         return
@@ -198,6 +268,7 @@ class Connection:
             pass
         finally:
             self._writing = False
+            self._behind_since = None
             self._idle.set()
 
     async def send_all(self, data: bytes) -> None:
@@ -231,9 +302,7 @@ class Connection:
         """Best-effort last frame (close code / final comment), then close; pending messages are discarded."""
         if self.closed:
             return
-        self._pending.clear()
-        self._by_key.clear()
-        self._pending_bytes = 0
+        self._clear()
         if self._head is None and final:
             try:
                 self.sock.send(final)
@@ -246,8 +315,16 @@ class Connection:
             return
         self.closed = True
         self.close_reason = reason
-        self._pending.clear()
+        self._clear()
         self._head = None
         self._idle.set()
         trio.lowlevel.notify_closing(self.sock)
         self.sock.close()
+
+    def _clear(self) -> None:
+        self._queue.clear()
+        self._messages.clear()
+        self._by_key.clear()
+        self._slots.clear()
+        self._tombstones = 0
+        self._pending_bytes = 0

@@ -3,7 +3,9 @@
 It serves the zero-setup default (``ACCESS_KAFKA_BOOTSTRAP`` unset): ``accessd publish`` and
 ``POST /stream/publish`` append to it, the hub follows it like a Kafka topic with one partition.
 Backpressure: publishing never blocks; the oldest record falls out of a full ring (a resume from before it
-gets a ``gap``). Memory is bounded by ``ring_size`` records per channel and ``max_channels`` channels.
+gets a ``gap``). Memory is bounded by ``ring_size`` records per channel and ``max_channels`` channels; only
+publishing creates a channel (following one that has no record yet holds no ring), and publishing to a new
+channel beyond ``max_channels`` raises :class:`TooManyChannels`.
 """
 
 from __future__ import annotations
@@ -14,14 +16,17 @@ from collections import deque
 
 import trio
 
-from ..errors import AccessdError
+from ..errors import BackendUnavailable
 from ._source import Gap, Position, Record, Replay
 
 PARTITION = 0
 
 
-class TooManyChannels(AccessdError):
-    pass
+class TooManyChannels(BackendUnavailable):
+    """The broker cannot take a new channel: callers answer it like any broker refusal (503)."""
+
+    def __init__(self, max_channels: int) -> None:
+        super().__init__("embedded", f"the embedded broker holds at most {max_channels} channels")
 
 
 class _Ring:
@@ -52,7 +57,7 @@ class EmbeddedBroker:
         ring = self._rings.get(channel)
         if ring is None:
             if len(self._rings) >= self._max_channels:
-                raise TooManyChannels(f"the embedded broker holds at most {self._max_channels} channels")
+                raise TooManyChannels(self._max_channels)
             ring = self._rings[channel] = _Ring(self._ring_size)
         return ring
 
@@ -73,8 +78,8 @@ class EmbeddedBroker:
         return self.publish_nowait(channel, key, value, headers)
 
     async def follow(self, channel: str) -> Position:
-        ring = self._ring(channel)
-        self._followed.setdefault(channel, ring.next_offset)
+        ring = self._rings.get(channel)
+        self._followed.setdefault(channel, ring.next_offset if ring is not None else 0)
         return {PARTITION: self._followed[channel]}
 
     async def unfollow(self, channel: str) -> None:
@@ -84,8 +89,8 @@ class EmbeddedBroker:
         while True:
             batch: list[Record | Gap] = []
             for channel, next_offset in self._followed.items():
-                ring = self._rings[channel]
-                if next_offset < ring.next_offset:
+                ring = self._rings.get(channel)
+                if ring is not None and next_offset < ring.next_offset:
                     oldest = ring.oldest_offset()
                     if next_offset < oldest:  # the hub fell a whole ring behind
                         batch.append(Gap(channel, PARTITION, oldest - next_offset, oldest))
@@ -98,7 +103,7 @@ class EmbeddedBroker:
             await self._wakeup.wait()
 
     async def replay(self, channel: str, since: Position, until: Position) -> Replay:
-        ring = self._ring(channel)
+        ring = self._rings.get(channel) or _Ring(0)
         start, stop = since.get(PARTITION, 0), until.get(PARTITION, ring.next_offset)
         oldest = ring.oldest_offset()
         replay = Replay(dropped=max(0, min(oldest, stop) - start))

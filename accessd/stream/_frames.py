@@ -47,13 +47,24 @@ def sse_event(event_id: str | None, data: bytes, event: str = "message") -> byte
 SSE_PING = b": ping\n\n"
 
 
-def json_payload(value: bytes) -> bytes:
-    """The record's value as JSON text: itself when valid JSON, else as a JSON string (never crashes)."""
+def json_payload(value: bytes) -> bytes | None:
+    """The record's value as one line of JSON text, or None when it is not UTF-8 JSON.
+
+    Decoded strictly as UTF-8 first (``json.loads`` on bytes would also accept UTF-16/32). In valid JSON a
+    CR or LF can only be whitespace between tokens (control characters inside strings are refused), so
+    turning them into spaces keeps the value and keeps an SSE ``data:`` line one line.
+    """
     try:
-        json.loads(value)
-        return value
-    except (ValueError, UnicodeDecodeError):
-        return json.dumps(value.decode("utf-8", "replace")).encode()
+        json.loads(value.decode("utf-8"), parse_constant=_not_json)
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+        return None
+    if b"\n" in value or b"\r" in value:
+        value = value.replace(b"\r", b" ").replace(b"\n", b" ")
+    return value
+
+
+def _not_json(constant: str) -> None:
+    raise ValueError(f"{constant} is not JSON")  # Python accepts NaN and Infinity; browsers do not
 
 
 def message_body(record: Record, cursor: str, data: bytes, conflated: int = 0) -> bytes:

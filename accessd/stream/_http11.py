@@ -42,7 +42,8 @@ class Request:
     path: str
     query: dict[str, list[str]]
     headers: dict[str, str]  # lower-case names; repeated headers joined with ", "
-    raw: bytes  # every byte read so far (wsproto re-reads the head from it)
+    head: bytes  # the request head as received (wsproto parses the upgrade from it)
+    rest: bytes  # bytes that came after the head (a client that did not wait for the 101)
 
     def header(self, name: str) -> str | None:
         return self.headers.get(name)
@@ -57,15 +58,19 @@ async def read_request(conn: Connection) -> Request:
         except h11.RemoteProtocolError as exc:
             raise BadRequest(str(exc)) from None
         if isinstance(event, h11.Request):
-            target = urlsplit(event.target.decode("ascii", "replace"))
+            try:
+                target = urlsplit(event.target.decode("ascii", "replace"))
+            except ValueError as exc:  # e.g. "//[": an unclosed IPv6 authority
+                raise BadRequest(f"bad request target: {exc}") from None
             headers: dict[str, str] = {}
             for name, value in event.headers:
                 key = name.decode("ascii").lower()
                 text = value.decode("latin-1")
                 headers[key] = f"{headers[key]}, {text}" if key in headers else text
-            return Request(
-                event.method.decode("ascii"), target.path, parse_qs(target.query), headers, bytes(raw)
-            )
+            rest = parser.trailing_data[0]  # h11 accepts bare-LF heads too: ask it where the head ended
+            head = bytes(raw[: len(raw) - len(rest)])
+            query = parse_qs(target.query)
+            return Request(event.method.decode("ascii"), target.path, query, headers, head, bytes(rest))
         if event is h11.NEED_DATA:
             data = await conn.receive()
             if not data:

@@ -9,13 +9,16 @@ replays ``[since, live position)`` from the broker; then it flushes the buffer a
 position is where the replay stops, so nothing is skipped or repeated across the switch.
 Backpressure: the pump pulls batches from the source; a catch-up buffer is bounded (overflow: oldest dropped,
 reported as a ``gap``).
+Errors: a record whose value is not UTF-8 JSON (a producer writing to Kafka directly) is skipped, counted per
+channel in ``stats.invalid`` and logged at most once per channel per minute; it never reaches a client.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from typing import Any, Protocol
@@ -30,23 +33,27 @@ from ._source import Gap, Position, Record, Source, encode_cursor
 log = logging.getLogger("accessd.stream")
 
 
+INVALID_LOG_INTERVAL_S = 60.0
+
+
 class Message:
-    """One broker record as clients see it; each encoding is built once, on first use."""
+    """One broker record as clients see it; each encoding is built once, on first use.
+
+    ``data`` is the record's value as validated JSON text (see :func:`json_payload`).
+    """
 
     __slots__ = ("record", "cursor", "_data", "_body", "_ws", "_sse_tail", "_sse")
 
-    def __init__(self, record: Record, cursor: str) -> None:
+    def __init__(self, record: Record, cursor: str, data: bytes) -> None:
         self.record = record
         self.cursor = cursor
-        self._data: bytes | None = None
+        self._data = data
         self._body: bytes | None = None
         self._ws: bytes | None = None
         self._sse_tail: bytes | None = None
         self._sse: bytes | None = None
 
     def body(self, conflated: int = 0) -> bytes:
-        if self._data is None:
-            self._data = json_payload(self.record.value)
         if conflated:
             return message_body(self.record, self.cursor, self._data, conflated)
         if self._body is None:
@@ -114,6 +121,7 @@ class _Channel:
 class HubStats:
     delivered: dict[str, int] = field(default_factory=lambda: {"ws": 0, "sse": 0})
     messages: int = 0
+    invalid: dict[str, int] = field(default_factory=dict)  # channel -> records skipped as not UTF-8 JSON
 
 
 class Hub:
@@ -136,6 +144,8 @@ class Hub:
         self._channels: dict[str, _Channel] = {}
         self.observe_lag = observe_lag or (lambda seconds: None)
         self._tracing = tracing if tracing is not None and tracing.enabled else None
+        self._follow_lock = trio.Lock()  # follow/unfollow of one channel never interleave
+        self._invalid_logged: dict[str, float] = {}
         self.stats = HubStats()
 
     def policy_for(self, channel: str, key: str | None) -> str:
@@ -149,13 +159,17 @@ class Hub:
     async def subscribe(
         self, session: Subscriber, sub_id: str, channel: str, key: str | None, since: Position | None
     ) -> tuple[Subscription, Position]:
-        """Register a subscription; returns it and the live position it starts at (its first cursor)."""
+        """Register a subscription; returns it and the live position it starts at (its first cursor).
+
+        Errors: BackendUnavailable when the broker cannot start following a new channel.
+        """
         ch = self._channels.get(channel)
         if ch is None:
-            position = await self._source.follow(channel)
-            ch = self._channels.get(channel)  # another subscribe may have won the race during the await
-            if ch is None:
-                ch = self._channels[channel] = _Channel(channel, dict(position))
+            async with self._following():
+                ch = self._channels.get(channel)  # another subscribe may have won the race meanwhile
+                if ch is None:
+                    position = await self._source.follow(channel)
+                    ch = self._channels[channel] = _Channel(channel, dict(position))
         sub = Subscription(session, sub_id, channel, key, self.policy_for(channel, key), live=since is None)
         if key is None:
             ch.everything.add(sub)
@@ -164,9 +178,15 @@ class Hub:
         return sub, dict(ch.position)
 
     async def unsubscribe(self, sub: Subscription) -> None:
+        if self.remove(sub):
+            await self.unfollow(sub.channel)
+
+    def remove(self, sub: Subscription) -> bool:
+        """Take ``sub`` out of the fan-out now (no checkpoint); True when its channel has no subscriber
+        left, so the caller should :meth:`unfollow` it."""
         ch = self._channels.get(sub.channel)
         if ch is None:
-            return
+            return False
         if sub.key is None:
             ch.everything.discard(sub)
         else:
@@ -175,9 +195,29 @@ class Hub:
                 subs.discard(sub)
                 if not subs:
                     del ch.by_key[sub.key]
-        if not len(ch):
-            del self._channels[sub.channel]
-            await self._source.unfollow(sub.channel)
+        if len(ch):
+            return False
+        del self._channels[sub.channel]
+        return True
+
+    async def unfollow(self, channel: str) -> None:
+        """Stop reading ``channel`` unless a new subscription took it up meanwhile."""
+        async with self._following():
+            if channel not in self._channels:
+                await self._source.unfollow(channel)
+
+    @asynccontextmanager
+    async def _following(self) -> AsyncIterator[None]:
+        """The follow lock, taken without a checkpoint when free: with the embedded broker a subscription
+        is then registered before any other task runs (an SSE client may publish right after its 200)."""
+        try:
+            self._follow_lock.acquire_nowait()
+        except trio.WouldBlock:
+            await self._follow_lock.acquire()
+        try:
+            yield
+        finally:
+            self._follow_lock.release()
 
     async def catch_up(
         self, sub: Subscription, since: Position, until: Position
@@ -189,7 +229,11 @@ class Hub:
         for record in replay.records:
             position[record.partition] = record.offset + 1
             if sub.key is None or record.key == sub.key:
-                messages.append(Message(record, encode_cursor(position)))
+                data = json_payload(record.value)
+                if data is None:
+                    self._invalid(record)
+                    continue
+                messages.append(Message(record, encode_cursor(position), data))
         return messages, replay.dropped
 
     def go_live(self, sub: Subscription) -> list[Message]:
@@ -218,11 +262,17 @@ class Hub:
             if record.offset < ch.position.get(record.partition, 0):
                 continue  # already delivered (a source replaying after a reconnect)
             ch.position[record.partition] = record.offset + 1
-            msg = Message(record, encode_cursor(ch.position))
             stats.messages += 1
             targets = tuple(ch.everything)
             if record.key is not None and record.key in ch.by_key:
                 targets += tuple(ch.by_key[record.key])
+            if not targets:
+                continue
+            data = json_payload(record.value)
+            if data is None:
+                self._invalid(record)
+                continue
+            msg = Message(record, encode_cursor(ch.position), data)
             for sub in targets:
                 if sub.live:
                     sub.session.deliver(sub, msg)
@@ -232,10 +282,26 @@ class Hub:
                     sub.backlog.pop(0)
                     sub.backlog.append(msg)
                     sub.backlog_dropped += 1
-            if targets:
-                self.observe_lag(max(0.0, time.time() - record.ts_ms / 1000))
+            self.observe_lag(max(0.0, time.time() - record.ts_ms / 1000))
             if self._tracing is not None and record.headers:
                 self._trace_delivery(record, len(targets))
+
+    def _invalid(self, record: Record) -> None:
+        channel = record.channel
+        self.stats.invalid[channel] = self.stats.invalid.get(channel, 0) + 1
+        now = time.monotonic()
+        if now - self._invalid_logged.get(channel, -INVALID_LOG_INTERVAL_S) >= INVALID_LOG_INTERVAL_S:
+            if len(self._invalid_logged) > 10_000:
+                self._invalid_logged.clear()
+            self._invalid_logged[channel] = now
+            log.warning(
+                "%s[%d]@%d: value is not UTF-8 JSON, skipped (%d skipped on this channel so far; "
+                "logged at most once a minute)",
+                channel,
+                record.partition,
+                record.offset,
+                self.stats.invalid[channel],
+            )
 
     def _trace_delivery(self, record: Record, subscribers: int) -> None:
         """One span per message fanned out (not per delivery), linked to the publisher's trace."""

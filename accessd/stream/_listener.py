@@ -5,15 +5,19 @@ healthy subscriber costs one ``send`` per message. The request head is parsed wi
 time: slowloris-safe), the caller authenticated and admitted *before* the upgrade or the event stream starts.
 
 Routes: ``/ws/stream``, ``/sse/stream``, ``/health/live``; anything else is a 404 error body.
-Admission: ``max_connections`` (WebSocket: accept, then close 1013; SSE: 503 OVERLOADED), the
-``streaming_connect`` budget per client IP (close 4029 / 429), and 1013 / 503 while draining.
+Admission, cheapest first: at most ``max_handshakes`` heads being read at once, ``max_handshakes_per_ip``
+from one address (the excess is closed at once); a head that is not a valid request or WebSocket upgrade is a
+400; the ``streaming_connect`` budget per client IP, charged before the token is verified (close 4029 /
+429); token verification (401; 503 / close 1011 when the verifier is unreachable); ``max_connections``
+(WebSocket: accept, then close 1013; SSE: 503 OVERLOADED), and 1013 / 503 while draining.
+Errors: one connection's failure (a bug, a surprise from a library) ends that connection only, logged once
+with its id and counted in ``accessd_stream_connection_errors_total{error}``.
 Cancellation: on shutdown the listening sockets close first, every session gets close 1013 (SSE: a final
 ``close`` event), then the connection tasks are cancelled.
 """
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import secrets
 import socket
@@ -25,16 +29,21 @@ import trio
 import trio.lowlevel
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from wsproto import WSConnection
+from wsproto.events import AcceptConnection
 
 from ..errors import BackendUnavailable, ConfigError
-from ..policy._identity import AuthFailure, bearer_token
+from ..policy._identity import AuthFailure, Identity, bearer_token
+from ..policy._ratelimit import KeyedBudget, Network, client_ip
 from ..settings import parse_hostport
 from ..telemetry import trace_id_from
 from ._conn import Connection, Limits
+from ._frames import ws_close
 from ._http11 import BadRequest, PeerGone, Request, error_response, json_response, read_request, response_head
 from ._hub import Hub
 from ._sessions import (
     CLOSE_AGAIN,
+    CLOSE_INTERNAL,
     CLOSE_RATE,
     Authorize,
     Session,
@@ -44,6 +53,7 @@ from ._sessions import (
     Verify,
     WsSession,
     parse_event_id,
+    ws_handshake,
 )
 
 log = logging.getLogger("accessd.stream")
@@ -64,7 +74,9 @@ class StreamConfig:
     handshake_timeout_s: float = 10.0
     heartbeat_s: float = 15.0
     connects_per_minute: int = 30  # the streaming_connect tier, per client IP
-    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    max_handshakes: int = 1000  # request heads being read at once, from anyone
+    max_handshakes_per_ip: int = 50  # ... from one peer address (trusted proxies excepted)
+    trusted_proxies: tuple[Network, ...] = ()
     limits: Limits = Limits()
     session: SessionLimits = SessionLimits()
     write_timeout_s: float = 30.0
@@ -89,6 +101,18 @@ class StreamMetrics:
             ("reason",),
             registry=registry,
         )
+        self.refused = Counter(
+            "accessd_stream_refused",
+            "Streaming connections refused before a session started, by reason",
+            ("reason",),
+            registry=registry,
+        )
+        self.connection_errors = Counter(
+            "accessd_stream_connection_errors",
+            "Streaming connections ended by an unexpected error (that connection only), by error type",
+            ("error",),
+            registry=registry,
+        )
         self._listener = listener
         registry.register(self)
 
@@ -108,31 +132,54 @@ class StreamMetrics:
         for transport, count in self._listener.hub.stats.delivered.items():
             delivered.add_metric((transport,), count)
         yield delivered
+        invalid = CounterMetricFamily(
+            "accessd_stream_invalid_records", "Broker records skipped: not UTF-8 JSON", labels=("channel",)
+        )
+        for channel, count in self._listener.hub.stats.invalid.items():
+            invalid.add_metric((channel,), count)
+        yield invalid
 
     def describe(self) -> list[object]:
         return []
 
 
-class _ConnectBudget:
-    """Per-IP token buckets for new connections; idle buckets are forgotten so memory stays bounded."""
+class _HandshakeSlots:
+    """Request heads being read, in all and per peer address. A trusted proxy's address is shared by many
+    clients, so only the global cap applies to it."""
 
-    def __init__(self, per_minute: int) -> None:
-        self._rate = per_minute / 60.0
-        self._burst = float(per_minute)
-        self._buckets: dict[str, tuple[float, float]] = {}
+    def __init__(self, config: StreamConfig) -> None:
+        self._config = config
+        self.total = 0
+        self.by_ip: dict[str, int] = {}
 
-    def take(self, ip: str) -> float:
-        """0 when allowed, else the seconds until the next connection would be."""
-        now = time.monotonic()
-        if len(self._buckets) > 100_000:
-            self._buckets = {k: v for k, v in self._buckets.items() if now - v[1] < self._burst / self._rate}
-        tokens, at = self._buckets.get(ip, (self._burst, now))
-        tokens = min(self._burst, tokens + (now - at) * self._rate)
-        if tokens < 1:
-            self._buckets[ip] = (tokens, now)
-            return (1 - tokens) / self._rate
-        self._buckets[ip] = (tokens - 1, now)
-        return 0.0
+    def acquire(self, ip: str) -> _HandshakeSlot | None:
+        config = self._config
+        if self.total >= config.max_handshakes:
+            return None
+        held = self.by_ip.get(ip, 0)
+        if held >= config.max_handshakes_per_ip and client_ip(ip, "?", config.trusted_proxies) == ip:
+            return None
+        self.total += 1
+        self.by_ip[ip] = held + 1
+        return _HandshakeSlot(self, ip)
+
+
+class _HandshakeSlot:
+    """Held from accept until the session starts (or the connection ends); ``release`` is idempotent."""
+
+    __slots__ = ("_slots", "ip")
+
+    def __init__(self, slots: _HandshakeSlots | None, ip: str) -> None:
+        self._slots = slots
+        self.ip = ip
+
+    def release(self) -> None:
+        slots, self._slots = self._slots, None
+        if slots is not None:
+            slots.total -= 1
+            left = slots.by_ip.pop(self.ip) - 1
+            if left:
+                slots.by_ip[self.ip] = left
 
 
 class StreamListener:
@@ -154,7 +201,8 @@ class StreamListener:
         self._shutdown = shutdown
         self.sessions: set[Session] = set()
         self._draining = False
-        self._budget = _ConnectBudget(config.connects_per_minute)
+        self._budget = KeyedBudget(config.connects_per_minute)
+        self._handshakes = _HandshakeSlots(config)
         self.metrics = StreamMetrics(registry, self)
         self.stopped = trio.Event()
 
@@ -221,11 +269,12 @@ class StreamListener:
                     log.warning("accept failed: %s", exc)
                     await trio.sleep(0.1)
                     break
-                sock.setblocking(False)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.config.send_buffer_bytes)
-                if sock.family in (socket.AF_INET, socket.AF_INET6):
-                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                nursery.start_soon(self._serve_connection, sock, peer[0])
+                slot = self._handshakes.acquire(peer[0] if isinstance(peer, tuple) else str(peer))
+                if slot is None:  # too many heads in flight: hang up before reading a byte
+                    self.metrics.refused.labels("handshake_limit").inc()
+                    sock.close()
+                    continue
+                nursery.start_soon(self._serve_connection, sock, slot)
 
     async def _heartbeats(self) -> None:
         while True:
@@ -252,36 +301,44 @@ class StreamListener:
 
     # --- one connection --------------------------------------------------------------------------------
 
-    async def _serve_connection(self, sock: socket.socket, peer_ip: str) -> None:
-        async with trio.open_nursery() as nursery:
-            conn = Connection(sock, nursery, self.config.limits, self.config.write_timeout_s)
-            conn.on_slow = lambda reason, n: self.metrics.dropped.labels(reason).inc(n)
-            try:
-                with trio.move_on_after(self.config.handshake_timeout_s) as handshake:
-                    request = await read_request(conn)
-                if handshake.cancelled_caught:
-                    return
-                await self._route(conn, request, peer_ip)
-            except BadRequest as exc:
-                await conn.send_all(error_response(400, "BAD_REQUEST", f"malformed request: {exc}", _trace()))
-            except PeerGone:
-                pass
-            finally:
-                conn.abort("done")
-                nursery.cancel_scope.cancel()
+    async def _serve_connection(self, sock: socket.socket, slot: _HandshakeSlot) -> None:
+        """One client, start to end. Any fault of ours or of the client ends this connection only: it is
+        logged once with the connection id and counted; the listener and every other session go on."""
+        conn_id = "-"
+        try:
+            sock.setblocking(False)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.config.send_buffer_bytes)
+            if sock.family in (socket.AF_INET, socket.AF_INET6):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            async with trio.open_nursery() as nursery:
+                conn = Connection(sock, nursery, self.config.limits, self.config.write_timeout_s)
+                conn_id = conn.conn_id
+                conn.on_slow = lambda reason, n: self.metrics.dropped.labels(reason).inc(n)
+                try:
+                    await self._handshake(conn, slot)
+                finally:
+                    conn.abort("done")
+                    nursery.cancel_scope.cancel()
+        except Exception as exc:
+            self.metrics.connection_errors.labels(type(_cause(exc)).__name__).inc()
+            log.error("stream connection %s from %s failed: %r", conn_id, slot.ip, exc, exc_info=exc)
+        finally:
+            slot.release()
+            sock.close()
 
-    def _client_ip(self, request: Request, peer_ip: str) -> str:
-        forwarded = request.header("x-forwarded-for")
-        if forwarded and self.config.trusted_proxies:
-            try:
-                peer = ipaddress.ip_address(peer_ip)
-            except ValueError:
-                return peer_ip
-            if any(peer in net for net in self.config.trusted_proxies):
-                return forwarded.split(",")[-1].strip() or peer_ip
-        return peer_ip
+    async def _handshake(self, conn: Connection, slot: _HandshakeSlot) -> None:
+        try:
+            with trio.move_on_after(self.config.handshake_timeout_s) as handshake:
+                request = await read_request(conn)
+            if handshake.cancelled_caught:
+                return
+            await self._route(conn, request, slot)
+        except BadRequest as exc:
+            await conn.send_all(error_response(400, "BAD_REQUEST", f"malformed request: {exc}", _trace()))
+        except PeerGone:
+            pass
 
-    async def _route(self, conn: Connection, request: Request, peer_ip: str) -> None:
+    async def _route(self, conn: Connection, request: Request, slot: _HandshakeSlot) -> None:
         trace = trace_id_from(request.header("traceparent"))
         if request.path == "/health/live" and request.method in ("GET", "HEAD"):
             await conn.send_all(json_response(200, {"status": "live"}))
@@ -296,50 +353,76 @@ class StreamListener:
                 error_response(405, "METHOD_NOT_ALLOWED", "use GET", trace, [("Allow", "GET")])
             )
             return
-        websocket = request.path == "/ws/stream"
-        if websocket and "websocket" not in (request.header("upgrade") or "").lower():
-            await conn.send_all(error_response(426, "BAD_REQUEST", "a WebSocket upgrade is required", trace))
+        ws = None
+        if request.path == "/ws/stream":
+            if "websocket" not in (request.header("upgrade") or "").lower():
+                await conn.send_all(
+                    error_response(426, "BAD_REQUEST", "a WebSocket upgrade is required", trace)
+                )
+                return
+            ws = ws_handshake(request)  # BadRequest (400) before any token work
+        # Charged before the token is looked at: failed attempts spend the budget too.
+        ip = client_ip(slot.ip, request.header("x-forwarded-for"), self.config.trusted_proxies)
+        retry_after = self._budget.take(ip)
+        if retry_after:
+            self.metrics.refused.labels("rate_limited").inc()
+            if ws is not None:
+                await _ws_refuse(conn, ws, CLOSE_RATE, "rate limited")
+            else:
+                headers = [("Retry-After", str(max(1, round(retry_after))))]
+                await conn.send_all(
+                    error_response(
+                        429, "RATE_LIMITED", "too many connections from this address", trace, headers
+                    )
+                )
             return
         token = bearer_token(request.header("authorization")) or (request.query.get("token") or [None])[0]
         if not token:
             await conn.send_all(error_response(401, "UNAUTHENTICATED", "a bearer token is required", trace))
             return
-        identity = await self._verify(token)
+        try:
+            identity = await self._verify(token)
+        except BackendUnavailable as exc:
+            log.warning("stream handshake: token verification unavailable: %s", exc)
+            if ws is not None:
+                await _ws_refuse(conn, ws, CLOSE_INTERNAL, "token verification unavailable; retry")
+            else:
+                await conn.send_all(
+                    error_response(
+                        503,
+                        "UPSTREAM_UNAVAILABLE",
+                        "token verification is unavailable; retry",
+                        trace,
+                        [("Retry-After", "1")],
+                    )
+                )
+            return
         if isinstance(identity, AuthFailure):
             await conn.send_all(error_response(401, identity.code, identity.message, trace))
             return
-        retry_after = self._budget.take(self._client_ip(request, peer_ip))
         full = self._draining or len(self.sessions) >= self.config.max_connections
-        if websocket:
-            await self._serve_ws(conn, request, identity, retry_after, full)
+        if full:
+            self.metrics.refused.labels("full").inc()
+        if ws is not None:
+            if full:  # accept, then close with the code, so browsers can see why
+                await _ws_refuse(conn, ws, CLOSE_AGAIN, "server full or draining")
+                return
+            session = WsSession(
+                conn, self.hub, identity, self._authorize, self.config.session, ws=ws, verify=self._verify
+            )
+            await self._run_session(session, session.run(request.rest), slot)
         else:
-            await self._serve_sse(conn, request, identity, retry_after, full, trace)
-
-    async def _serve_ws(
-        self, conn: Connection, request: Request, identity, retry_after: float, full: bool
-    ) -> None:
-        session = WsSession(
-            conn, self.hub, identity, self._authorize, self.config.session, verify=self._verify
-        )
-        if retry_after or full:  # accept, then close with the code, so browsers can see why
-            await session.run_refused(request.raw, CLOSE_RATE if retry_after else CLOSE_AGAIN)
-            return
-        await self._run_session(session, session.run(request.raw))
+            await self._serve_sse(conn, request, identity, full, trace, slot)
 
     async def _serve_sse(
-        self, conn: Connection, request: Request, identity, retry_after: float, full: bool, trace: str
+        self,
+        conn: Connection,
+        request: Request,
+        identity: Identity,
+        full: bool,
+        trace: str,
+        slot: _HandshakeSlot,
     ) -> None:
-        if retry_after:
-            await conn.send_all(
-                error_response(
-                    429,
-                    "RATE_LIMITED",
-                    "too many connections from this address",
-                    trace,
-                    [("Retry-After", str(max(1, round(retry_after))))],
-                )
-            )
-            return
         if full:
             await conn.send_all(
                 error_response(
@@ -375,16 +458,17 @@ class StreamListener:
             except SubscribeError as exc:
                 session.close(CLOSE_AGAIN, exc.message)
 
-        await self._run_session(session, run())
+        await self._run_session(session, run(), slot)
 
-    async def _run_session(self, session: Session, body: Awaitable[None]) -> None:
+    async def _run_session(self, session: Session, body: Awaitable[None], slot: _HandshakeSlot) -> None:
+        slot.release()
         self.sessions.add(session)
         started = time.monotonic()
         try:
             await body
         finally:
             self.sessions.discard(session)
-            await session.unsubscribe_all()
+            await session.unsubscribe_all()  # shielded and bounded: nothing is left in the hub
             log.info(
                 "%s session %s of %s ended after %.1fs: %s",
                 session.transport,
@@ -393,6 +477,18 @@ class StreamListener:
                 time.monotonic() - started,
                 session.conn.close_reason or "client left",
             )
+
+
+async def _ws_refuse(conn: Connection, ws: WSConnection, code: int, reason: str) -> None:
+    """Accept, then close at once with ``code``: browsers see close codes, not HTTP statuses."""
+    await conn.send_all(ws.send(AcceptConnection()) + ws_close(code, reason))
+
+
+def _cause(exc: BaseException) -> BaseException:
+    """The error inside the nursery's exception group(s), when there is just one."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
 
 
 def _trace() -> str:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import secrets
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -30,8 +29,9 @@ from wsproto.utilities import RemoteProtocolError
 
 from ..errors import BackendUnavailable
 from ..policy._identity import AuthFailure, Identity
-from ._conn import DROP_OLDEST, Connection
+from ._conn import HEARTBEAT, PONG, Connection
 from ._frames import SSE_PING, sse_event, ws_close, ws_json, ws_ping, ws_pong
+from ._http11 import BadRequest, Request
 from ._hub import Hub, Message, Subscription
 from ._source import CHANNEL_NAME, CursorError, Position, decode_cursor, encode_cursor
 
@@ -42,8 +42,9 @@ Verify = Callable[[str], Awaitable[Identity | AuthFailure]]
 Authorize = Callable[[Identity, str, str | None], Awaitable[str | None]]
 
 CLOSE_TOKEN, CLOSE_DENIED, CLOSE_SLOW, CLOSE_RATE = 4001, 4003, 4008, 4029
-CLOSE_PROTOCOL, CLOSE_AGAIN = 1008, 1013
+CLOSE_PROTOCOL, CLOSE_INTERNAL, CLOSE_AGAIN = 1008, 1011, 1013
 MAX_KEY_CHARS = 256
+CLEANUP_TIMEOUT_S = 5.0  # a session's shielded clean-up (broker unfollows) never takes longer
 
 
 class SessionLimits:
@@ -78,7 +79,7 @@ class Session:
         self.identity = identity
         self.authorize = authorize
         self.limits = limits
-        self.conn_id = secrets.token_hex(8)
+        self.conn_id = conn.conn_id
         self.subs: dict[tuple[str, str | None], Subscription] = {}
         self.floors: dict[int, Position] = {}  # id(sub) -> offsets already seen (resume ahead of the hub)
         self.expiry = trio.CancelScope()
@@ -150,8 +151,15 @@ class Session:
         return True
 
     async def unsubscribe_all(self) -> None:
-        for channel, key in list(self.subs):
-            await self.unsubscribe(channel, key)
+        """The session's end: leave the hub at once (no checkpoint, so a cancellation cannot leave a
+        subscription behind), then stop following emptied channels under a shielded, bounded scope."""
+        subs, self.subs = list(self.subs.values()), {}
+        self.floors.clear()
+        emptied = [sub.channel for sub in subs if self.hub.remove(sub)]
+        if emptied:
+            with trio.CancelScope(shield=True), trio.move_on_after(CLEANUP_TIMEOUT_S):
+                for channel in emptied:
+                    await self.hub.unfollow(channel)
 
     async def revalidate(self) -> None:
         """Re-check subscriptions after a policy change; end denied ones, and close 4003 when that
@@ -194,14 +202,15 @@ class Session:
 class WsSession(Session):
     transport = "ws"
 
-    def __init__(self, *args: Any, verify: Verify, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, ws: WSConnection, verify: Verify, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.verify = verify
-        self.ws = WSConnection(ConnectionType.SERVER)
+        self.ws = ws  # the upgrade request already parsed (see ws_handshake)
         self.conn.gap_frame = lambda channel, n, cursor: ws_json(
             {"type": "gap", "channel": channel, "dropped": n, "cursor": cursor}
         )
         self.conn.slow_close = lambda: ws_close(CLOSE_SLOW, "slow consumer")
+        self.conn.overflow_close = lambda: ws_close(CLOSE_PROTOCOL, "too many unread replies")
         self._errors = 0
         self._op_budget = limits_budget(self.limits.max_ops_per_s)
 
@@ -237,29 +246,20 @@ class WsSession(Session):
         )
 
     def heartbeat(self) -> None:
-        self.conn.offer(ws_ping(b"hb"), policy=DROP_OLDEST)
+        self.conn.offer(ws_ping(b"hb"), slot=HEARTBEAT)
 
     def close(self, code: int, reason: str) -> None:
         self.conn.close_with(ws_close(code, reason), reason)
 
-    def _accept(self, raw_request: bytes) -> None:
-        head_end = raw_request.index(b"\r\n\r\n") + 4
-        self.ws.receive_data(raw_request[:head_end])
-        for event in self.ws.events():
-            if isinstance(event, WsRequest):
-                self.conn.offer(self.ws.send(AcceptConnection()))
+    def _accept(self, rest: bytes) -> None:
+        self.conn.offer(self.ws.send(AcceptConnection()))
         # wsproto's server handshake drops bytes that came with the head; frames sent right behind it
         # (a client that subscribes without waiting for the 101) are fed back here.
-        if raw_request[head_end:]:
-            self.ws.receive_data(raw_request[head_end:])
+        if rest:
+            self.ws.receive_data(rest)
 
-    async def run_refused(self, raw_request: bytes, code: int) -> None:
-        """Accept, then close at once with ``code``: browsers see close codes, not HTTP statuses."""
-        self._accept(raw_request)
-        self.close(code, "rate limited" if code == CLOSE_RATE else "server full or draining")
-
-    async def run(self, raw_request: bytes) -> None:
-        self._accept(raw_request)
+    async def run(self, rest: bytes) -> None:
+        self._accept(rest)
         self.send({"type": "welcome", "conn_id": self.conn_id, "exp": self.identity.exp})
         with self.expiry:
             await self._read_loop()
@@ -288,8 +288,11 @@ class WsSession(Session):
                     if event.message_finished:
                         text, parts, size = "".join(parts), [], 0
                         await self._on_text(text)
-                elif isinstance(event, Ping):
-                    self.conn.offer(ws_pong(event.payload))
+                elif isinstance(event, Ping):  # an op like any other: a ping flood hits the op budget
+                    if not self._op_budget():
+                        self.close(CLOSE_RATE, "too many messages")
+                        return
+                    self.conn.offer(ws_pong(event.payload), slot=PONG)
                 elif isinstance(event, CloseConnection):
                     self.conn.close_with(ws_close(event.code or 1000), "closed by client")
                     return
@@ -305,7 +308,7 @@ class WsSession(Session):
             return
         try:
             op = json.loads(text)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: deeply nested arrays
             op = None
         if not isinstance(op, dict) or not isinstance(op.get("op"), str):
             return self._protocol_error(None, "frames are JSON objects with an op")
@@ -327,7 +330,9 @@ class WsSession(Session):
             )
         elif name == "unsubscribe":
             channel, key = op.get("channel"), op.get("key")
-            if not isinstance(channel, str) or not await self.unsubscribe(channel, key):
+            if not isinstance(channel, str) or not (key is None or isinstance(key, str)):
+                return self._protocol_error(req_id, "channel must be a string, key a string or absent")
+            if not await self.unsubscribe(channel, key):
                 return self._error(req_id, "NOT_FOUND", "no such subscription")
             self.send({"type": "unsubscribed", "id": req_id, "channel": channel, "key": key})
         elif name == "refresh":
@@ -338,7 +343,10 @@ class WsSession(Session):
     async def _refresh(self, req_id: str | None, token: Any) -> None:
         if not isinstance(token, str):
             return self._error(req_id, "BAD_REQUEST", "refresh needs a token")
-        result = await self.verify(token)
+        try:
+            result = await self.verify(token)
+        except BackendUnavailable:
+            return self._error(req_id, "UPSTREAM_UNAVAILABLE", "token verification is unavailable; retry")
         if isinstance(result, AuthFailure):
             return self._error(req_id, result.code, result.message)
         if (result.sub, result.tenant_id) != (self.identity.sub, self.identity.tenant_id):
@@ -377,6 +385,7 @@ class SseSession(Session):
             "gap",
         )
         self.conn.slow_close = lambda: b": slow consumer\n\n"
+        self.conn.overflow_close = lambda: b": too many unread events\n\n"
 
     def deliver(self, sub: Subscription, msg: Message) -> None:
         if self.floors and self._seen(sub, msg):
@@ -403,7 +412,7 @@ class SseSession(Session):
         self.conn.offer(sse_event(None, json.dumps(body).encode(), "error"))
 
     def heartbeat(self) -> None:
-        self.conn.offer(SSE_PING)
+        self.conn.offer(SSE_PING, slot=HEARTBEAT)
 
     def close(self, code: int, reason: str) -> None:
         body = json.dumps({"type": "close", "code": code, "reason": reason}).encode()
@@ -421,6 +430,20 @@ class SseSession(Session):
                 pass
         if self.expiry.cancelled_caught:
             self.close(CLOSE_TOKEN, "token expired")
+
+
+def ws_handshake(request: Request) -> WSConnection:
+    """A server-side wsproto connection that has parsed the upgrade request; BadRequest when it is not
+    a valid WebSocket handshake (no Sec-WebSocket-Key, wrong version, ...). Nothing is sent yet."""
+    ws = WSConnection(ConnectionType.SERVER)
+    try:
+        ws.receive_data(request.head)
+        events = list(ws.events())
+    except RemoteProtocolError as exc:
+        raise BadRequest(f"not a WebSocket handshake: {exc}") from None
+    if not any(isinstance(event, WsRequest) for event in events):
+        raise BadRequest("not a WebSocket handshake")
+    return ws
 
 
 def parse_event_id(value: str | None) -> dict[str, str]:
