@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from ...nurseries import Health
 from ...settings import Settings
 from ...telemetry import Metrics
 from .._identity import AuthFailure, Identity
+from .._ratelimit import KeyedBudget, Network
 from ._cache import VerifiedTokenCache
 from ._dev_issuer import DevIssuer
 from ._jwks import EMBEDDED, JwksCache, JwksHealth, KeySource, StaticKeys
@@ -44,6 +46,7 @@ from ._verify import (
 log = logging.getLogger("accessd.policy.auth")
 
 Verify = Callable[[str], Awaitable[Identity | AuthFailure]]
+_JWS_COMPACT = re.compile(r"[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]*){2}")
 _RESULT_BY_CODE = {TOKEN_EXPIRED: "expired", TOKEN_INVALID: "invalid", UNAUTHENTICATED: "missing"}
 
 
@@ -97,6 +100,8 @@ class Authenticator:
             return self._count(failure(UNAUTHENTICATED, "a bearer token is required"))
         if len(token) > self._max_token_bytes:
             return self._count(failure(TOKEN_INVALID, f"token is larger than {self._max_token_bytes} bytes"))
+        if not _JWS_COMPACT.fullmatch(token):  # before any cache or remote call: CR/LF never reach a header
+            return self._count(failure(TOKEN_INVALID, "a token is base64url segments separated by dots"))
         now = self._clock()
         cached = self.cache.get(token, now)
         if cached is not None:
@@ -132,6 +137,8 @@ class Auth:
     authenticator: Authenticator
     components: list[Any] = field(default_factory=list)
     dev_issuer: DevIssuer | None = None
+    failures: KeyedBudget = field(default_factory=lambda: KeyedBudget(60))  # failed auths per client IP
+    trusted_proxies: tuple[Network, ...] = ()
 
     @property
     def verify(self) -> Verify:
@@ -145,7 +152,14 @@ class Auth:
         if self.dev_issuer is not None:
             public.add("/.well-known/jwks.json")
             blueprints.append(dev_jwks_blueprint(self.dev_issuer))
-        blueprints.insert(0, edge_auth_blueprint(self.verify, frozenset(public)))
+        edge = edge_auth_blueprint(
+            self.verify,
+            frozenset(public),
+            known=self.authenticator.cache,
+            failures=self.failures,
+            trusted_proxies=self.trusted_proxies,
+        )
+        blueprints.insert(0, edge)
         return blueprints
 
     def internal_blueprints(self) -> list[Blueprint]:
@@ -168,10 +182,13 @@ def build_auth(settings: Settings, health: Health, metrics: Metrics) -> Auth:
         max_token_bytes=auth.max_token_bytes,
     )
 
+    edge = dict(
+        failures=KeyedBudget(auth.auth_failures_per_minute), trusted_proxies=settings.server.trusted_proxies
+    )
     if settings.server.role == "edge" and auth.auth_url is not None:
         remote = RemoteVerifier(auth.auth_url, auth.auth_timeout_s)
         log.info("auth: delegated to %s", remote.url)
-        return Auth(Authenticator(remote=remote, **common), [remote])
+        return Auth(Authenticator(remote=remote, **common), [remote], **edge)
 
     if settings.dev_issuer:
         dev = DevIssuer.from_settings(settings)
@@ -179,7 +196,7 @@ def build_auth(settings: Settings, health: Health, metrics: Metrics) -> Auth:
         health.set_dependency("jwks", EMBEDDED)
         log.info("auth: dev issuer active (iss=%s, kid=%s)", dev.issuer, dev.kid)
         local = LocalVerifier({None: (source, dataclasses.replace(policy, issuer=dev.issuer))})
-        return Auth(Authenticator(local=local, **common), [], dev)
+        return Auth(Authenticator(local=local, **common), [], dev, **edge)
 
     board = JwksHealth(health)
 
@@ -204,4 +221,4 @@ def build_auth(settings: Settings, health: Health, metrics: Metrics) -> Auth:
         assert auth.jwks_url is not None
         sources[None] = (jwks("jwks", auth.jwks_url), policy)
     authenticator = Authenticator(local=LocalVerifier(sources), **common)
-    return Auth(authenticator, [source for source, _ in sources.values()])
+    return Auth(authenticator, [source for source, _ in sources.values()], **edge)

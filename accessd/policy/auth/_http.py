@@ -3,13 +3,17 @@
 Edge: a ``before_app_request`` hook (it runs after the pipeline hook that sets the trace and request id)
 demands a valid bearer token on every path except the public ones, and leaves the :class:`Identity` on
 ``g.identity``. Denials are 401 with the contract codes and ``WWW-Authenticate: Bearer``; an unreachable
-delegated verifier is 503. :func:`require_identity` is the same check for any handler (admin endpoints).
+delegated verifier is 503. Each 401 spends one token of the client address's failure budget; once it is
+empty, that address gets 429 for any token not already verified (no signature check, no call to a
+delegated verifier) until the budget refills. :func:`require_identity` is the same check for any handler
+(admin endpoints).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable
+import time
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from quart import Blueprint, Request, Response, g, request
@@ -17,6 +21,8 @@ from quart import Blueprint, Request, Response, g, request
 from ...errors import BackendUnavailable
 from ...http import ApiError
 from .._identity import AuthFailure, Identity, bearer_token
+from .._ratelimit import KeyedBudget, Network, client_ip
+from ._cache import VerifiedTokenCache
 from ._dev_issuer import DevIssuer
 from ._verify import UNAUTHENTICATED
 
@@ -63,14 +69,35 @@ def identity_body(identity: Identity) -> dict[str, Any]:
     }
 
 
-def edge_auth_blueprint(verify: Verify, public_paths: frozenset[str]) -> Blueprint:
+def edge_auth_blueprint(
+    verify: Verify,
+    public_paths: frozenset[str],
+    *,
+    known: VerifiedTokenCache,
+    failures: KeyedBudget,
+    trusted_proxies: Sequence[Network] = (),
+) -> Blueprint:
     edge = Blueprint("auth_edge", __name__)
 
     @edge.before_app_request
     async def _authenticate() -> None:
         if request.path in public_paths:
             return
-        g.identity = await require_identity(verify, request)
+        ip = client_ip(request.remote_addr or "", request.headers.get("X-Forwarded-For"), trusted_proxies)
+        retry_after = failures.retry_after(ip)
+        if retry_after:
+            token = bearer_token(request.headers.get("Authorization"))
+            if token is None or known.get(token, time.time()) is None:
+                raise ApiError(
+                    429, "RATE_LIMITED", "too many failed authentications from this address",
+                    headers={"Retry-After": str(max(1, round(retry_after)))},
+                )
+        try:
+            g.identity = await require_identity(verify, request)
+        except ApiError as exc:
+            if exc.status == 401:
+                failures.take(ip)
+            raise
 
     return edge
 
