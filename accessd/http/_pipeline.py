@@ -4,6 +4,11 @@ Done at the ASGI layer rather than in Quart ``before/after_request`` hooks becau
 request (proxy lookups, hook dispatch) on a path whose whole budget is a few hundred. Quart runs each request
 in a child task, which inherits the context variables set here (trace id, request id, span); the one thing
 only Quart knows, the matched route, comes back through the ASGI scope (see ``note_route``).
+
+A response that completes before the request body was read (an early 413 refused from ``Content-Length``, a
+401 before the body) goes out with ``Connection: close``, and its last send is shielded (bounded): Hypercorn
+then closes the connection from inside that send, while quart-trio cancels the request's nursery as soon as
+the disconnect reaches it, which would otherwise cut the close half-way and leave the connection hanging.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import logging
 import time
 from typing import Any
 
+import trio
 from opentelemetry.trace import Span
 
 from ..telemetry import (
@@ -29,6 +35,7 @@ log = logging.getLogger("accessd.http")
 
 ROUTE_KEY = "accessd.route"
 UNMATCHED = "unmatched"
+CLOSE_TIMEOUT_S = 5.0  # bound on the shielded last send of a response that closes the connection
 span_var: contextvars.ContextVar[Span | None] = contextvars.ContextVar("span", default=None)
 
 
@@ -43,11 +50,16 @@ class RequestPipeline:
             return await self._app(scope, receive, send)
         started = time.perf_counter()
         traceparent = client_request_id = None
+        body_pending = False  # the request announces a body the app has not read yet
         for name, value in scope["headers"]:
             if name == b"traceparent":
                 traceparent = value.decode("latin-1")
             elif name == b"x-request-id":
                 client_request_id = value.decode("latin-1")
+            elif name == b"content-length":
+                body_pending = value.strip() not in (b"0", b"")
+            elif name == b"transfer-encoding":
+                body_pending = True
         method = scope["method"]
         span = None
         if self._tracing is not None:
@@ -61,16 +73,33 @@ class RequestPipeline:
         req_id_var.set(request_id)
         status = 500
         request_id_header = (b"x-request-id", request_id.encode())
+        closing = False
+
+        async def receive_body() -> dict[str, Any]:
+            nonlocal body_pending
+            message = await receive()
+            if message["type"] == "http.disconnect" or not message.get("more_body", False):
+                body_pending = False
+            return message
 
         async def send_with_id(message: dict[str, Any]) -> None:
-            nonlocal status
+            nonlocal status, closing
             if message["type"] == "http.response.start":
                 status = message["status"]
-                message["headers"] = [*message.get("headers", ()), request_id_header]
+                headers = [*message.get("headers", ()), request_id_header]
+                if body_pending:  # answered before the body was read: it cannot be reused
+                    closing = True
+                    headers.append((b"connection", b"close"))
+                message["headers"] = headers
+            elif closing and message["type"] == "http.response.body" and not message.get("more_body", False):
+                with trio.move_on_after(CLOSE_TIMEOUT_S) as bounded:
+                    bounded.shield = True
+                    await send(message)
+                return
             await send(message)
 
         try:
-            await self._app(scope, receive, send_with_id)
+            await self._app(scope, receive_body if body_pending else receive, send_with_id)
         finally:
             route = scope.get(ROUTE_KEY, UNMATCHED)
             elapsed = time.perf_counter() - started
@@ -82,3 +111,4 @@ class RequestPipeline:
                 span.update_name(f"{method} {route}")
                 span.set_attribute("http.response.status_code", status)
                 span.end()
+
