@@ -8,6 +8,10 @@ run *ARGS:
 test *ARGS:
     python -m pytest {{ARGS}}
 
+# the streaming fuzz suite with many more cases than CI runs, and a new seed each time
+fuzz EXAMPLES="20000":
+    ACCESSD_FUZZ_EXAMPLES={{EXAMPLES}} ACCESSD_FUZZ_RANDOM=1 python -m pytest tests/test_stream_fuzz.py -q
+
 lint:
     ruff check accessd tests bench
     ruff format --check accessd tests bench

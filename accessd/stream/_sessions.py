@@ -439,7 +439,7 @@ def ws_handshake(request: Request) -> WSConnection:
     try:
         ws.receive_data(request.head)
         events = list(ws.events())
-    except RemoteProtocolError as exc:
+    except (RemoteProtocolError, ValueError) as exc:  # ValueError: wsproto decodes some headers as ASCII
         raise BadRequest(f"not a WebSocket handshake: {exc}") from None
     if not any(isinstance(event, WsRequest) for event in events):
         raise BadRequest("not a WebSocket handshake")
