@@ -167,10 +167,14 @@ def tansu_binary() -> str:
 
 
 @contextmanager
-def tansu_broker(workdir: Path, port: int | None = None) -> Iterator[str]:
-    """Run Tansu (memory storage) on a loopback port; stopped by its pid on exit."""
+def tansu_broker(workdir: Path, port: int | None = None, advertised_port: int | None = None) -> Iterator[str]:
+    """Run Tansu (memory storage) on a loopback port; stopped by its pid on exit.
+
+    ``advertised_port``: the port Tansu tells clients to use (e.g. a proxy in front of it); default ``port``.
+    """
     port = port or _free_port()
     url = f"tcp://127.0.0.1:{port}"
+    advertised = f"tcp://127.0.0.1:{advertised_port or port}"
     log_path = workdir / f"tansu-{port}.log"
     with log_path.open("wb") as log:
         process = subprocess.Popen(
@@ -180,7 +184,7 @@ def tansu_broker(workdir: Path, port: int | None = None) -> Iterator[str]:
                 "--listener-url",
                 url,
                 "--advertised-listener-url",
-                url,
+                advertised,
                 "--storage-engine",
                 "memory://tansu/",
             ],

@@ -6,10 +6,13 @@ and a topic of its own.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import secrets
 import socket
+import threading
+import time
 from collections.abc import AsyncIterator
 from contextlib import ExitStack, asynccontextmanager
 from pathlib import Path
@@ -19,6 +22,7 @@ import pytest
 import trio
 import trio_asyncio
 
+from accessd.errors import BackendUnavailable
 from accessd.nurseries import Health
 from accessd.stream._embedded import EmbeddedBroker
 from accessd.stream._kafka import Gap, KafkaSource
@@ -78,10 +82,12 @@ async def produce_to(bootstrap: str, topic: str, partition: int, value: bytes) -
     await trio_asyncio.aio_as_trio(go)()
 
 
-def kafka_source(bootstrap: str, health: Health) -> KafkaSource:
+def kafka_source(
+    bootstrap: str, health: Health, request_timeout_s: float = 2.0, metadata_refresh_s: float = 0.3
+) -> KafkaSource:
     return KafkaSource(
-        (bootstrap,), health, metadata_refresh_s=0.3, fetch_max_wait_ms=100, request_timeout_s=2.0,
-        replay_timeout_s=10.0, backoff_max_s=0.5,
+        (bootstrap,), health, metadata_refresh_s=metadata_refresh_s, fetch_max_wait_ms=100,
+        request_timeout_s=request_timeout_s, replay_timeout_s=10.0, backoff_max_s=0.5,
     )
 
 
@@ -326,3 +332,102 @@ def test_kafka_positions_the_broker_no_longer_holds_become_gaps() -> None:
     source._reconcile(before, begin, end)
     assert source._gaps == [Gap("a", 0, 3, 8), Gap("a", 1, 3, 0)]
     assert source._positions == {truncated: 8, reset: 0, moved: 50, fine: 4}
+
+
+async def test_kafka_publish_answers_from_the_ack_and_never_fails_after_it(
+    request: pytest.FixtureRequest,
+) -> None:
+    """The partition ends are read before producing: when they cannot be (here the lookup consumer is held
+    by a long replay), publish fails with nothing published, so a retry cannot duplicate a message."""
+    bootstrap = request.getfixturevalue("kafka_bootstrap")
+    with trio.fail_after(30):
+        async with trio_asyncio.open_loop(), trio.open_nursery() as nursery:
+            source = kafka_source(bootstrap, Health(role="all"), request_timeout_s=0.5)
+            await nursery.start(source.run)
+            channel = await new_channel("kafka", request, "ack", partitions=3)
+            start = await source.follow(channel)
+            held, release = trio.Event(), trio.Event()
+
+            async def long_replay() -> None:  # what a replay does with the lookup consumer
+                async with source._lookup_lock:
+                    held.set()
+                    await release.wait()
+
+            nursery.start_soon(long_replay)
+            await held.wait()
+            with pytest.raises(BackendUnavailable):
+                await source.publish(channel, "NG_2026", b'{"try": 1}')
+            await assert_quiet(source, 0.5)  # not produced: a retry is safe
+            release.set()
+            position = await source.publish(channel, "NG_2026", b'{"try": 2}')
+            [record] = await collect(source, 1)
+            assert record.value == b'{"try": 2}' and record.offset == start[record.partition]
+            assert position == {**start, record.partition: record.offset + 1}  # pins every partition
+            await assert_quiet(source, 0.3)
+            nursery.cancel_scope.cancel()
+
+
+class SlowProxy:
+    """Forwards 127.0.0.1:<port> to a target; every answer is held ``delay_s`` first (a broker that is slow
+    to answer, each request within its own timeout). Threads, so it works while a test blocks."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.delay_s = 0.0
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self._sockets: list[socket.socket] = [self._listener]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+                upstream = socket.create_connection(("127.0.0.1", self.target_port), timeout=5)
+            except OSError:
+                return
+            upstream.settimeout(None)
+            self._sockets += [client, upstream]
+            threading.Thread(target=self._pump, args=(client, upstream, False), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, True), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, answers: bool) -> None:
+        try:
+            while data := src.recv(65536):
+                if answers and self.delay_s:
+                    time.sleep(self.delay_s)
+                dst.sendall(data)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        for sock in self._sockets:
+            with contextlib.suppress(OSError):
+                sock.close()
+
+
+async def test_kafka_follow_on_a_slow_broker_is_backend_unavailable(tmp_path: Path) -> None:
+    """A broker slow enough that following a channel (metadata, then the live consumer's metadata and
+    offsets) overruns follow's deadline, though each request is within its own timeout: follow ends in
+    BackendUnavailable (the session turns it into an error frame), never in a bare trio.TooSlowError that
+    would take the streaming listener down."""
+    broker_port = _free_port()
+    proxy = SlowProxy(broker_port)
+    timeout_s = 0.5
+    try:
+        with tansu_broker(tmp_path, broker_port, advertised_port=proxy.port):  # every client goes through it
+            with trio.fail_after(30):
+                async with trio_asyncio.open_loop(), trio.open_nursery() as nursery:
+                    source = kafka_source(f"127.0.0.1:{proxy.port}", Health(role="all"),
+                                          request_timeout_s=timeout_s, metadata_refresh_s=60)
+                    await nursery.start(source.run)
+                    channel = _topic("slow")
+                    await create_topic(f"127.0.0.1:{proxy.port}", channel, 1)
+                    proxy.delay_s = timeout_s * 0.8
+                    started = trio.current_time()
+                    with pytest.raises(BackendUnavailable):
+                        await source.follow(channel)
+                    assert trio.current_time() - started < timeout_s * 2 + 1
+                    nursery.cancel_scope.cancel()
+    finally:
+        proxy.close()

@@ -153,9 +153,12 @@ class KafkaLink:
     async def send(
         self, topic: str, key: bytes | None, value: bytes, headers: Sequence[tuple[str, bytes]]
     ) -> tuple[int, int, list[int]]:
-        """Send one record and wait for the broker's ack (acks=all): (partition, offset, all partitions)."""
+        """Send one record and wait for the broker's ack (acks=all): (partition, offset, all partitions).
+
+        Nothing that can fail or wait follows the ack: the partitions come from the metadata the send used.
+        """
         meta = await self._producer.send_and_wait(topic, value, key=key, headers=list(headers) or None)
-        partitions = await self._producer.partitions_for(topic)
+        partitions = self._producer.client.cluster.partitions_for_topic(topic) or {meta.partition}
         return meta.partition, meta.offset, sorted(partitions)
 
     async def ends(self, topic: str, partitions: Sequence[int]) -> dict[int, int]:

@@ -28,7 +28,8 @@ aiokafka's prefetch is bounded by its fetch sizes, so a slow hub slows reading, 
 Cancellation: cancelling ``next_batch`` mid-poll is safe (the consumer is re-seeked before the next poll);
 ``run`` closes the link on the way out.
 Errors: ``follow``, ``replay`` and ``publish`` raise BackendUnavailable("kafka") when the broker cannot be
-reached in time; the caller answers that one request with an error, the source carries on.
+reached in time (never a bare ``trio.TooSlowError``); the caller answers that one request with an error, the
+source carries on. ``publish`` answers from the produce acknowledgement: once acknowledged it does not fail.
 """
 
 from __future__ import annotations
@@ -56,9 +57,13 @@ UNKNOWN_TOPIC_POSITION: Position = {0: 0}
 def _record(raw: RawRecord) -> Record:
     topic, partition, offset, key, value, ts_ms, headers = raw
     return Record(
-        topic, partition, offset,
+        topic,
+        partition,
+        offset,
         None if key is None else key.decode("utf-8", errors="replace"),
-        value, ts_ms, headers,
+        value,
+        ts_ms,
+        headers,
     )
 
 
@@ -175,9 +180,7 @@ class KafkaSource:
                 channels = list(self._channels)
                 found = await run_aio(BACKEND, link.partitions, channels or ["__accessd_health__"])
                 # Only partitions the broker still lists: asking offsets of a deleted topic would hang.
-                before = {
-                    tp: o for tp, o in self._positions.items() if tp[1] in (found.get(tp[0]) or ())
-                }
+                before = {tp: o for tp, o in self._positions.items() if tp[1] in (found.get(tp[0]) or ())}
                 begin, end = await run_aio(BACKEND, link.bounds, list(before)) if before else ({}, {})
         except (BackendUnavailable, trio.TooSlowError) as exc:
             if was_up:
@@ -251,21 +254,30 @@ class KafkaSource:
         if channel in self._channels:
             return self._position(channel)
         link = self._require_link()
-        with trio.fail_after(self._timeout_s * 2):
-            found = (await run_aio(BACKEND, link.partitions, [channel]))[channel]
-            async with self._consumer():
-                if channel in self._channels:  # followed meanwhile
-                    return self._position(channel)
-                if not found:
-                    log.info("kafka: %s does not exist yet; following it once it appears", channel)
-                    self._channels[channel] = set()
-                    return dict(UNKNOWN_TOPIC_POSITION)
-                ends = await run_aio(BACKEND, link.follow, dict(self._positions), channel, found)
-                self._channels[channel] = set(ends)
-                for partition, offset in ends.items():
-                    self._positions[(channel, partition)] = offset
-                    self._seen_end[(channel, partition)] = offset
-                self._dirty = False
+        try:
+            with trio.fail_after(self._timeout_s * 2):
+                return await self._follow(link, channel)
+        except trio.TooSlowError:
+            problem = f"following {channel} took over {self._timeout_s * 2:g} s"
+            raise BackendUnavailable(BACKEND, problem) from None
+
+    async def _follow(self, link: KafkaLink, channel: str) -> Position:
+        found = (await run_aio(BACKEND, link.partitions, [channel]))[channel]
+        async with self._consumer():
+            if channel in self._channels:  # followed meanwhile
+                return self._position(channel)
+            if not found:
+                log.info("kafka: %s does not exist yet; following it once it appears", channel)
+                self._channels[channel] = set()
+                return dict(UNKNOWN_TOPIC_POSITION)
+            # Interrupted half-way, the live assignment may hold the new partitions: re-apply ours then.
+            self._dirty = True
+            ends = await run_aio(BACKEND, link.follow, dict(self._positions), channel, found)
+            self._channels[channel] = set(ends)
+            for partition, offset in ends.items():
+                self._positions[(channel, partition)] = offset
+                self._seen_end[(channel, partition)] = offset
+            self._dirty = False
         return ends
 
     def _position(self, channel: str) -> Position:
@@ -356,16 +368,34 @@ class KafkaSource:
     async def publish(
         self, channel: str, key: str | None, value: bytes, headers: tuple[tuple[str, bytes], ...] = ()
     ) -> Position:
+        """Produce one record; its cursor is built from the ack, so an acknowledged record is never reported
+        as failed (a retry would duplicate it).
+
+        The ends of the channel's partitions are read *before* producing (a failure there is a clean
+        BackendUnavailable, nothing published); the cursor is those ends with the acknowledged partition at
+        ``offset + 1``. Another partition pinned at its end from just before the send may hold records
+        published concurrently: a resume delivers them (none skipped). A partition unknown before the send
+        (a topic created by it) is pinned at 0.
+        """
         link = self._require_link()
+        try:
+            with trio.fail_after(self._timeout_s * 2):
+                found = (await run_aio(BACKEND, link.partitions, [channel]))[channel]
+                before: dict[int, int] = {}
+                if found:  # the end offsets of an unknown topic would wait for it forever
+                    async with self._lookup_lock:
+                        before = await run_aio(BACKEND, link.ends, channel, found)
+        except trio.TooSlowError:
+            problem = f"publish to {channel}: partition ends not read in time; nothing was published"
+            raise BackendUnavailable(BACKEND, problem) from None
         try:
             with trio.fail_after(self._timeout_s * 2):
                 encoded = None if key is None else key.encode()
                 sent = await run_aio(BACKEND, link.send, channel, encoded, value, headers)
-                partition, offset, partitions = sent
-                async with self._lookup_lock:
-                    position = await run_aio(BACKEND, link.ends, channel, partitions)
         except trio.TooSlowError:
             raise BackendUnavailable(BACKEND, f"publish to {channel} not acknowledged in time") from None
+        partition, offset, partitions = sent
+        position = {p: before.get(p, 0) for p in {*partitions, *before}}
         position[partition] = offset + 1
         for p, end in position.items():
             if (channel, p) in self._positions:
