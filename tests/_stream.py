@@ -18,7 +18,7 @@ from prometheus_client import CollectorRegistry
 
 from accessd.errors import BackendUnavailable
 from accessd.policy._identity import AuthFailure, Identity
-from accessd.stream import EmbeddedBroker, Hub, Limits, SessionLimits, StreamConfig, StreamListener
+from accessd.stream import Access, EmbeddedBroker, Hub, Limits, SessionLimits, StreamConfig, StreamListener
 
 
 @dataclass
@@ -32,6 +32,7 @@ class Rig:
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)
     verifier_down: bool = False  # verify raises BackendUnavailable (a delegated verifier that is away)
     faults: dict[str, Exception] = field(default_factory=dict)  # channel -> what authorize raises
+    hidden: dict[str, set[str]] = field(default_factory=dict)  # channel -> keys denied to everyone
 
     @property
     def port(self) -> int:
@@ -71,11 +72,16 @@ async def stream_rig(**config: Any) -> AsyncIterator[Rig]:
             return AuthFailure("TOKEN_EXPIRED", "expired")
         return identity
 
-    async def authorize(identity: Identity, channel: str, key: str | None) -> str | None:
+    async def authorize(identity: Identity, channel: str, key: str | None) -> Access:
         assert rig is not None
         if channel in rig.faults:
             raise rig.faults[channel]
-        return f"{identity.sub} may not subscribe to {channel}" if channel in rig.denied else None
+        if channel in rig.denied:
+            return Access(f"{identity.sub} may not subscribe to {channel}")
+        hidden = rig.hidden.get(channel)
+        if key is not None:
+            return Access("that key is hidden") if hidden and key in hidden else Access()
+        return Access(hidden=hidden.__contains__ if hidden else None)
 
     registry = CollectorRegistry()
     shutdown = trio.Event()

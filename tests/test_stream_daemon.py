@@ -53,7 +53,7 @@ def streaming_daemon(request, daemon_factory, tmp_path: Path):
 async def test_subscribe_publish_deliver_and_deny(streaming_daemon) -> None:
     daemon, channel, _ = streaming_daemon
     ws_url = daemon.stream_url.replace("http", "ws") + "/ws/stream"
-    admin = token(daemon, "ops", roles="admin")
+    publisher = token(daemon, "ops", roles="publisher")
     async with (
         open_websocket_url(f"{ws_url}?token={token(daemon, 'alice')}") as alice,
         open_websocket_url(f"{ws_url}?token={token(daemon, 'eve')}") as eve,
@@ -77,7 +77,7 @@ async def test_subscribe_publish_deliver_and_deny(streaming_daemon) -> None:
                 response = await client.post(
                     f"{daemon.internal_url}/stream/publish",
                     json={"channel": channel, "key": key, "data": {"n": n}},
-                    headers={"Authorization": f"Bearer {admin}"},
+                    headers={"Authorization": f"Bearer {publisher}"},
                 )
                 assert response.status_code == 202 and response.json()["cursor"]
             refused = await client.post(
@@ -173,9 +173,9 @@ async def test_kafka_restart_mid_stream_keeps_subscribers(daemon_factory, tmp_pa
             env={"ACCESS_POLICY_FILE": str(policy), "ACCESS_KAFKA_BOOTSTRAP": bootstrap,
                  "ACCESS_KAFKA_METADATA_REFRESH_S": "0.5"},
         )
-        admin = token(daemon, "ops", roles="admin")
+        publisher = token(daemon, "ops", roles="publisher")
         ws_url = daemon.stream_url.replace("http", "ws") + "/ws/stream"
-        publish = {"url": f"{daemon.internal_url}/stream/publish", "headers": {"Authorization": f"Bearer {admin}"}}
+        publish = {"url": f"{daemon.internal_url}/stream/publish", "headers": {"Authorization": f"Bearer {publisher}"}}
         async with open_websocket_url(f"{ws_url}?token={token(daemon, 'alice')}") as ws, \
                 httpx.AsyncClient(timeout=10) as client:
             await recv(ws)
@@ -235,3 +235,95 @@ async def test_edge_delegates_auth_and_entitlements_to_an_internal_daemon(daemon
         await ws.send_message(json.dumps({"op": "subscribe", "id": "3", "channel": "third.v1"}))
         unavailable = await recv(ws)
         assert unavailable["code"] == "UPSTREAM_UNAVAILABLE"  # unknown is never an allow
+
+
+@pytest.fixture(params=["file", "postgres", "delegated"])
+def key_deny_daemons(request, daemon_factory, tmp_path: Path):
+    """(daemon serving the stream, daemon serving grants and publish) over each store, and through an edge
+    that delegates auth and entitlements (sharing Kafka with the internal daemon that publishes)."""
+    from ._entitlements import new_schema
+
+    if request.param == "postgres":
+        dsn = trio.run(new_schema, request.getfixturevalue("postgres_dsn"))
+        daemon = daemon_factory(role="all", env={"ACCESS_POSTGRES_DSN": dsn})
+        return daemon, daemon
+    policy = tmp_path / "grants.yaml"
+    policy.write_text("grants: []\n")
+    if request.param == "file":
+        daemon = daemon_factory(role="all", env={"ACCESS_POLICY_FILE": str(policy)})
+        return daemon, daemon
+    kafka = request.getfixturevalue("kafka_bootstrap")
+    internal = daemon_factory(role="internal", env={"ACCESS_POLICY_FILE": str(policy), "ACCESS_KAFKA_BOOTSTRAP": kafka})
+    edge = daemon_factory(
+        role="edge",
+        env={"ACCESS_AUTH_URL": internal.internal_url, "ACCESS_ENTITLEMENTS_URL": internal.internal_url,
+             "ACCESS_STREAM_REVALIDATE_S": "0.3", "ACCESS_DRAIN_TIMEOUT_S": "0.5",
+             "ACCESS_KAFKA_BOOTSTRAP": kafka, "ACCESS_KAFKA_METADATA_REFRESH_S": "0.5"},
+    )
+    return edge, internal
+
+
+async def test_a_denied_key_never_reaches_an_unkeyed_subscription(key_deny_daemons) -> None:
+    """Issue 8, finding 3: allow the channel for everyone, deny one key to bob; bob's unkeyed subscription
+    must not deliver that key, and follows grant changes."""
+    streamer, granter = key_deny_daemons
+    channel = f"pricing.keys.t{secrets.token_hex(3)}.v1"
+    admin = {"Authorization": f"Bearer {token(granter, 'root', roles='admin')}"}
+    publisher = {"Authorization": f"Bearer {token(granter, 'ops', roles='publisher')}"}
+    grants = f"{granter.internal_url}/entitlements/grants"
+    ws_url = streamer.stream_url.replace("http", "ws") + "/ws/stream"
+
+    def grant(resource: str, subject: str, effect: str) -> dict:
+        return {"tenant_id": "t1", "subject": subject, "action": "subscribe", "resource": resource,
+                "effect": effect}
+
+    async with httpx.AsyncClient(timeout=10) as client:
+        assert (await client.post(grants, json=grant(f"channel:{channel}", "*", "allow"), headers=admin)).status_code == 201
+        deny = await client.post(grants, json=grant(f"channel:{channel}/NG_2026", "user:bob", "deny"), headers=admin)
+        assert deny.status_code == 201
+
+        async def publish(key: str, n: int) -> None:
+            body = {"channel": channel, "key": key, "data": {"n": n}}
+            response = await client.post(f"{granter.internal_url}/stream/publish", json=body, headers=publisher)
+            assert response.status_code == 202, response.text
+
+        async with (
+            open_websocket_url(f"{ws_url}?token={token(granter, 'bob')}") as bob,
+            open_websocket_url(f"{ws_url}?token={token(granter, 'alice')}") as alice,
+        ):
+            for ws in (bob, alice):
+                await recv(ws)
+                await ws.send_message(json.dumps({"op": "subscribe", "id": "1", "channel": channel}))
+                assert (await recv(ws))["type"] == "subscribed"
+            await bob.send_message(json.dumps({"op": "subscribe", "id": "2", "channel": channel, "key": "NG_2026"}))
+            assert (await recv(bob))["code"] == "ENTITLEMENT_DENIED"
+
+            await publish("NG_2026", 1)
+            await publish("NG_2027", 2)
+            assert [(await recv(alice))["data"]["n"] for _ in range(2)] == [1, 2]
+            assert (await recv(bob))["data"]["n"] == 2  # NG_2026 was never sent to bob
+            await bob.send_message(json.dumps({"op": "ping", "id": "p"}))
+            assert (await recv(bob))["type"] == "pong"
+
+            # Lifting the deny shows the key again, within about a second (revalidation on grant change).
+            assert (await client.delete(f"{grants}/{deny.json()['id']}", headers=admin)).status_code == 204
+            n = 10
+            with trio.fail_after(5):
+                while True:
+                    n += 1
+                    await publish("NG_2026", n)
+                    with trio.move_on_after(0.3):
+                        if (await recv(bob))["key"] == "NG_2026":
+                            break
+            # A deny by glob hides every key it matches, and the subscription stays open.
+            glob = await client.post(grants, json=grant(f"channel:{channel}/NG_*", "user:bob", "deny"), headers=admin)
+            assert glob.status_code == 201
+            with trio.fail_after(5):
+                while True:
+                    n += 1
+                    await publish("NG_2027", n)
+                    await publish("PW_DE", n)
+                    got = [(await recv(bob))["key"]]
+                    if got[-1] == "PW_DE":
+                        break  # the NG_2027 before it was held back
+                    assert (await recv(bob))["key"] == "PW_DE"

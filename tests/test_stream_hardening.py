@@ -348,6 +348,34 @@ async def test_dropping_is_bounded_in_memory_and_keeps_order() -> None:
     assert sum(int(g.split()[2]) for g in gaps) + len(messages) == 50_000  # every message sent or counted
 
 
+# --- 3. a key denied to a subscriber never reaches its unkeyed subscription ----------------------------
+
+
+async def test_hidden_keys_are_filtered_live_on_resume_and_after_revalidation() -> None:
+    async with witnessed() as (rig, witness):
+        rig.hidden[CHANNEL] = {"NG_2026"}
+        async with open_websocket_url(f"{rig.ws_url}?token={rig.token('bob')}") as bob:
+            await recv(bob)
+            cursor = (await subscribe(bob))["cursor"]
+            for n, key in enumerate(["NG_2026", "NG_2027", None, "NG_2026", "PW"]):
+                rig.publish(CHANNEL, {"n": n}, key=key)
+            assert [(await recv(bob))["data"]["n"] for _ in range(3)] == [1, 2, 4]
+            await bob.send_message(json.dumps({"op": "unsubscribe", "channel": CHANNEL}))
+            assert (await recv(bob))["type"] == "unsubscribed"
+            await subscribe(bob, since=cursor)  # the replay is filtered too
+            assert [(await recv(bob))["data"]["n"] for _ in range(3)] == [1, 2, 4]
+            rig.hidden[CHANNEL] = {"NG_2027"}  # grants changed
+            await rig.listener.revalidate_all()
+            rig.publish(CHANNEL, {"n": 5}, key="NG_2027")
+            rig.publish(CHANNEL, {"n": 6}, key="NG_2026")
+            assert (await recv(bob))["data"]["n"] == 6
+            del rig.hidden[CHANNEL]
+            await rig.listener.revalidate_all()
+            rig.publish(CHANNEL, {"n": 7}, key="NG_2027")
+            assert (await recv(bob))["data"]["n"] == 7
+        await witness.check()
+
+
 # --- 5. work before authentication is bounded and charged -----------------------------------------------
 
 

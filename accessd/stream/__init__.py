@@ -15,6 +15,7 @@ from ._http import publish_blueprint as publish_blueprint
 from ._hub import Hub as Hub
 from ._listener import StreamConfig as StreamConfig
 from ._listener import StreamListener as StreamListener
+from ._sessions import Access as Access
 from ._sessions import Authorize as Authorize
 from ._sessions import SessionLimits as SessionLimits
 from ._source import Record as Record

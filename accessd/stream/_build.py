@@ -15,13 +15,14 @@ import trio
 from ..errors import BackendUnavailable
 from ..nurseries import Health
 from ..policy._identity import Identity
+from ..policy.entitlements import Decider, DecisionInput, hidden_keys
 from ..settings import Settings
 from ..telemetry import Metrics, Tracing
 from ._conn import Limits
 from ._embedded import EmbeddedBroker
 from ._hub import Hub
 from ._listener import StreamConfig, StreamListener
-from ._sessions import Authorize, SessionLimits, Verify
+from ._sessions import ALLOWED, Access, Authorize, SessionLimits, Verify
 from ._source import Source
 
 log = logging.getLogger("accessd.stream")
@@ -38,25 +39,28 @@ class StreamRuntime:
     components: list[Any] = field(default_factory=list)
 
 
-def entitlement_authorizer(decider: Any) -> Authorize:
+def entitlement_authorizer(decider: Decider) -> Authorize:
     """``subscribe`` on ``channel:<name>/<key>``, where a grant on ``channel:<name>`` also covers a key,
-    unless a deny names the key (deny beats allow)."""
-    from ..policy.entitlements import DecisionInput
+    unless a deny names the key (deny beats allow). An unkeyed subscription is allowed by the grant on the
+    channel, and hides the keys that deny grants under it name for this caller."""
 
-    async def authorize(identity: Identity, channel: str, key: str | None) -> str | None:
+    async def authorize(identity: Identity, channel: str, key: str | None) -> Access:
         def ask(resource: str) -> DecisionInput:
             return DecisionInput(identity.sub, identity.tenant_id, "subscribe", resource, identity.roles)
 
+        whole = ask(f"channel:{channel}")
         if key is None:
-            decision = await decider.decide(identity, ask(f"channel:{channel}"))
-            return None if decision.allow else decision.reason
+            decision = await decider.decide(identity, whole)
+            if not decision.allow:
+                return Access(decision.reason)
+            return Access(hidden=hidden_keys(whole.resource, await decider.denied_under(identity, whole)))
         keyed = await decider.decide(identity, ask(f"channel:{channel}/{key}"))
         if keyed.allow:
-            return None
+            return ALLOWED
         if keyed.reason.startswith("denied by"):
-            return keyed.reason
-        whole = await decider.decide(identity, ask(f"channel:{channel}"))
-        return None if whole.allow else whole.reason
+            return Access(keyed.reason)
+        decision = await decider.decide(identity, whole)
+        return ALLOWED if decision.allow else Access(decision.reason)
 
     return authorize
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
@@ -104,17 +104,22 @@ class Subscription:
     live: bool = True
     backlog: list[Message] = field(default_factory=list)
     backlog_dropped: int = 0
+    hidden: Callable[[str], bool] | None = None  # unkeyed: keys this subscriber must not get
 
 
 @dataclass(eq=False)
 class _Channel:
     name: str
     position: Position
-    everything: set[Subscription] = field(default_factory=set)
+    everything: set[Subscription] = field(default_factory=set)  # unkeyed, every key
+    filtered: set[Subscription] = field(default_factory=set)  # unkeyed, some keys hidden
     by_key: dict[str, set[Subscription]] = field(default_factory=dict)
 
     def __len__(self) -> int:
-        return len(self.everything) + sum(len(s) for s in self.by_key.values())
+        return len(self.everything) + len(self.filtered) + sum(len(s) for s in self.by_key.values())
+
+    def all(self) -> list[Subscription]:
+        return [*self.everything, *self.filtered, *(sub for subs in self.by_key.values() for sub in subs)]
 
 
 @dataclass
@@ -157,9 +162,16 @@ class Hub:
     # --- subscriptions -----------------------------------------------------------------------------------
 
     async def subscribe(
-        self, session: Subscriber, sub_id: str, channel: str, key: str | None, since: Position | None
+        self,
+        session: Subscriber,
+        sub_id: str,
+        channel: str,
+        key: str | None,
+        since: Position | None,
+        hidden: Callable[[str], bool] | None = None,
     ) -> tuple[Subscription, Position]:
         """Register a subscription; returns it and the live position it starts at (its first cursor).
+        ``hidden`` (unkeyed only): the keys it must not be given.
 
         Errors: BackendUnavailable when the broker cannot start following a new channel.
         """
@@ -172,10 +184,21 @@ class Hub:
                     ch = self._channels[channel] = _Channel(channel, dict(position))
         sub = Subscription(session, sub_id, channel, key, self.policy_for(channel, key), live=since is None)
         if key is None:
-            ch.everything.add(sub)
+            sub.hidden = hidden
+            (ch.everything if hidden is None else ch.filtered).add(sub)
         else:
             ch.by_key.setdefault(key, set()).add(sub)
         return sub, dict(ch.position)
+
+    def set_hidden(self, sub: Subscription, hidden: Callable[[str], bool] | None) -> None:
+        """An unkeyed subscription's hidden keys changed (grants changed): filter from the next message."""
+        ch = self._channels.get(sub.channel)
+        if sub.key is not None or ch is None:
+            return
+        ch.everything.discard(sub)
+        ch.filtered.discard(sub)
+        sub.hidden = hidden
+        (ch.everything if hidden is None else ch.filtered).add(sub)
 
     async def unsubscribe(self, sub: Subscription) -> None:
         if self.remove(sub):
@@ -189,6 +212,7 @@ class Hub:
             return False
         if sub.key is None:
             ch.everything.discard(sub)
+            ch.filtered.discard(sub)
         else:
             subs = ch.by_key.get(sub.key)
             if subs is not None:
@@ -228,12 +252,15 @@ class Hub:
         messages = []
         for record in replay.records:
             position[record.partition] = record.offset + 1
-            if sub.key is None or record.key == sub.key:
-                data = json_payload(record.value)
-                if data is None:
-                    self._invalid(record)
-                    continue
-                messages.append(Message(record, encode_cursor(position), data))
+            if sub.key is not None and record.key != sub.key:
+                continue
+            if sub.hidden is not None and record.key is not None and sub.hidden(record.key):
+                continue
+            data = json_payload(record.value)
+            if data is None:
+                self._invalid(record)
+                continue
+            messages.append(Message(record, encode_cursor(position), data))
         return messages, replay.dropped
 
     def go_live(self, sub: Subscription) -> list[Message]:
@@ -264,8 +291,13 @@ class Hub:
             ch.position[record.partition] = record.offset + 1
             stats.messages += 1
             targets = tuple(ch.everything)
-            if record.key is not None and record.key in ch.by_key:
-                targets += tuple(ch.by_key[record.key])
+            if record.key is not None:
+                if record.key in ch.by_key:
+                    targets += tuple(ch.by_key[record.key])
+                if ch.filtered:
+                    targets += tuple(sub for sub in ch.filtered if not sub.hidden(record.key))  # type: ignore[misc]
+            elif ch.filtered:
+                targets += tuple(ch.filtered)
             if not targets:
                 continue
             data = json_payload(record.value)
@@ -320,8 +352,7 @@ class Hub:
         if not gap.dropped:
             return
         cursor = encode_cursor(ch.position)
-        subs = [*ch.everything, *(sub for subs in ch.by_key.values() for sub in subs)]
-        for session in {sub.session for sub in subs}:
+        for session in {sub.session for sub in ch.all()}:
             session.gap(ch.name, gap.dropped, cursor)
 
     def channel_count(self) -> int:

@@ -444,7 +444,7 @@ class StreamListener:
         ]
         for channel, key, _ in plan:  # refuse before the stream starts, with a proper status
             try:
-                denied = await self._authorize(identity, channel, key)
+                denied = (await self._authorize(identity, channel, key)).denied
             except BackendUnavailable:
                 denied = None  # decided again by subscribe(), which answers 503-equivalent below
             if denied is not None:

@@ -11,6 +11,7 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import trio
@@ -38,8 +39,20 @@ from ._source import CHANNEL_NAME, CursorError, Position, decode_cursor, encode_
 log = logging.getLogger("accessd.stream")
 
 Verify = Callable[[str], Awaitable[Identity | AuthFailure]]
-# Returns None when ``identity`` may subscribe to channel (+key), else the denial message.
-Authorize = Callable[[Identity, str, str | None], Awaitable[str | None]]
+
+
+@dataclass(frozen=True, slots=True)
+class Access:
+    """Whether ``identity`` may subscribe to a channel (+key): ``denied`` says why not (None: allowed). For
+    an unkeyed subscription, ``hidden(key)`` is true for the keys its subscriber is denied (a deny on
+    ``channel:<name>/<key>`` beats the allow on the channel); None when no key is denied."""
+
+    denied: str | None = None
+    hidden: Callable[[str], bool] | None = None
+
+
+ALLOWED = Access()
+Authorize = Callable[[Identity, str, str | None], Awaitable[Access]]
 
 CLOSE_TOKEN, CLOSE_DENIED, CLOSE_SLOW, CLOSE_RATE = 4001, 4003, 4008, 4029
 CLOSE_PROTOCOL, CLOSE_INTERNAL, CLOSE_AGAIN = 1008, 1011, 1013
@@ -108,13 +121,13 @@ class Session:
         if len(self.subs) >= self.limits.max_subscriptions:
             raise SubscribeError("BAD_REQUEST", f"at most {self.limits.max_subscriptions} subscriptions")
         try:
-            denied = await self.authorize(self.identity, channel, key)
+            access = await self.authorize(self.identity, channel, key)
         except BackendUnavailable:
             raise SubscribeError("UPSTREAM_UNAVAILABLE", "entitlements are unavailable; retry") from None
-        if denied is not None:
-            raise SubscribeError("ENTITLEMENT_DENIED", denied)
+        if access.denied is not None:
+            raise SubscribeError("ENTITLEMENT_DENIED", access.denied)
         try:
-            sub, live = await self.hub.subscribe(self, sub_id, channel, key, position)
+            sub, live = await self.hub.subscribe(self, sub_id, channel, key, position, access.hidden)
         except BackendUnavailable:
             raise SubscribeError("UPSTREAM_UNAVAILABLE", "the broker is unavailable; retry") from None
         self.subs[(channel, key)] = sub
@@ -162,18 +175,23 @@ class Session:
                     await self.hub.unfollow(channel)
 
     async def revalidate(self) -> None:
-        """Re-check subscriptions after a policy change; end denied ones, and close 4003 when that
-        leaves none (a session that had not subscribed yet is left alone)."""
+        """Re-check subscriptions after a policy change; end denied ones (an unkeyed one takes the new set
+        of hidden keys), and close 4003 when that leaves none (a session that had not subscribed yet is
+        left alone)."""
         revoked = False
         for (channel, key), sub in list(self.subs.items()):
             try:
-                denied = await self.authorize(self.identity, channel, key)
+                access = await self.authorize(self.identity, channel, key)
             except BackendUnavailable:
                 continue  # unknown is not a revocation; the next change re-checks
-            if denied is not None and (channel, key) in self.subs:
+            if self.subs.get((channel, key)) is not sub:
+                continue  # unsubscribed meanwhile
+            if access.denied is not None:
                 await self.unsubscribe(channel, key)
-                self.revoked(sub, denied)
+                self.revoked(sub, access.denied)
                 revoked = True
+            else:
+                self.hub.set_hidden(sub, access.hidden)
         if revoked and not self.subs and not self.conn.closed:
             self.close(CLOSE_DENIED, "no subscription left")
 
