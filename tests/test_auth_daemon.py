@@ -218,3 +218,22 @@ def test_configuration_errors_exit_2_with_one_line(tmp_path: Path, jwks_server: 
     })
     assert done.returncode == 2 and "jwks" in done.stderr and "within 1 s" in done.stderr, done.stderr
     assert time.monotonic() - started < 15
+
+
+async def test_edge_auth_failures_spend_a_per_address_budget(daemon_factory) -> None:
+    """Issue 8, finding 5: failed authentications were unlimited (each one a signature check, or a call to
+    a delegated verifier). Past the budget an address gets 429 for any token not verified already."""
+    daemon = daemon_factory(role="edge", env={"ACCESS_AUTH_FAILURES_PER_MINUTE": "3"})
+    known = mint(daemon.env, "--sub", "u1", "--tenant", "t1")
+    async with httpx.AsyncClient(base_url=daemon.edge_url, timeout=5) as client:
+        assert (await client.get("/api/v1/x", headers=bearer(known))).status_code == 404  # verified, cached
+        for _ in range(3):
+            assert_denied(await client.get("/api/v1/x", headers=bearer("forged.token.sig")), "TOKEN_INVALID")
+        limited = await client.get("/api/v1/x", headers=bearer("forged.token.sig"))
+        assert limited.status_code == 429 and limited.json()["code"] == "RATE_LIMITED"
+        assert int(limited.headers["Retry-After"]) >= 1
+        assert (await client.get("/api/v1/x")).status_code == 429  # no token at all: same budget
+        assert (await client.get("/api/v1/x", headers=bearer(known))).status_code == 404  # known: served
+        fresh = mint(daemon.env, "--sub", "u2", "--tenant", "t1")
+        assert (await client.get("/api/v1/x", headers=bearer(fresh))).status_code == 429  # would need a check
+        assert (await client.get("/health")).status_code == 200  # public paths are not charged

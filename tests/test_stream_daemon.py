@@ -231,10 +231,28 @@ async def test_edge_delegates_auth_and_entitlements_to_an_internal_daemon(daemon
         assert (await recv(ws))["type"] == "subscribed"  # allowed by the internal daemon's grants
         await ws.send_message(json.dumps({"op": "subscribe", "id": "2", "channel": "other.v1"}))
         assert (await recv(ws))["code"] == "ENTITLEMENT_DENIED"
-        assert internal.stop() == 0
-        await ws.send_message(json.dumps({"op": "subscribe", "id": "3", "channel": "third.v1"}))
-        unavailable = await recv(ws)
-        assert unavailable["code"] == "UPSTREAM_UNAVAILABLE"  # unknown is never an allow
+        async with httpx.AsyncClient(timeout=10) as client:
+            sse = f"{edge.stream_url}/sse/stream?channel={channel}"
+            # A token that is no JWT never reaches the internal role (httpx refused the header: a crash).
+            mangled = await client.get(f"{sse}&token=a%0Ab")
+            assert mangled.status_code == 401 and mangled.json()["code"] == "TOKEN_INVALID"
+            assert internal.stop() == 0
+            await ws.send_message(json.dumps({"op": "subscribe", "id": "3", "channel": "third.v1"}))
+            unavailable = await recv(ws)
+            assert unavailable["code"] == "UPSTREAM_UNAVAILABLE"  # unknown is never an allow
+            fresh = token(internal, "carol")  # not verified yet: the edge must ask, and cannot
+            down = await client.get(f"{sse}&token={fresh}")
+            assert down.status_code == 503 and down.json()["code"] == "UPSTREAM_UNAVAILABLE"
+            async with open_websocket_url(f"{ws_url}?token={fresh}") as refused:
+                with pytest.raises(ConnectionClosed) as closed:
+                    await recv(refused)
+                assert closed.value.reason.code == 1011
+            await ws.send_message(json.dumps({"op": "ping", "id": "still"}))
+            assert (await recv(ws))["id"] == "still"  # the listener never restarted: the session lives
+            assert (await client.get(f"{edge.stream_url}/health/live")).status_code == 200
+            metrics = (await client.get(f"{edge.edge_url}/metrics")).text
+            assert "\naccessd_stream_connection_errors_total{" not in metrics  # no sample: no error
+            assert 'accessd_task_restarts_total{task="stream-listener"}' not in metrics
 
 
 @pytest.fixture(params=["file", "postgres", "delegated"])

@@ -173,6 +173,18 @@ async def test_an_unexpected_error_ends_that_connection_only() -> None:
                 await trio.sleep(0.01)
 
 
+async def test_a_fault_while_revalidating_one_session_ends_that_session_only() -> None:
+    async with witnessed() as (rig, witness):
+        async with open_websocket_url(f"{rig.ws_url}?token={rig.token('unlucky')}") as ws:
+            await recv(ws)
+            await subscribe(ws, "boom.v1")
+            rig.faults["boom.v1"] = RuntimeError("a bug in an authorizer")
+            await rig.listener.revalidate_all()
+            assert await closed_with(ws) == 1011
+        await witness.check()
+        assert rig.sample("accessd_stream_connection_errors_total", {"error": "RuntimeError"}) == 1
+
+
 async def test_a_crashing_session_leaves_no_subscription_behind() -> None:
     """A crash cancels the session's clean-up at its first checkpoint unless the clean-up is shielded."""
     async with witnessed() as (rig, witness):

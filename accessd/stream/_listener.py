@@ -292,8 +292,14 @@ class StreamListener:
 
         async def one(session: Session) -> None:
             async with limiter:
-                if not session.conn.closed:
+                if session.conn.closed:
+                    return
+                try:
                     await session.revalidate()
+                except Exception as exc:  # a fault in one session's re-check ends that session only
+                    self.metrics.connection_errors.labels(type(exc).__name__).inc()
+                    log.error("revalidation of session %s failed: %r", session.conn_id, exc, exc_info=exc)
+                    session.close(CLOSE_INTERNAL, "internal error")
 
         async with trio.open_nursery() as nursery:
             for session in list(self.sessions):
