@@ -332,3 +332,13 @@ async def test_require_identity_for_admin_handlers() -> None:
     boss = signing.sign(claims(roles=None, realm_access={"roles": ["admin"]}))  # a Keycloak realm role
     allowed = await client.post("/admin-only", headers={"Authorization": f"Bearer {boss}"})
     assert allowed.status_code == 200 and (await allowed.get_json())["roles"] == ["admin"]
+
+
+def test_path_like_kid_and_embedded_jwk_are_just_unknown_or_foreign_keys() -> None:
+    """Held in the adversarial review (issue 8); kept as regressions: a kid is only ever a dictionary key,
+    and a key embedded in the token's own header is never trusted."""
+    good, attacker = key("ES256", kid="k1", seed=0), key("ES256", kid="k1", seed=1)
+    for kid in ("../../../../etc/passwd", "/dev/zero", "file:///etc/shadow", "k1\x00", "k1/../k1"):
+        assert code(check(good.sign(claims(), kid=kid), [good])) == "TOKEN_INVALID"
+    embedded = attacker.sign(claims(), jwk=attacker.jwk)
+    assert check(embedded, [good]).message == "signature does not verify"

@@ -462,3 +462,68 @@ async def test_values_that_are_not_utf8_json_are_skipped_and_counted() -> None:
             assert len(data) == 1 and json.loads(data[0][6:])["data"] == {"price": 2, "points": [1, 2]}
         assert rig.sample("accessd_stream_invalid_records_total", {"channel": CHANNEL}) == 4
         await witness.check()
+
+
+# --- held in the review; kept as regressions ------------------------------------------------------------
+
+
+async def test_a_message_of_a_thousand_fragments_over_the_frame_limit_closes_1008() -> None:
+    async with witnessed() as (rig, witness):
+        stream = await trio.open_tcp_stream("127.0.0.1", rig.port)
+        async with stream:
+            await stream.send_all(upgrade_request(rig.token("frag")))
+            chunk = b"x" * 100  # 1,000 x 100 B = 100 KB > the 64 KiB message limit
+            wire = masked_frame(0x1, chunk, fin=False)
+            wire += b"".join(masked_frame(0x0, chunk, fin=False) for _ in range(998))
+            wire += masked_frame(0x0, chunk)
+            try:
+                await stream.send_all(wire)
+            except trio.BrokenResourceError:
+                pass
+            frames = server_frames(await read_until_closed(stream))
+        closes = [payload for opcode, payload in frames if opcode == 0x8]
+        assert closes and int.from_bytes(closes[0][:2], "big") == 1008
+        await witness.check()
+
+
+async def test_subscription_and_op_limits() -> None:
+    limits = SessionLimits(max_subscriptions=3, max_ops_per_s=20, max_errors=100)
+    async with witnessed(session=limits) as (rig, witness):
+        async with open_websocket_url(f"{rig.ws_url}?token={rig.token('greedy')}") as ws:
+            await recv(ws)
+            for n in range(3):
+                assert (await subscribe(ws, f"c{n}.v1"))["type"] == "subscribed"
+            refused = await subscribe(ws, "c3.v1")
+            assert refused["type"] == "error" and "at most 3" in refused["message"]
+            for n in range(40):
+                await ws.send_message(json.dumps({"op": "ping", "id": str(n)}))
+            assert await closed_with(ws) == 4029
+        await witness.check()
+
+
+async def test_an_untrusted_x_forwarded_for_is_ignored_a_trusted_one_is_used() -> None:
+    import ipaddress
+
+    async with stream_rig(connects_per_minute=2) as rig, httpx.AsyncClient(timeout=5) as client:
+        url = f"{rig.url}/sse/stream?channel=x&token=forged"
+        statuses = [
+            (await client.get(url, headers={"X-Forwarded-For": f"10.0.0.{n}"})).status_code for n in range(3)
+        ]
+        assert statuses == [401, 401, 429]  # spoofed addresses do not buy a fresh budget
+    trusted = (ipaddress.ip_network("127.0.0.0/8"),)
+    async with stream_rig(connects_per_minute=2, trusted_proxies=trusted) as rig:
+        async with httpx.AsyncClient(timeout=5) as client:
+            url = f"{rig.url}/sse/stream?channel=x&token=forged"
+            statuses = [
+                (await client.get(url, headers={"X-Forwarded-For": f"10.0.0.{n}"})).status_code
+                for n in range(3)
+            ]
+            assert statuses == [401, 401, 401]  # each client behind the proxy has its own budget
+
+
+async def test_no_cors_headers_by_default() -> None:
+    async with stream_rig() as rig, httpx.AsyncClient(timeout=5) as client:
+        headers = {"Origin": "https://evil.example"}
+        for path in ("/health/live", "/sse/stream?channel=x", "/nowhere"):
+            response = await client.get(f"{rig.url}{path}", headers=headers)
+            assert not any(name.lower().startswith("access-control-") for name in response.headers)

@@ -14,6 +14,10 @@ newest pending pong and heartbeat are kept. Memory per connection is at most ``m
 partly written frame; every step is O(1) per frame (dropped entries are tombstones, compacted in bulk).
 A client that has not caught up (nothing pending) for ``write_timeout_s`` is closed, however many bytes it
 reads meanwhile: a trickle reader cannot hold a connection and its buffer for ever.
+Closing: a close frame (or final SSE event) is followed by a FIN, and :meth:`aclose` then reads and
+discards what the client still sends for at most ``LINGER_S`` before the descriptor is closed; closing
+with unread input would send a reset, and the client would lose the close frame (a browser sees 1006
+instead of the code that says why).
 Cancellation: closing notifies Trio first (``notify_closing``) so no task waits on a closed descriptor.
 """
 
@@ -35,6 +39,7 @@ CONFLATE, DROP_OLDEST, DISCONNECT = "conflate", "drop_oldest", "disconnect"
 POLICIES = (CONFLATE, DROP_OLDEST, DISCONNECT)
 PONG, HEARTBEAT = "pong", "heartbeat"  # coalesced control frames: only the newest one is kept
 _COMPACT_AT = 64  # tombstones tolerated before the queue is rebuilt
+LINGER_S = 1.0  # after our close frame, how long the client may take to stop sending
 
 
 @dataclass(frozen=True)
@@ -93,6 +98,7 @@ class Connection:
         self._idle.set()
         self.closed = False
         self.close_reason: str | None = None
+        self._linger = False  # closed by us with a final frame: drain the client's input before closing
         self.on_slow: Callable[[str, int], None] = lambda reason, n: None  # metrics hook: (reason, count)
         self.gap_frame: Callable[[str, int, str | None], bytes] = lambda channel, n, cursor: b""
         self.slow_close: Callable[[], bytes] = lambda: b""  # 4008
@@ -306,6 +312,8 @@ class Connection:
         if self._head is None and final:
             try:
                 self.sock.send(final)
+                self.sock.shutdown(socket.SHUT_WR)
+                self._linger = True
             except OSError:
                 pass
         self.abort(reason)
@@ -319,7 +327,28 @@ class Connection:
         self._head = None
         self._idle.set()
         trio.lowlevel.notify_closing(self.sock)
-        self.sock.close()
+        if not self._linger:
+            self.sock.close()
+
+    async def aclose(self) -> None:
+        """Close for good (idempotent); after a close frame, first drain the client's input briefly."""
+        self.abort("done")
+        if self._linger:
+            self._linger = False
+            try:
+                with trio.move_on_after(LINGER_S):
+                    while True:
+                        await trio.lowlevel.wait_readable(self.sock)
+                        try:
+                            if not self.sock.recv(65536):
+                                break
+                        except BlockingIOError:
+                            continue
+            except OSError:
+                pass
+            finally:
+                trio.lowlevel.notify_closing(self.sock)
+                self.sock.close()
 
     def _clear(self) -> None:
         self._queue.clear()

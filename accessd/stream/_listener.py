@@ -310,7 +310,7 @@ class StreamListener:
     async def _serve_connection(self, sock: socket.socket, slot: _HandshakeSlot) -> None:
         """One client, start to end. Any fault of ours or of the client ends this connection only: it is
         logged once with the connection id and counted; the listener and every other session go on."""
-        conn_id = "-"
+        conn: Connection | None = None
         try:
             sock.setblocking(False)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.config.send_buffer_bytes)
@@ -318,19 +318,21 @@ class StreamListener:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             async with trio.open_nursery() as nursery:
                 conn = Connection(sock, nursery, self.config.limits, self.config.write_timeout_s)
-                conn_id = conn.conn_id
                 conn.on_slow = lambda reason, n: self.metrics.dropped.labels(reason).inc(n)
                 try:
                     await self._handshake(conn, slot)
                 finally:
-                    conn.abort("done")
-                    nursery.cancel_scope.cancel()
+                    nursery.cancel_scope.cancel()  # the writer, catch-ups: nothing more goes out
         except Exception as exc:
             self.metrics.connection_errors.labels(type(_cause(exc)).__name__).inc()
+            conn_id = conn.conn_id if conn is not None else "-"
             log.error("stream connection %s from %s failed: %r", conn_id, slot.ip, exc, exc_info=exc)
         finally:
             slot.release()
-            sock.close()
+            if conn is not None:
+                await conn.aclose()  # after a close frame: lets the client's last bytes in first
+            else:
+                sock.close()
 
     async def _handshake(self, conn: Connection, slot: _HandshakeSlot) -> None:
         try:
