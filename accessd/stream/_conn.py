@@ -15,9 +15,11 @@ partly written frame; every step is O(1) per frame (dropped entries are tombston
 A client that has not caught up (nothing pending) for ``write_timeout_s`` is closed, however many bytes it
 reads meanwhile: a trickle reader cannot hold a connection and its buffer for ever.
 Closing: a close frame (or final SSE event) is followed by a FIN, and :meth:`aclose` then reads and
-discards what the client still sends for at most ``LINGER_S`` before the descriptor is closed; closing
-with unread input would send a reset, and the client would lose the close frame (a browser sees 1006
-instead of the code that says why).
+discards what the client still sends for at most ``LINGER_S`` and ``LINGER_MAX_BYTES`` before the
+descriptor is closed; closing with unread input would send a reset, and the client would lose the close
+frame (a browser sees 1006 instead of the code that says why). A client that keeps sending past that byte
+bound (a flood) is no longer read: it waits out the rest of the second with full buffers, then gets the
+reset, so closing a flooder costs a bounded amount of copying and it cannot reconnect at once.
 Cancellation: closing notifies Trio first (``notify_closing``) so no task waits on a closed descriptor.
 """
 
@@ -39,7 +41,8 @@ CONFLATE, DROP_OLDEST, DISCONNECT = "conflate", "drop_oldest", "disconnect"
 POLICIES = (CONFLATE, DROP_OLDEST, DISCONNECT)
 PONG, HEARTBEAT = "pong", "heartbeat"  # coalesced control frames: only the newest one is kept
 _COMPACT_AT = 64  # tombstones tolerated before the queue is rebuilt
-LINGER_S = 1.0  # after our close frame, how long the client may take to stop sending
+LINGER_S = 1.0  # after our close frame, how long the client may take to stop sending ...
+LINGER_MAX_BYTES = 256 * 1024  # ... and how much it may send meanwhile
 
 
 @dataclass(frozen=True)
@@ -335,15 +338,20 @@ class Connection:
         self.abort("done")
         if self._linger:
             self._linger = False
+            budget = LINGER_MAX_BYTES
             try:
                 with trio.move_on_after(LINGER_S):
                     while True:
+                        if budget <= 0:
+                            await trio.sleep_forever()  # until the deadline: a tarpit, not a read loop
                         await trio.lowlevel.wait_readable(self.sock)
                         try:
-                            if not self.sock.recv(65536):
-                                break
+                            data = self.sock.recv(65536)
                         except BlockingIOError:
                             continue
+                        if not data:
+                            break
+                        budget -= len(data)
             except OSError:
                 pass
             finally:

@@ -289,14 +289,18 @@ class WsSession(Session):
         size = 0
         data = b""  # the first round reads frames that arrived together with the handshake
         while True:
-            try:
-                if data:
-                    self.ws.receive_data(data)
-                events = list(self.ws.events())
-            except RemoteProtocolError:
-                self.close(CLOSE_PROTOCOL, "protocol error")
-                return
-            for event in events:
+            events = self.ws.events()  # parsed lazily: a closed connection parses no further frames
+            while True:
+                try:
+                    if data:
+                        self.ws.receive_data(data)
+                        data = b""
+                    event = next(events, None)
+                except RemoteProtocolError:
+                    self.close(CLOSE_PROTOCOL, "protocol error")
+                    return
+                if event is None:
+                    break
                 if isinstance(event, TextMessage | BytesMessage):
                     size += len(event.data)
                     if size > self.limits.max_frame_bytes:
