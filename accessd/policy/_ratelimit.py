@@ -14,16 +14,21 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 MAX_KEYS = 100_000  # remembered clients before idle ones are forgotten
 
 
-def client_ip(peer_ip: str, forwarded_for: str | None, trusted: Sequence[Network]) -> str:
-    """The client's address: the last ``X-Forwarded-For`` hop when the peer is a trusted proxy, else the
-    peer itself (an untrusted header is ignored: anyone can send one)."""
-    if not forwarded_for or not trusted:
-        return peer_ip
+def is_trusted(peer_ip: str, trusted: Sequence[Network]) -> bool:
+    """Whether ``peer_ip`` is one of the trusted proxies."""
+    if not trusted:
+        return False
     try:
         peer = ipaddress.ip_address(peer_ip)
     except ValueError:
-        return peer_ip
-    if any(peer in net for net in trusted):
+        return False
+    return any(peer in net for net in trusted)
+
+
+def client_ip(peer_ip: str, forwarded_for: str | None, trusted: Sequence[Network]) -> str:
+    """The client's address: the last ``X-Forwarded-For`` hop when the peer is a trusted proxy, else the
+    peer itself (an untrusted header is ignored: anyone can send one)."""
+    if forwarded_for and is_trusted(peer_ip, trusted):
         return forwarded_for.split(",")[-1].strip() or peer_ip
     return peer_ip
 

@@ -34,7 +34,7 @@ from wsproto.events import AcceptConnection
 
 from ..errors import BackendUnavailable, ConfigError
 from ..policy._identity import AuthFailure, Identity, bearer_token
-from ..policy._ratelimit import KeyedBudget, Network, client_ip
+from ..policy._ratelimit import KeyedBudget, Network, client_ip, is_trusted
 from ..settings import parse_hostport
 from ..telemetry import trace_id_from
 from ._conn import Connection, Limits
@@ -157,7 +157,7 @@ class _HandshakeSlots:
         if self.total >= config.max_handshakes:
             return None
         held = self.by_ip.get(ip, 0)
-        if held >= config.max_handshakes_per_ip and client_ip(ip, "?", config.trusted_proxies) == ip:
+        if held >= config.max_handshakes_per_ip and not is_trusted(ip, config.trusted_proxies):
             return None
         self.total += 1
         self.by_ip[ip] = held + 1
@@ -489,7 +489,8 @@ class StreamListener:
 
 async def _ws_refuse(conn: Connection, ws: WSConnection, code: int, reason: str) -> None:
     """Accept, then close at once with ``code``: browsers see close codes, not HTTP statuses."""
-    await conn.send_all(ws.send(AcceptConnection()) + ws_close(code, reason))
+    await conn.send_all(ws.send(AcceptConnection()))
+    conn.close_with(ws_close(code, reason), reason)
 
 
 def _cause(exc: BaseException) -> BaseException:
