@@ -345,3 +345,53 @@ async def test_a_denied_key_never_reaches_an_unkeyed_subscription(key_deny_daemo
                     if got[-1] == "PW_DE":
                         break  # the NG_2027 before it was held back
                     assert (await recv(bob))["key"] == "PW_DE"
+
+
+def _produce_raw(bootstrap: str, topic: str, values: list[bytes]) -> None:
+    """Write records straight to Kafka, as a producer outside accessd would (plain asyncio, in a thread)."""
+    import asyncio
+
+    from aiokafka import AIOKafkaProducer
+
+    async def produce() -> None:
+        producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
+        await producer.start()
+        try:
+            for value in values:
+                await producer.send_and_wait(topic, value, key=b"K")
+        finally:
+            await producer.stop()
+
+    asyncio.run(produce())
+
+
+async def test_raw_kafka_values_that_are_not_utf8_json_are_skipped(daemon_factory, kafka_bootstrap, tmp_path) -> None:
+    """Issue 8, finding 7, through Kafka: UTF-16 JSON used to crash the hub, pretty-printed JSON to split an
+    SSE data line."""
+    channel = f"pricing.raw.t{secrets.token_hex(3)}.v1"
+    policy = tmp_path / "grants.yaml"
+    policy.write_text(GRANTS.format(channel=channel))
+    daemon = daemon_factory(
+        role="all",
+        env={"ACCESS_POLICY_FILE": str(policy), "ACCESS_KAFKA_BOOTSTRAP": kafka_bootstrap,
+             "ACCESS_KAFKA_METADATA_REFRESH_S": "0.5"},
+    )
+    await trio.to_thread.run_sync(_produce_raw, kafka_bootstrap, channel, [b'{"warm": "up"}'])
+    url = f"{daemon.stream_url}/sse/stream?channel={channel}&token={token(daemon, 'carol')}"
+    pretty = json.dumps({"price": 2, "points": [1, 2]}, indent=2).encode().replace(b"\n", b"\r\n")
+    async with httpx.AsyncClient(timeout=10) as client:
+        with trio.fail_after(20):
+            async with client.stream("GET", url) as response:
+                assert response.status_code == 200
+                await trio.sleep(0.5)  # the subscription is live
+                bad = [json.dumps({"price": 1}).encode("utf-16"), b"\xff\xfe", b'{"price": NaN}']
+                await trio.to_thread.run_sync(_produce_raw, kafka_bootstrap, channel, [*bad, pretty])
+                data = []
+                async for line in response.aiter_lines():
+                    if line.startswith("data: "):
+                        data.append(json.loads(line[6:]))
+                    elif not line and data:
+                        break
+        assert [m["data"] for m in data] == [{"price": 2, "points": [1, 2]}]  # one event, one data line
+        metrics = (await client.get(f"{daemon.edge_url}/metrics")).text
+        assert f'accessd_stream_invalid_records_total{{channel="{channel}"}} 3.0' in metrics
