@@ -12,9 +12,12 @@ test *ARGS:
 fuzz EXAMPLES="20000":
     ACCESSD_FUZZ_EXAMPLES={{EXAMPLES}} ACCESSD_FUZZ_RANDOM=1 python -m pytest tests/test_stream_fuzz.py -q
 
+# style, formatting, types (pyright, standard mode) and the package layering (import-linter); CI runs it
 lint:
     ruff check accessd tests bench
     ruff format --check accessd tests bench
+    pyright
+    lint-imports
 
 # benchmarks; each appends its figures to bench/RESULTS.md
 bench:

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
 import trio
 
@@ -35,7 +36,7 @@ def commit() -> str:
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # argparse's default exit code (2) is ours too; keep one line
+    def error(self, message: str) -> NoReturn:  # argparse's default exit code (2) is ours too; one line
         self.print_usage(sys.stderr)
         self.exit(EXIT_CONFIG, f"accessd: {message}\n")
 
@@ -62,13 +63,13 @@ def _parser() -> argparse.ArgumentParser:
 
     grants = commands.add_parser("grants", help="manage entitlement grants in the configured store")
     grants.add_argument("--config", type=Path, help="TOML or YAML settings file")
-    from .policy.entitlements._cli import add_arguments as add_grants_arguments
+    from .policy.entitlements import add_grants_arguments
 
     add_grants_arguments(grants)
 
     publish = commands.add_parser("publish", help="publish one message through a running daemon")
     publish.add_argument("--config", type=Path, help="TOML or YAML settings file")
-    from .stream._cli import add_arguments as add_publish_arguments
+    from .stream import add_publish_arguments
 
     add_publish_arguments(publish)
 
@@ -95,16 +96,9 @@ def _check_config(args: argparse.Namespace) -> int:
     settings = _settings(args)
     checked = f"{len(describe())} settings"
     if settings.policy.policy_file is not None:
-        from .policy.entitlements._file_store import SETTING, parse_policy
-        from .policy.entitlements._model import InvalidInput
+        from .policy.entitlements import check_policy_file
 
-        try:
-            _, grants, _ = parse_policy(settings.policy.policy_file.read_bytes())
-        except InvalidInput as exc:
-            raise ConfigError(SETTING, f"{settings.policy.policy_file}: {exc}") from None
-        except OSError as exc:
-            raise ConfigError(SETTING, f"cannot read {settings.policy.policy_file}: {exc.strerror}") from None
-        checked += f", {len(grants)} grants"
+        checked += f", {len(check_policy_file(settings.policy.policy_file))} grants"
     print(f"ok: role={settings.server.role} env={settings.server.env} ({checked} checked)")
     return EXIT_OK
 
@@ -126,15 +120,15 @@ def _token(args: argparse.Namespace) -> int:
 
 
 def _grants(args: argparse.Namespace) -> int:
-    from .policy.entitlements._cli import run
+    from .policy.entitlements import run_grants_cli
 
-    return run(load_settings(config_file=args.config), args)
+    return run_grants_cli(load_settings(config_file=args.config), args)
 
 
 def _publish(args: argparse.Namespace) -> int:
-    from .stream._cli import run
+    from .stream import run_publish_cli
 
-    return run(load_settings(config_file=args.config), args)
+    return run_publish_cli(load_settings(config_file=args.config), args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -142,10 +136,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "version":
         print(f"accessd {__version__} ({commit()})")
         return EXIT_OK
-    handler = {"run": _run, "check-config": _check_config, "token": _token, "grants": _grants,
-               "publish": _publish}[
-        args.command
-    ]
+    handler = {
+        "run": _run,
+        "check-config": _check_config,
+        "token": _token,
+        "grants": _grants,
+        "publish": _publish,
+    }[args.command]
     try:
         return handler(args)
     except BaseExceptionGroup as group:

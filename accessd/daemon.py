@@ -12,12 +12,20 @@ import signal
 import trio
 
 from . import aio
-from .http import AppContext, HttpListener, create_app
+from .http import (
+    AppContext,
+    HttpListener,
+    create_app,
+    edge_auth_routes,
+    entitlements_blueprint,
+    internal_auth_routes,
+    publish_blueprint,
+)
 from .nurseries import DependencyProbes, Health, Phase, Supervisor, build_probes
 from .policy.auth import build_auth
-from .policy.entitlements import build_entitlements, entitlements_blueprint
+from .policy.entitlements import build_entitlements
 from .settings import Settings
-from .stream import build_stream, entitlement_authorizer, publish_blueprint
+from .stream import build_stream, entitlement_authorizer
 from .telemetry import Metrics, Tracing
 
 log = logging.getLogger("accessd.nurseries")
@@ -85,7 +93,7 @@ async def _serve(
         )
         listeners: list[HttpListener] = []
         if server.role in ("edge", "all"):
-            app = create_app("edge", ctx, [*auth.edge_blueprints()])
+            app = create_app("edge", ctx, edge_auth_routes(auth))
             listeners.append(
                 HttpListener(
                     "edge-http", app, server.edge_bind, "ACCESS_EDGE_BIND", shutdown, server.drain_timeout_s
@@ -96,7 +104,7 @@ async def _serve(
                 "internal",
                 ctx,
                 [
-                    *auth.internal_blueprints(),
+                    *internal_auth_routes(auth),
                     entitlements_blueprint(entitlements.decider, entitlements.store, auth.verify),
                     publish_blueprint(stream.source, auth.verify, publish_role=settings.stream.publish_role),
                 ],

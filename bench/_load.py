@@ -49,7 +49,9 @@ async def _requests(host: str, port: int, request: bytes, stop_at: float, out: d
                     length = 0
                     at = head.find(b"content-length:")
                     if at >= 0:
-                        length = int(head[at + 15 : head.find(b"\r\n", at) if head.find(b"\r\n", at) > 0 else None])
+                        length = int(
+                            head[at + 15 : head.find(b"\r\n", at) if head.find(b"\r\n", at) > 0 else None]
+                        )
                     total = head_end + 4 + length
                     if len(buf) >= total:
                         status = int(buf[9:12])

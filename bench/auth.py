@@ -116,9 +116,13 @@ async def drive(url: str, conns: int, seconds: float, header: str) -> dict[str, 
         return round(lat[min(len(lat) - 1, int(p * len(lat)))] * 1e3, 3) if lat else 0.0
 
     return {
-        "requests": len(lat), "rps": round(len(lat) / elapsed, 1),
-        "p50_ms": pct(0.50), "p95_ms": pct(0.95), "p99_ms": pct(0.99),
-        "statuses": out["statuses"], "reconnects": out.get("reconnects", 0),
+        "requests": len(lat),
+        "rps": round(len(lat) / elapsed, 1),
+        "p50_ms": pct(0.50),
+        "p95_ms": pct(0.95),
+        "p99_ms": pct(0.99),
+        "statuses": out["statuses"],
+        "reconnects": out.get("reconnects", 0),
     }
 
 
@@ -140,21 +144,37 @@ def http_load(alg: str, cache: bool, seconds: float, conns: int) -> dict[str, An
         port = ports["internal"]
         token = subprocess.run(
             [PYTHON, "-m", "accessd", "token", "--sub", "bench", "--tenant", "t1", "--roles", "trader"],
-            env=env, capture_output=True, text=True, check=True,
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
         ).stdout.strip()
         daemon = subprocess.Popen(
             [PYTHON, "-m", "accessd", "run", "--role", "internal"],
-            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         try:
             base = f"http://127.0.0.1:{port}"
             wait_http(base + "/health/ready")
             cpu_before = cpu_seconds(daemon.pid)
             out = subprocess.run(
-                [PYTHON, __file__, "--drive", base + "/auth/verify",
-                 "--header", f"Authorization: Bearer {token}",
-                 "--seconds", str(seconds), "--conns", str(conns)],
-                capture_output=True, text=True, check=True,
+                [
+                    PYTHON,
+                    __file__,
+                    "--drive",
+                    base + "/auth/verify",
+                    "--header",
+                    f"Authorization: Bearer {token}",
+                    "--seconds",
+                    str(seconds),
+                    "--conns",
+                    str(conns),
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
             )
             result: dict[str, Any] = json.loads(out.stdout)
             cpu_s = cpu_seconds(daemon.pid) - cpu_before
@@ -198,8 +218,11 @@ def main() -> None:
     print("\n".join(body))
     if not args.no_http:
         runs = [
-            ("ES256", True, args.conns), ("ES256", False, args.conns), ("RS256", False, args.conns),
-            ("ES256", True, 8), ("RS256", False, 8),
+            ("ES256", True, args.conns),
+            ("ES256", False, args.conns),
+            ("RS256", False, args.conns),
+            ("ES256", True, 8),
+            ("RS256", False, 8),
         ]
         http = {run: http_load(run[0], run[1], args.seconds, run[2]) for run in runs}
         body += [
@@ -227,8 +250,11 @@ def main() -> None:
         target = f"Seed target P95 < {TARGET_P95_MS:g} ms: {'; '.join(verdicts)}."
         body += ["", f"Statuses seen: {statuses}. {target}"]
     command = "python bench/auth.py " + " ".join(sys.argv[1:])
-    append_results("Token verification: first-seen vs cached, POST /auth/verify under load", command.strip(),
-                   "\n".join(body))
+    append_results(
+        "Token verification: first-seen vs cached, POST /auth/verify under load",
+        command.strip(),
+        "\n".join(body),
+    )
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import PYTHON, append_results, daemon_env, wait_http  # noqa: E402
 
-from accessd.aio._redis import RedisBatcher  # noqa: E402
+from accessd.aio import RedisBatcher  # noqa: E402
 from accessd.policy.entitlements import (  # noqa: E402
     AdaptiveTtl,
     DecisionInput,
@@ -105,11 +105,30 @@ async def in_process(dsn: str, redis_url: str, prefix: str) -> dict[str, dict[st
     async with trio_asyncio.open_loop(), trio.open_nursery() as nursery:
         store = PostgresStore(dsn)
         await nursery.start(store.run)
-        grants = [parse_grant({"tenant_id": "t1", "subject": f"user:u{i}", "action": "read",
-                               "resource": f"curve:C{i}_*", "effect": "allow"}) for i in range(USERS)]
-        grants += [parse_grant({"tenant_id": "t1", "subject": f"role:r{i}", "action": "*",
-                                "resource": f"instrument:I{i}*", "effect": "allow"})
-                   for i in range(GRANTS - USERS)]
+        grants = [
+            parse_grant(
+                {
+                    "tenant_id": "t1",
+                    "subject": f"user:u{i}",
+                    "action": "read",
+                    "resource": f"curve:C{i}_*",
+                    "effect": "allow",
+                }
+            )
+            for i in range(USERS)
+        ]
+        grants += [
+            parse_grant(
+                {
+                    "tenant_id": "t1",
+                    "subject": f"role:r{i}",
+                    "action": "*",
+                    "resource": f"instrument:I{i}*",
+                    "effect": "allow",
+                }
+            )
+            for i in range(GRANTS - USERS)
+        ]
         await store.add_many(grants)
         redis = RedisBatcher(redis_url, queue_size=4096, timeout_s=0.1)
         await nursery.start(redis.run)
@@ -125,18 +144,24 @@ async def in_process(dsn: str, redis_url: str, prefix: str) -> dict[str, dict[st
         # Warm-up: the pool opens its connections lazily and asyncpg introspects the text[] type once per
         # connection (tens of ms); that is a one-off per connection, not the steady state measured here.
         await measure(miss, conc[-200:], concurrent=True)
-        results["store miss"] = {"sequential": await measure(miss, seq[:2000], concurrent=False),
-                                 "64 concurrent": await measure(miss, conc[:4000], concurrent=True)}
+        results["store miss"] = {
+            "sequential": await measure(miss, seq[:2000], concurrent=False),
+            "64 concurrent": await measure(miss, conc[:4000], concurrent=True),
+        }
         # Warm Redis through one "process", then read through another with an empty LRU.
         warm = new_entitlements(store, redis, prefix, 100_000)
         await measure(warm, seq + conc, concurrent=True)
         await trio.sleep(0.5)  # let the batcher flush its writes
         reader = new_entitlements(store, redis, prefix, 0)
-        results["redis hit"] = {"sequential": await measure(reader, seq[:2000], concurrent=False),
-                                "64 concurrent": await measure(reader, conc, concurrent=True)}
+        results["redis hit"] = {
+            "sequential": await measure(reader, seq[:2000], concurrent=False),
+            "64 concurrent": await measure(reader, conc, concurrent=True),
+        }
         # LRU hit: the warm process asks again.
-        results["lru hit"] = {"sequential": await measure(warm, seq * 4, concurrent=False),
-                              "64 concurrent": await measure(warm, conc * 4, concurrent=True)}
+        results["lru hit"] = {
+            "sequential": await measure(warm, seq * 4, concurrent=False),
+            "64 concurrent": await measure(warm, conc * 4, concurrent=True),
+        }
         nursery.cancel_scope.cancel()
     return results
 
@@ -151,12 +176,23 @@ def http_load(
         ACCESS_ENTITLEMENT_REDIS_PREFIX=prefix,
     )
     port = ports["internal"]
-    daemon = subprocess.Popen([PYTHON, "-m", "accessd", "run", "--role", "internal"], env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    daemon = subprocess.Popen(
+        [PYTHON, "-m", "accessd", "run", "--role", "internal"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         wait_http(f"http://127.0.0.1:{port}/health/ready")
-        body = json.dumps({"user_id": "u7", "tenant_id": "t1", "action": "read", "resource": "curve:C7_2026",
-                           "roles": ["trader"]})
+        body = json.dumps(
+            {
+                "user_id": "u7",
+                "tenant_id": "t1",
+                "action": "read",
+                "resource": "curve:C7_2026",
+                "roles": ["trader"],
+            }
+        )
         url = f"http://127.0.0.1:{port}/entitlements/check"
         results = []
         for n in conns:
@@ -164,9 +200,22 @@ def http_load(
             # an error; so few connections run for a shorter time (each stays under 1000 requests).
             duration = seconds if n >= 16 else min(seconds, 0.25 * n)
             out = subprocess.run(
-                [PYTHON, str(HERE / "_load.py"), url, "--method", "POST", "--body", body,
-                 "--seconds", str(duration), "--conns", str(n)],
-                capture_output=True, text=True, check=True,
+                [
+                    PYTHON,
+                    str(HERE / "_load.py"),
+                    url,
+                    "--method",
+                    "POST",
+                    "--body",
+                    body,
+                    "--seconds",
+                    str(duration),
+                    "--conns",
+                    str(n),
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
             )
             results.append({"conns": n, "seconds": duration, **json.loads(out.stdout)})
         return results
@@ -177,9 +226,13 @@ def http_load(
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--postgres", default=os.environ.get("ACCESS_TEST_POSTGRES_DSN",
-                                                             "postgresql://postgres@127.0.0.1:5432/postgres"))
-    parser.add_argument("--redis", default=os.environ.get("ACCESS_TEST_REDIS_URL", "redis://127.0.0.1:6379/0"))
+    parser.add_argument(
+        "--postgres",
+        default=os.environ.get("ACCESS_TEST_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/postgres"),
+    )
+    parser.add_argument(
+        "--redis", default=os.environ.get("ACCESS_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+    )
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--conns", default="4,32", help="comma list of connection counts")
     parser.add_argument("--note", default="", help="a line to put above the figures")
@@ -208,22 +261,27 @@ def main() -> None:
         for mode, s in modes.items():
             rows.append(f"| {tier} | {mode} | {s['n']} | {s['per_s']} | {s['p50_ms']} | {s['p95_ms']} |")
     worst = max(s["p95_ms"] for modes in tiers.values() for s in modes.values())
-    http_rows = ["| connections | seconds | req/s | P50 ms | P95 ms | P99 ms | statuses |",
-                 "|---|---|---|---|---|---|---|"]
+    http_rows = [
+        "| connections | seconds | req/s | P50 ms | P95 ms | P99 ms | statuses |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for h in http:
-        http_rows.append(f"| {h['conns']} | {h['seconds']:g} | {h['rps']} | {h['p50_ms']} | {h['p95_ms']} | "
-                         f"{h['p99_ms']} | {h['statuses']} |")
+        http_rows.append(
+            f"| {h['conns']} | {h['seconds']:g} | {h['rps']} | {h['p50_ms']} | {h['p95_ms']} | "
+            f"{h['p99_ms']} | {h['statuses']} |"
+        )
     body = (
         (f"{args.note}\n\n" if args.note else "")
         + f"In-process decision path, PostgresStore with {GRANTS:,} grants (one per user plus role grants), "
-        "Redis tier through the coalescing batcher. \"sequential\" = one decision at a time (latency; "
-        f"decisions/s = 1 / mean); \"{CONCURRENCY} concurrent\" = {CONCURRENCY} callers at once (wall-clock "
+        'Redis tier through the coalescing batcher. "sequential" = one decision at a time (latency; '
+        f'decisions/s = 1 / mean); "{CONCURRENCY} concurrent" = {CONCURRENCY} callers at once (wall-clock '
         "throughput; their Redis lookups share pipelines).\n\n" + "\n".join(rows) + "\n\n"
         "`POST /entitlements/check` on `accessd run --role internal` (Postgres + Redis), one hot key (LRU), "
         "keep-alive connections, load generator in its own process on the same "
         f"{os.cpu_count()} cores:\n\n" + "\n".join(http_rows) + "\n\n"
         f"Seed target: entitlement check P95 < 25 ms. Worst in-process tier P95: **{worst} ms**; HTTP P95: "
-        + ", ".join(f"**{h['p95_ms']} ms** at {h['conns']} connections" for h in http) + "."
+        + ", ".join(f"**{h['p95_ms']} ms** at {h['conns']} connections" for h in http)
+        + "."
     )
     command = "python bench/entitlements.py" + (f" --note '{args.note}'" if args.note else "")
     append_results("Entitlement decisions: LRU hit, Redis hit, store miss, HTTP check", command, body)

@@ -62,15 +62,21 @@ class Daemon:
         if tree is not None:
             self.env["PYTHONPATH"] = str(tree)
         self.process = subprocess.Popen(
-            [PYTHON, "-m", "accessd", "run"], env=self.env, cwd=tree or HERE.parent,
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [PYTHON, "-m", "accessd", "run"],
+            env=self.env,
+            cwd=tree or HERE.parent,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         wait_http(f"http://127.0.0.1:{self.ports['edge']}/health/ready")
 
     def token(self, roles: str) -> str:
         out = subprocess.run(
             [PYTHON, "-m", "accessd", "token", "--sub", "bench", "--tenant", "t1", "--roles", roles],
-            env=self.env, capture_output=True, text=True, check=True,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            check=True,
         )
         return out.stdout.strip()
 
@@ -111,8 +117,11 @@ async def witness(daemon: Daemon, token: str, publisher: str, until: float, miss
                     await ws.get_message()
                     while trio.current_time() < until:
                         sent += 1
-                        await client.post(publish, json={"channel": CHANNEL, "data": {"n": sent}},
-                                          headers={"Authorization": f"Bearer {publisher}"})
+                        await client.post(
+                            publish,
+                            json={"channel": CHANNEL, "data": {"n": sent}},
+                            headers={"Authorization": f"Bearer {publisher}"},
+                        )
                         with trio.move_on_after(2):
                             while json.loads(await ws.get_message()).get("data", {}).get("n") != sent:
                                 pass
@@ -184,6 +193,10 @@ async def bad_tokens(port: int, answers: Counter) -> None:
                 answers[type(exc).__name__] += 1
 
 
+def row(values: list[float]) -> str:
+    return f"{percentile(values, 50):.1f} / {percentile(values, 95):.1f} / {max(values or [0]):.0f}"
+
+
 async def scenario(daemon: Daemon, name: str, seconds: float) -> dict:
     token, publisher = daemon.token("trader"), daemon.token("publisher,admin")
     rest, stream, missed, answers = [], [], [], Counter()
@@ -202,10 +215,15 @@ async def scenario(daemon: Daemon, name: str, seconds: float) -> dict:
         await trio.sleep(seconds - 0.3)
         fds, rss = daemon.fds(), rss_mib(daemon.process.pid)
         cpu = (cpu_seconds(daemon.process.pid) - cpu_before) / (seconds - 0.3) * 100
-    row = lambda values: f"{percentile(values, 50):.1f} / {percentile(values, 95):.1f} / {max(values or [0]):.0f}"  # noqa: E731
     return {
-        "scenario": name, "rest": row(rest), "stream": row(stream), "missed": missed[0] if missed else "n/a",
-        "fds": fds, "rss": f"{rss:.0f}", "cpu": f"{cpu:.0f}", "answers": ", ".join(f"{k}: {v}" for k, v in sorted(answers.items())),
+        "scenario": name,
+        "rest": row(rest),
+        "stream": row(stream),
+        "missed": missed[0] if missed else "n/a",
+        "fds": fds,
+        "rss": f"{rss:.0f}",
+        "cpu": f"{cpu:.0f}",
+        "answers": ", ".join(f"{k}: {v}" for k, v in sorted(answers.items())),
     }
 
 
@@ -238,8 +256,10 @@ def main() -> None:
     ]
     for label, tree in trees:
         for r in run_tree(tree, args.seconds):
-            lines.append(f"| {label} | {r['scenario']} | {r['rest']} | {r['stream']} | {r['missed']} | "
-                         f"{r['cpu']} | {r['fds']} | {r['rss']} | {r['answers']} |")
+            lines.append(
+                f"| {label} | {r['scenario']} | {r['rest']} | {r['stream']} | {r['missed']} | "
+                f"{r['cpu']} | {r['fds']} | {r['rss']} | {r['answers']} |"
+            )
     command = "python bench/hostile.py" + (f" --compare {args.compare}" if args.compare else "")
     append_results("Hostile clients (issue 8)", command, "\n".join(lines))
 

@@ -47,7 +47,9 @@ class OtlpReceiver:
                         "span_id": span.span_id.hex(),
                         "links": [link.trace_id.hex() for link in span.links],
                         "attributes": {a.key: a.value for a in span.attributes},
-                        "service": {a.key: a.value.string_value for a in rs.resource.attributes}.get("service.name"),
+                        "service": {a.key: a.value.string_value for a in rs.resource.attributes}.get(
+                            "service.name"
+                        ),
                     }
                     for rs in request.resource_spans
                     for ss in rs.scope_spans

@@ -42,9 +42,11 @@ def assert_denied(response: httpx.Response, code: str) -> None:
     assert response.headers["WWW-Authenticate"].startswith("Bearer")
     assert response.headers["Content-Type"] == "application/json"
     body = response.json()
-    assert body["code"] == code and len(body["trace_id"]) == 32 and set(body) == {
-        "trace_id", "code", "message", "details"
-    }
+    assert (
+        body["code"] == code
+        and len(body["trace_id"]) == 32
+        and set(body) == {"trace_id", "code", "message", "details"}
+    )
 
 
 async def wait_for_jwks(client: httpx.AsyncClient, base_url: str, state: str) -> None:
@@ -123,13 +125,16 @@ async def test_dev_issuer_token_cli_edge_enforcement_and_verify_endpoints(daemon
 async def test_jwks_idp_algorithms_rotation_and_outage(daemon_factory: Any, jwks_server: JwksServer) -> None:
     rs, es, ed = key("RS256", kid="rs"), key("ES256", kid="es"), key("EdDSA", kid="ed")
     jwks_server.set_keys([rs.jwk, es.jwk, ed.jwk])
-    daemon = daemon_factory(role="all", env={
-        "ACCESS_JWKS_URL": jwks_server.url(),
-        "ACCESS_JWT_ISSUER": ISSUER,
-        "ACCESS_JWT_AUDIENCE": AUDIENCE,
-        "ACCESS_JWKS_REFRESH_INTERVAL_S": "1",
-        "ACCESS_JWKS_MIN_REFRESH_INTERVAL_S": "0.2",
-    })
+    daemon = daemon_factory(
+        role="all",
+        env={
+            "ACCESS_JWKS_URL": jwks_server.url(),
+            "ACCESS_JWT_ISSUER": ISSUER,
+            "ACCESS_JWT_AUDIENCE": AUDIENCE,
+            "ACCESS_JWKS_REFRESH_INTERVAL_S": "1",
+            "ACCESS_JWKS_MIN_REFRESH_INTERVAL_S": "0.2",
+        },
+    )
     verify = daemon.internal_url + "/auth/verify"
     async with httpx.AsyncClient(timeout=5) as client:
         health = (await client.get(daemon.edge_url + "/health")).json()
@@ -210,12 +215,17 @@ def test_configuration_errors_exit_2_with_one_line(tmp_path: Path, jwks_server: 
     # An IdP that never gives a key set stops the start (bounded), exit 2 naming the component.
     jwks_server.down = True
     started = time.monotonic()
-    done = accessd("run", env={
-        **env, "ACCESS_JWKS_URL": jwks_server.url(), "ACCESS_JWKS_INITIAL_FETCH_TIMEOUT_S": "1",
-        "ACCESS_EDGE_BIND": "127.0.0.1:0",
-        "ACCESS_INTERNAL_BIND": "127.0.0.1:0",
-        "ACCESS_STREAM_BIND": "127.0.0.1:0",
-    })
+    done = accessd(
+        "run",
+        env={
+            **env,
+            "ACCESS_JWKS_URL": jwks_server.url(),
+            "ACCESS_JWKS_INITIAL_FETCH_TIMEOUT_S": "1",
+            "ACCESS_EDGE_BIND": "127.0.0.1:0",
+            "ACCESS_INTERNAL_BIND": "127.0.0.1:0",
+            "ACCESS_STREAM_BIND": "127.0.0.1:0",
+        },
+    )
     assert done.returncode == 2 and "jwks" in done.stderr and "within 1 s" in done.stderr, done.stderr
     assert time.monotonic() - started < 15
 

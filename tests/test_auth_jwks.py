@@ -161,8 +161,12 @@ class FakeIdp:
 def _component(idp: FakeIdp, health: Health, **overrides: Any) -> JwksCache:
     settings = dataclasses.replace(AuthSettings(jwks_url="http://idp.test/jwks"), **overrides)
     return JwksCache(
-        "jwks", "http://idp.test/jwks", settings, AuthMetrics(CollectorRegistry()),
-        on_state=JwksHealth(health).report, transport=httpx.MockTransport(idp.handler),
+        "jwks",
+        "http://idp.test/jwks",
+        settings,
+        AuthMetrics(CollectorRegistry()),
+        on_state=JwksHealth(health).report,
+        transport=httpx.MockTransport(idp.handler),
     )
 
 
@@ -249,8 +253,12 @@ async def test_bad_documents_keep_the_last_good_keys(autojump_clock: trio.abc.Cl
     health = Health(role="all")
     settings = AuthSettings(jwks_url="http://idp.test/jwks", jwks_refresh_interval_s=60.0)
     cache = JwksCache(
-        "jwks", "http://idp.test/jwks", settings, AuthMetrics(CollectorRegistry()),
-        on_state=JwksHealth(health).report, transport=httpx.MockTransport(handler),
+        "jwks",
+        "http://idp.test/jwks",
+        settings,
+        AuthMetrics(CollectorRegistry()),
+        on_state=JwksHealth(health).report,
+        transport=httpx.MockTransport(handler),
     )
     async with trio.open_nursery() as nursery:
         await nursery.start(cache.run)

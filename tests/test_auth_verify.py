@@ -200,15 +200,19 @@ def test_mutated_tokens_never_raise() -> None:
 
 def test_parse_jwks_keeps_only_usable_signing_keys() -> None:
     rsa_key, ec_key = key("RS256"), key("ES256")
-    keys = parse_jwks({"keys": [
-        rsa_key.jwk,
-        ec_key.jwk,
-        {"kty": "oct", "kid": "sym", "k": "c2VjcmV0"},
-        {**rsa_key.jwk, "kid": "enc", "use": "enc"},
-        {**rsa_key.jwk, "kid": "hs", "alg": "HS256"},
-        {"kty": "RSA", "kid": "broken", "n": "!!", "e": "AQAB"},
-        "not a key",
-    ]})
+    keys = parse_jwks(
+        {
+            "keys": [
+                rsa_key.jwk,
+                ec_key.jwk,
+                {"kty": "oct", "kid": "sym", "k": "c2VjcmV0"},
+                {**rsa_key.jwk, "kid": "enc", "use": "enc"},
+                {**rsa_key.jwk, "kid": "hs", "alg": "HS256"},
+                {"kty": "RSA", "kid": "broken", "n": "!!", "e": "AQAB"},
+                "not a key",
+            ]
+        }
+    )
     assert sorted(keys) == sorted([rsa_key.kid, ec_key.kid])
     with pytest.raises(ValueError):
         parse_jwks({"nokeys": []})
@@ -273,12 +277,20 @@ async def test_authenticator_caches_verified_tokens_and_counts_results() -> None
 async def test_multi_issuer_selects_the_key_set_by_iss_and_refuses_unknown_issuers() -> None:
     key_a, key_b = key("RS256", kid="a1", seed=0), key("ES256", kid="b1", seed=0)
     sources = {
-        "https://idp/a": (StaticKeys("a", parse_jwks({"keys": [key_a.jwk]})), ClaimPolicy(issuer="https://idp/a")),
-        "https://idp/b": (StaticKeys("b", parse_jwks({"keys": [key_b.jwk]})), ClaimPolicy(issuer="https://idp/b")),
+        "https://idp/a": (
+            StaticKeys("a", parse_jwks({"keys": [key_a.jwk]})),
+            ClaimPolicy(issuer="https://idp/a"),
+        ),
+        "https://idp/b": (
+            StaticKeys("b", parse_jwks({"keys": [key_b.jwk]})),
+            ClaimPolicy(issuer="https://idp/b"),
+        ),
     }
     authenticator = Authenticator(
-        local=LocalVerifier(sources), cache=VerifiedTokenCache(10),
-        metrics=AuthMetrics(CollectorRegistry()), max_token_bytes=8192,
+        local=LocalVerifier(sources),
+        cache=VerifiedTokenCache(10),
+        metrics=AuthMetrics(CollectorRegistry()),
+        max_token_bytes=8192,
     )
     assert isinstance(await authenticator.verify(key_a.sign(claims(iss="https://idp/a", aud=None))), Identity)
     assert isinstance(await authenticator.verify(key_b.sign(claims(iss="https://idp/b", aud=None))), Identity)
@@ -296,20 +308,23 @@ def test_settings_decide_the_mode() -> None:
 
     assert load_settings(environ={}).dev_issuer
     # A delegating edge holds no keys, so it needs neither an IdP nor the dev issuer, even in prod.
-    edge = load_settings(environ={"ACCESS_ENV": "prod", "ACCESS_ROLE": "edge", "ACCESS_AUTH_URL": "http://auth:8010"})
+    edge = load_settings(
+        environ={"ACCESS_ENV": "prod", "ACCESS_ROLE": "edge", "ACCESS_AUTH_URL": "http://auth:8010"}
+    )
     assert not edge.dev_issuer
     with pytest.raises(ConfigError, match="ACCESS_JWKS_URL"):
         load_settings(environ={"ACCESS_ENV": "prod", "ACCESS_AUTH_URL": "http://auth:8010"})  # role all
     with pytest.raises(ConfigError, match="ACCESS_JWT_ISSUER"):
-        load_settings(environ={"ACCESS_JWKS_URL": "http://idp/a", "ACCESS_JWT_ISSUERS": '{"b": "http://idp/b"}'})
+        load_settings(
+            environ={"ACCESS_JWKS_URL": "http://idp/a", "ACCESS_JWT_ISSUERS": '{"b": "http://idp/b"}'}
+        )
 
 
 async def test_require_identity_for_admin_handlers() -> None:
     from quart import Blueprint, request
 
-    from accessd.http import AppContext, create_app
+    from accessd.http import AppContext, create_app, identity_body, require_identity
     from accessd.nurseries import Health
-    from accessd.policy.auth import identity_body, require_identity
     from accessd.telemetry import Metrics
 
     signing = key("ES256")

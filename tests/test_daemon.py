@@ -182,8 +182,12 @@ def test_check_config_and_version(tmp_path: Path) -> None:
 
 def test_check_config_validates_the_policy_file(tmp_path: Path) -> None:
     good, bad = tmp_path / "good.yaml", tmp_path / "bad.yaml"
-    good.write_text("grants:\n  - {tenant_id: t1, subject: '*', action: read, resource: 'curve:*', effect: allow}\n")
-    bad.write_text("grants:\n  - {tenant_id: t1, subject: '*', action: fly, resource: 'curve:*', effect: allow}\n")
+    good.write_text(
+        "grants:\n  - {tenant_id: t1, subject: '*', action: read, resource: 'curve:*', effect: allow}\n"
+    )
+    bad.write_text(
+        "grants:\n  - {tenant_id: t1, subject: '*', action: fly, resource: 'curve:*', effect: allow}\n"
+    )
     ok = accessd("check-config", env=base_env(tmp_path) | {"ACCESS_POLICY_FILE": str(good)})
     assert ok.returncode == 0 and "1 grants" in ok.stdout
     result = accessd("check-config", env=base_env(tmp_path) | {"ACCESS_POLICY_FILE": str(bad)})

@@ -12,7 +12,9 @@ DEPLOY = Path(__file__).parents[1] / "deploy" / "k8s"
 
 
 def documents() -> list[dict]:
-    return [doc for path in sorted(DEPLOY.glob("*.yaml")) for doc in yaml.safe_load_all(path.read_text()) if doc]
+    return [
+        doc for path in sorted(DEPLOY.glob("*.yaml")) for doc in yaml.safe_load_all(path.read_text()) if doc
+    ]
 
 
 def test_every_deployment_configures_a_daemon_that_loads() -> None:
@@ -43,7 +45,9 @@ def test_every_deployment_configures_a_daemon_that_loads() -> None:
 def test_services_and_budgets_select_their_deployments() -> None:
     docs = documents()
     labels = {
-        d["metadata"]["name"]: d["spec"]["template"]["metadata"]["labels"] for d in docs if d["kind"] == "Deployment"
+        d["metadata"]["name"]: d["spec"]["template"]["metadata"]["labels"]
+        for d in docs
+        if d["kind"] == "Deployment"
     }
     for doc in docs:
         if doc["kind"] == "Service":

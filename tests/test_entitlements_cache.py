@@ -14,7 +14,7 @@ import trio
 import trio_asyncio
 from prometheus_client import CollectorRegistry
 
-from accessd.aio._redis import RedisBatcher
+from accessd.aio import RedisBatcher
 from accessd.errors import BackendUnavailable
 from accessd.policy.entitlements import (
     DecisionInput,
@@ -28,8 +28,13 @@ from accessd.policy.entitlements import (
 from ._entitlements import TcpProxy, entitlements, health, new_schema
 
 ASK = DecisionInput("u1", "t1", "read", "curve:NG_2026", frozenset({"trader"}))
-GRANT = {"tenant_id": "t1", "subject": "role:trader", "action": "read", "resource": "curve:*",
-         "effect": "allow"}
+GRANT = {
+    "tenant_id": "t1",
+    "subject": "role:trader",
+    "action": "read",
+    "resource": "curve:*",
+    "effect": "allow",
+}
 
 
 class Process:
@@ -51,8 +56,12 @@ async def open_process(
 ) -> AsyncIterator[Process]:
     registry = CollectorRegistry()
     h = health()
-    store = PostgresStore(dsn, keepalive_s=0.5, timeout_s=1.0,
-                          on_state=lambda up: h.set_dependency("postgres", "ok" if up else "down"))
+    store = PostgresStore(
+        dsn,
+        keepalive_s=0.5,
+        timeout_s=1.0,
+        on_state=lambda up: h.set_dependency("postgres", "ok" if up else "down"),
+    )
     await nursery.start(store.run)
     batcher = None
     if redis_url:
@@ -86,8 +95,10 @@ async def test_redis_tier_is_shared_and_revocation_is_seen_by_every_process(
     try:
         with trio.fail_after(20):
             async with trio_asyncio.open_loop(), trio.open_nursery() as nursery:
-                async with open_process(nursery, dsn, redis_url, prefix) as a, \
-                        open_process(nursery, dsn, redis_url, prefix) as b:
+                async with (
+                    open_process(nursery, dsn, redis_url, prefix) as a,
+                    open_process(nursery, dsn, redis_url, prefix) as b,
+                ):
                     await wait_listening(a.store, b.store)
                     grant = await a.store.add(parse_grant(GRANT))
                     with trio.fail_after(1):
@@ -177,8 +188,6 @@ async def test_postgres_outage_serves_cached_decisions_and_503s_the_rest(postgre
         proxy.stop()
 
 
-
-
 async def test_two_databases_sharing_redis_and_prefix_never_read_each_others_decisions(
     postgres_dsn: str, redis_url: str
 ) -> None:
@@ -188,9 +197,11 @@ async def test_two_databases_sharing_redis_and_prefix_never_read_each_others_dec
     try:
         with trio.fail_after(20):
             async with trio_asyncio.open_loop(), trio.open_nursery() as nursery:
-                async with open_process(nursery, dsn_a, redis_url, prefix) as a, \
-                        open_process(nursery, dsn_b, redis_url, prefix) as b, \
-                        open_process(nursery, dsn_a, redis_url, prefix) as a2:
+                async with (
+                    open_process(nursery, dsn_a, redis_url, prefix) as a,
+                    open_process(nursery, dsn_b, redis_url, prefix) as b,
+                    open_process(nursery, dsn_a, redis_url, prefix) as a2,
+                ):
                     await wait_listening(a.store, b.store, a2.store)
                     await a.store.add(parse_grant(GRANT))  # A allows
                     await b.store.add(parse_grant({**GRANT, "effect": "deny"}))  # B denies, same version
@@ -215,11 +226,14 @@ async def test_role_names_cannot_collide_in_cache_keys(tmp_path) -> None:  # typ
     split = DecisionInput("u1", "t1", "read", "curve:X", frozenset({"a", "b"}))
     joined = DecisionInput("u1", "t1", "read", "curve:X", frozenset({"a,b"}))
     assert split.cache_key() != joined.cache_key()
-    assert DecisionInput("u1\x1fa", "t1", "read", "curve:X").cache_key() != DecisionInput(
-        "u1", "t1", "read", "curve:X", frozenset({"a"})).cache_key()
+    assert (
+        DecisionInput("u1\x1fa", "t1", "read", "curve:X").cache_key()
+        != DecisionInput("u1", "t1", "read", "curve:X", frozenset({"a"})).cache_key()
+    )
     policy = tmp_path / "policy.yaml"
-    policy.write_text("grants: [{tenant_id: t1, subject: 'role:b', action: read, resource: 'curve:*', "
-                      "effect: allow}]\n")
+    policy.write_text(
+        "grants: [{tenant_id: t1, subject: 'role:b', action: read, resource: 'curve:*', effect: allow}]\n"
+    )
     store = FileStore(policy)
     with trio.fail_after(5):
         await store.load()

@@ -21,22 +21,42 @@ from accessd.policy.entitlements import RemoteEntitlements, parse_decision_input
 from ._daemon import Daemon, base_env, free_port
 from ._entitlements import TcpProxy, new_schema, run_sql
 
-CHECK = {"user_id": "u1", "tenant_id": "t1", "action": "read", "resource": "curve:NG_2026",
-         "roles": ["trader"]}
-GRANT = {"tenant_id": "t1", "subject": "role:trader", "action": "read", "resource": "curve:*",
-         "effect": "allow"}
+CHECK = {
+    "user_id": "u1",
+    "tenant_id": "t1",
+    "action": "read",
+    "resource": "curve:NG_2026",
+    "roles": ["trader"],
+}
+GRANT = {
+    "tenant_id": "t1",
+    "subject": "role:trader",
+    "action": "read",
+    "resource": "curve:*",
+    "effect": "allow",
+}
 
 
 def token(daemon: Daemon, sub: str = "admin1", tenant: str = "t1", roles: str = "admin") -> str:
-    out = subprocess.run([sys.executable, "-m", "accessd", "token", "--sub", sub, "--tenant", tenant,
-                          "--roles", roles], env=daemon.env, capture_output=True, text=True, timeout=30)
+    out = subprocess.run(
+        [sys.executable, "-m", "accessd", "token", "--sub", sub, "--tenant", tenant, "--roles", roles],
+        env=daemon.env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert out.returncode == 0, out.stderr
     return out.stdout.strip()
 
 
 def grants_cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "accessd", "grants", *args], env=env, capture_output=True,
-                          text=True, timeout=30)
+    return subprocess.run(
+        [sys.executable, "-m", "accessd", "grants", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
 
 
 def bearer(tok: str) -> dict[str, str]:
@@ -47,8 +67,11 @@ async def test_revocation_via_one_daemon_is_seen_by_another_within_a_second(
     daemon_factory, postgres_dsn: str, redis_url: str
 ) -> None:
     prefix = f"accessd-test:{secrets.token_hex(4)}"
-    env = {"ACCESS_POSTGRES_DSN": await new_schema(postgres_dsn), "ACCESS_REDIS_URL": redis_url,
-           "ACCESS_ENTITLEMENT_REDIS_PREFIX": prefix}
+    env = {
+        "ACCESS_POSTGRES_DSN": await new_schema(postgres_dsn),
+        "ACCESS_REDIS_URL": redis_url,
+        "ACCESS_ENTITLEMENT_REDIS_PREFIX": prefix,
+    }
     a = daemon_factory(role="internal", env=env)
     b = daemon_factory(role="internal", env=env)
     admin = token(a)
@@ -56,8 +79,9 @@ async def test_revocation_via_one_daemon_is_seen_by_another_within_a_second(
     try:
         with trio.fail_after(30):
             async with httpx.AsyncClient(timeout=5) as client:
-                created = await client.post(f"{a.internal_url}/entitlements/grants", json=GRANT,
-                                            headers=bearer(admin))
+                created = await client.post(
+                    f"{a.internal_url}/entitlements/grants", json=GRANT, headers=bearer(admin)
+                )
                 assert created.status_code == 201, created.text
                 grant = created.json()
                 assert grant["id"] and grant["resource"] == "curve:*"
@@ -67,12 +91,15 @@ async def test_revocation_via_one_daemon_is_seen_by_another_within_a_second(
                 answer = (await client.post(f"{b.internal_url}/entitlements/check", json=CHECK)).json()
                 assert answer == {"allow": True, "ttl_s": answer["ttl_s"], "reason": f"grant {grant['id']}"}
                 assert 30 <= answer["ttl_s"] <= 120
-                batch = await client.post(f"{a.internal_url}/entitlements/check-batch",
-                                          json={"checks": [CHECK, {**CHECK, "action": "write"}]})
+                batch = await client.post(
+                    f"{a.internal_url}/entitlements/check-batch",
+                    json={"checks": [CHECK, {**CHECK, "action": "write"}]},
+                )
                 assert [r["allow"] for r in batch.json()["results"]] == [True, False]
 
-                deleted = await client.delete(f"{a.internal_url}/entitlements/grants/{grant['id']}",
-                                              headers=bearer(admin))
+                deleted = await client.delete(
+                    f"{a.internal_url}/entitlements/grants/{grant['id']}", headers=bearer(admin)
+                )
                 assert deleted.status_code == 204
                 revoked_at = time.monotonic()
                 with trio.fail_after(1):
@@ -119,7 +146,7 @@ async def test_grants_api_validates_and_stays_in_its_tenant(daemon_factory, tmp_
             listing = await client.get(url, params={"tenant_id": "t2"}, headers=bearer(admin))
             assert listing.status_code == 403 and listing.json()["code"] == "TENANT_MISMATCH"
             assert (await client.get(url, headers=bearer(admin))).json() == {"grants": []}
-            other_tenants = (await client.delete(f"{url}/h0", headers=bearer(admin)))
+            other_tenants = await client.delete(f"{url}/h0", headers=bearer(admin))
             assert other_tenants.status_code == 404
             t2_id = grants_cli(daemon.env, "list", "--tenant", "t2").stdout.splitlines()
             assert len(t2_id) == 1
@@ -146,8 +173,18 @@ async def test_policy_file_watch_reload_and_bad_edits(daemon_factory, tmp_path: 
     with trio.fail_after(30):
         async with httpx.AsyncClient(timeout=5) as client:
             assert not (await client.post(check, json=CHECK)).json()["allow"]
-            added = grants_cli(daemon.env, "add", "--tenant", "t1", "--subject", "role:trader", "--action",
-                               "read", "--resource", "curve:*")
+            added = grants_cli(
+                daemon.env,
+                "add",
+                "--tenant",
+                "t1",
+                "--subject",
+                "role:trader",
+                "--action",
+                "read",
+                "--resource",
+                "curve:*",
+            )
             assert added.returncode == 0, added.stderr
             changed_at = time.monotonic()
             with trio.fail_after(1):
@@ -155,8 +192,9 @@ async def test_policy_file_watch_reload_and_bad_edits(daemon_factory, tmp_path: 
                     await trio.sleep(0.01)
             assert time.monotonic() - changed_at < 1.0
             good = policy.read_text()
-            bad_cli = grants_cli(daemon.env, "add", "--tenant", "t1", "--subject", "bob", "--action", "read",
-                                 "--resource", "x")
+            bad_cli = grants_cli(
+                daemon.env, "add", "--tenant", "t1", "--subject", "bob", "--action", "read", "--resource", "x"
+            )
             assert bad_cli.returncode == 2 and "subject" in bad_cli.stderr
             policy.write_text("grants: [{tenant_id: t1, subject: 'role:trader', action: read}]\n")
             await trio.sleep(0.8)
@@ -202,8 +240,18 @@ async def test_postgres_outage_cached_flow_uncached_503_and_recovery(
     try:
         env = {"ACCESS_POSTGRES_DSN": proxied, "ACCESS_PROBE_INTERVAL_S": "0.5"}
         daemon = daemon_factory(role="internal", env=env)
-        cli = grants_cli({**daemon.env, "ACCESS_POSTGRES_DSN": dsn}, "add", "--tenant", "t1", "--subject",
-                         "role:trader", "--action", "read", "--resource", "curve:*")
+        cli = grants_cli(
+            {**daemon.env, "ACCESS_POSTGRES_DSN": dsn},
+            "add",
+            "--tenant",
+            "t1",
+            "--subject",
+            "role:trader",
+            "--action",
+            "read",
+            "--resource",
+            "curve:*",
+        )
         assert cli.returncode == 0, cli.stderr
         check = f"{daemon.internal_url}/entitlements/check"
         other = {**CHECK, "user_id": "u2"}
@@ -223,7 +271,8 @@ async def test_postgres_outage_cached_flow_uncached_503_and_recovery(
                 assert under.status_code == 503 and under.json()["code"] == "UPSTREAM_UNAVAILABLE"
                 with trio.fail_after(3):
                     while (await client.get(f"{daemon.internal_url}/health")).json()["dependencies"][  # noqa: ASYNC110 - polling an outside system
-                            "postgres"] != "down":
+                        "postgres"
+                    ] != "down":
                         await trio.sleep(0.1)
                 proxy.restore()
                 with trio.fail_after(10):
@@ -234,11 +283,26 @@ async def test_postgres_outage_cached_flow_uncached_503_and_recovery(
         proxy.stop()
 
 
-async def test_grants_cli_against_postgres_and_no_store_denies(daemon_factory, postgres_dsn: str,
-                                                                tmp_path: Path) -> None:
+async def test_grants_cli_against_postgres_and_no_store_denies(
+    daemon_factory, postgres_dsn: str, tmp_path: Path
+) -> None:
     env = {**base_env(tmp_path), "ACCESS_POSTGRES_DSN": await new_schema(postgres_dsn)}
-    added = grants_cli(env, "add", "--tenant", "t1", "--subject", "user:u1", "--action", "*", "--resource",
-                       "curve:*", "--effect", "deny", "--expires-at", "2031-01-01T00:00:00Z")
+    added = grants_cli(
+        env,
+        "add",
+        "--tenant",
+        "t1",
+        "--subject",
+        "user:u1",
+        "--action",
+        "*",
+        "--resource",
+        "curve:*",
+        "--effect",
+        "deny",
+        "--expires-at",
+        "2031-01-01T00:00:00Z",
+    )
     assert added.returncode == 0, added.stderr
     assert '"effect": "deny"' in added.stdout and "2031-01-01T00:00:00Z" in added.stdout
     grant_id = added.stdout.split('"id": "')[1].split('"')[0]
@@ -267,7 +331,13 @@ async def test_denied_under_endpoint_and_remote_client(daemon_factory, tmp_path:
     )
     daemon = daemon_factory(role="internal", env={"ACCESS_POLICY_FILE": str(policy)})
     url = f"{daemon.internal_url}/entitlements/denied-under"
-    bob = {"user_id": "bob", "tenant_id": "t1", "action": "subscribe", "resource": channel, "roles": ["quant"]}
+    bob = {
+        "user_id": "bob",
+        "tenant_id": "t1",
+        "action": "subscribe",
+        "resource": channel,
+        "roles": ["quant"],
+    }
     with trio.fail_after(30):
         async with httpx.AsyncClient(timeout=5) as client:
             answer = await client.post(url, json=bob)
@@ -281,7 +351,8 @@ async def test_denied_under_endpoint_and_remote_client(daemon_factory, tmp_path:
             # An optional token: its user and roles count, and its tenant must be the decision's.
             as_bob = bearer(token(daemon, sub="bob", roles="viewer"))
             assert (await client.post(url, json={**bob, "user_id": "x"}, headers=as_bob)).json()["deny"] == [
-                f"{channel}/NG_2026"]
+                f"{channel}/NG_2026"
+            ]
             mismatch = await client.post(url, json={**bob, "tenant_id": "t2"}, headers=as_bob)
             assert mismatch.status_code == 403 and mismatch.json()["code"] == "TENANT_MISMATCH"
 

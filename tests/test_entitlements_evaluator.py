@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from accessd.policy.entitlements import (
+    NO_MATCHING_GRANT,
     Decision,
     DecisionInput,
     Grant,
@@ -23,18 +24,32 @@ from accessd.policy.entitlements._evaluate import HIDDEN_KEYS_MEMO
 NOW = 1_800_000_000.0
 
 
-def grant(gid: str, subject: str, action: str, resource: str, effect: str = "allow", *, tenant: str = "t1",
-          expires_at: float | None = None) -> Grant:
+def grant(
+    gid: str,
+    subject: str,
+    action: str,
+    resource: str,
+    effect: str = "allow",
+    *,
+    tenant: str = "t1",
+    expires_at: float | None = None,
+) -> Grant:
     return Grant(gid, tenant, subject, action, resource, effect, expires_at)
 
 
-def ask(resource: str = "curve:NG_2026", action: str = "read", *, user: str = "u1", tenant: str = "t1",
-        roles: tuple[str, ...] = ("trader",)) -> DecisionInput:
+def ask(
+    resource: str = "curve:NG_2026",
+    action: str = "read",
+    *,
+    user: str = "u1",
+    tenant: str = "t1",
+    roles: tuple[str, ...] = ("trader",),
+) -> DecisionInput:
     return DecisionInput(user, tenant, action, resource, frozenset(roles))
 
 
 def test_default_deny() -> None:
-    assert evaluate([], ask(), NOW) == Decision(False, "no matching grant")
+    assert evaluate([], ask(), NOW) == Decision(False, "no matching grant", NO_MATCHING_GRANT)
 
 
 @pytest.mark.parametrize("subject", ["user:u1", "role:trader", "*"])
@@ -44,8 +59,11 @@ def test_each_subject_kind_allows(subject: str) -> None:
 
 
 def test_other_user_role_or_action_does_not_apply() -> None:
-    grants = [grant("1", "user:u2", "read", "*"), grant("2", "role:admin", "read", "*"),
-              grant("3", "user:u1", "write", "*")]
+    grants = [
+        grant("1", "user:u2", "read", "*"),
+        grant("2", "role:admin", "read", "*"),
+        grant("3", "user:u1", "write", "*"),
+    ]
     assert not evaluate(grants, ask(), NOW).allow
 
 
@@ -100,17 +118,34 @@ def test_index_finds_only_the_callers_grants() -> None:
     [
         ({"subject": "*", "action": "read", "resource": "curve:*", "effect": "allow"}, "tenant_id"),
         ({"tenant_id": "t1", "subject": "*", "action": "fly", "resource": "x", "effect": "allow"}, "action"),
-        ({"tenant_id": "t1", "subject": "*", "action": "read", "resource": "curve:[NG", "effect": "allow"},
-         "resource"),
-        ({"tenant_id": "t1", "subject": "*", "action": "read", "resource": "a**", "effect": "allow"},
-         "resource"),
-        ({"tenant_id": "t1", "subject": "group:x", "action": "read", "resource": "x", "effect": "allow"},
-         "subject"),
+        (
+            {"tenant_id": "t1", "subject": "*", "action": "read", "resource": "curve:[NG", "effect": "allow"},
+            "resource",
+        ),
+        (
+            {"tenant_id": "t1", "subject": "*", "action": "read", "resource": "a**", "effect": "allow"},
+            "resource",
+        ),
+        (
+            {"tenant_id": "t1", "subject": "group:x", "action": "read", "resource": "x", "effect": "allow"},
+            "subject",
+        ),
         ({"tenant_id": "t1", "subject": "*", "action": "read", "resource": "x", "effect": "maybe"}, "effect"),
-        ({"tenant_id": "t1", "subject": "*", "action": "read", "resource": "x", "effect": "allow",
-          "expires_at": "soon"}, "expires_at"),
-        ({"tenant_id": "t1", "subject": "*", "action": "read", "resource": "x", "effect": "allow",
-          "x": 1}, "x"),
+        (
+            {
+                "tenant_id": "t1",
+                "subject": "*",
+                "action": "read",
+                "resource": "x",
+                "effect": "allow",
+                "expires_at": "soon",
+            },
+            "expires_at",
+        ),
+        (
+            {"tenant_id": "t1", "subject": "*", "action": "read", "resource": "x", "effect": "allow", "x": 1},
+            "x",
+        ),
     ],
 )
 def test_malformed_grants_name_the_field(body: dict[str, object], field: str) -> None:
@@ -120,8 +155,16 @@ def test_malformed_grants_name_the_field(body: dict[str, object], field: str) ->
 
 
 def test_valid_grant_and_input_parse() -> None:
-    parsed = parse_grant({"tenant_id": "t1", "subject": "role:trader", "action": "*", "resource": "curve:*",
-                          "effect": "deny", "expires_at": "2030-01-01T00:00:00Z"})
+    parsed = parse_grant(
+        {
+            "tenant_id": "t1",
+            "subject": "role:trader",
+            "action": "*",
+            "resource": "curve:*",
+            "effect": "deny",
+            "expires_at": "2030-01-01T00:00:00Z",
+        }
+    )
     assert parsed.expires_at == 1893456000.0 and parsed.effect == "deny"
     inp = parse_decision_input({"user_id": "u1", "tenant_id": "t1", "action": "read", "resource": "curve:X"})
     assert inp.roles == frozenset()
@@ -154,7 +197,9 @@ def test_deny_globs_under_picks_the_callers_applicable_denies() -> None:
     assert globs == ("channel:pricing.*/XX", f"{CHANNEL}/E", f"{CHANNEL}/NG_2026", f"{CHANNEL}/PW_*")
     assert valid_until == NOW + 60
     assert deny_globs_under(grants, ask(CHANNEL, "subscribe", user="alice", roles=()), NOW) == (
-        ("channel:pricing.*/XX",), None)
+        ("channel:pricing.*/XX",),
+        None,
+    )
     # The evaluator agrees: the channel itself is allowed, the denied keys are not.
     assert evaluate(grants, inp, NOW).allow
     assert not evaluate(grants, ask(f"{CHANNEL}/NG_2026", "subscribe", user="bob"), NOW).allow

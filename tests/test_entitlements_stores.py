@@ -25,12 +25,25 @@ pytestmark = pytest.mark.parametrize("kind", ["file", "postgres"])
 
 
 def g(subject: str, action: str, resource: str, effect: str = "allow", tenant: str = "t1", **extra: object):
-    return parse_grant({"tenant_id": tenant, "subject": subject, "action": action, "resource": resource,
-                        "effect": effect, **extra})
+    return parse_grant(
+        {
+            "tenant_id": tenant,
+            "subject": subject,
+            "action": action,
+            "resource": resource,
+            "effect": effect,
+            **extra,
+        }
+    )
 
 
-def ask(resource: str = "curve:NG_2026", action: str = "read", user: str = "u1", tenant: str = "t1",
-        roles: tuple[str, ...] = ("trader",)) -> DecisionInput:
+def ask(
+    resource: str = "curve:NG_2026",
+    action: str = "read",
+    user: str = "u1",
+    tenant: str = "t1",
+    roles: tuple[str, ...] = ("trader",),
+) -> DecisionInput:
     return DecisionInput(user, tenant, action, resource, frozenset(roles))
 
 
@@ -177,7 +190,9 @@ async def test_denied_under_lists_key_denies_and_follows_grant_changes(
             # The caller's identity replaces the input's user and roles, as in decide.
             as_bob = Identity("bob", "t1", frozenset(), exp=0)
             assert await ent.denied_under(as_bob, ask(channel, "subscribe", user="x", roles=("quant",))) == (
-                "channel:pricing.*/XX", f"{channel}/NG_2026")
+                "channel:pricing.*/XX",
+                f"{channel}/NG_2026",
+            )
             assert await ent.denied_under(Identity("bob", "t2", frozenset(), exp=0), bob) == ("*",)
 
             # The answer is cached (TTL at least 30 s), yet a grant change is seen at once.

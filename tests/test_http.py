@@ -103,7 +103,9 @@ async def test_drain_deadline_cuts_requests_that_overrun() -> None:
             assert trio.current_time() - started < 0.45  # cut at the deadline, not after the handler's 0.5 s
 
 
-async def read_response(stream: trio.SocketStream, buffer: bytearray) -> tuple[bytes, dict[bytes, bytes], bytes]:
+async def read_response(
+    stream: trio.SocketStream, buffer: bytearray
+) -> tuple[bytes, dict[bytes, bytes], bytes]:
     """One HTTP/1.1 response (with Content-Length) off a raw connection: status line, headers, body."""
     while b"\r\n\r\n" not in buffer:
         chunk = await stream.receive_some(65536)
@@ -160,8 +162,12 @@ async def test_a_response_before_the_body_closes_the_keep_alive_connection(path:
                 assert status.startswith(b"HTTP/1.1 413")
                 assert headers[b"content-type"] == b"application/json"
                 error = json.loads(body)
-                assert error["code"] == "PAYLOAD_TOO_LARGE" and set(error) == {"trace_id", "code", "message",
-                                                                                "details"}
+                assert error["code"] == "PAYLOAD_TOO_LARGE" and set(error) == {
+                    "trace_id",
+                    "code",
+                    "message",
+                    "details",
+                }
             else:
                 assert status.startswith(b"HTTP/1.1 200") and body == b"ignored"
             with contextlib.suppress(trio.BrokenResourceError):  # the server may have closed already

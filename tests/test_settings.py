@@ -131,7 +131,10 @@ PROD_IDP = {"ACCESS_ENV": "prod", "ACCESS_JWKS_URL": "https://idp.example/realms
     "environ",
     [
         PROD_IDP,
-        {"ACCESS_ENV": "prod", "ACCESS_JWT_ISSUERS": '{"https://idp/realms/a": "https://idp/realms/a/certs"}'},
+        {
+            "ACCESS_ENV": "prod",
+            "ACCESS_JWT_ISSUERS": '{"https://idp/realms/a": "https://idp/realms/a/certs"}',
+        },
         {**PROD_IDP, "ACCESS_ROLE": "internal", "ACCESS_AUTH_URL": "http://auth:8010"},  # verifies itself
         {**PROD_IDP, "ACCESS_JWT_AUDIENCE": "  "},  # blank is unset
     ],
@@ -143,22 +146,31 @@ def test_prod_with_an_idp_requires_an_audience(environ: dict[str, str]) -> None:
 
 
 def test_audience_rule_spares_other_envs_and_delegating_edges() -> None:
-    assert load_settings(environ={**PROD_IDP, "ACCESS_JWT_AUDIENCE": "accessd"}).auth.jwt_audience == "accessd"
+    assert (
+        load_settings(environ={**PROD_IDP, "ACCESS_JWT_AUDIENCE": "accessd"}).auth.jwt_audience == "accessd"
+    )
     load_settings(environ={**PROD_IDP, "ACCESS_ENV": "staging"})
     # An edge that delegates auth verifies no token itself (a shared ConfigMap may still name the JWKS).
     for extra in ({}, {"ACCESS_JWKS_URL": PROD_IDP["ACCESS_JWKS_URL"]}):
-        load_settings(environ={"ACCESS_ENV": "prod", "ACCESS_ROLE": "edge", "ACCESS_AUTH_URL": "http://a:8010",
-                               **extra})
+        load_settings(
+            environ={"ACCESS_ENV": "prod", "ACCESS_ROLE": "edge", "ACCESS_AUTH_URL": "http://a:8010", **extra}
+        )
 
 
 def test_missing_prod_audience_exits_2_with_one_line(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("ACCESS_") or k.startswith("ACCESS_TEST_")}
     env.update(PROD_IDP, ACCESS_STATE_DIR=str(tmp_path))
     for command in (["check-config"], ["run", "--role", "internal"]):
-        done = subprocess.run([sys.executable, "-m", "accessd", *command], env=env, capture_output=True,
-                              text=True, timeout=60)
+        done = subprocess.run(
+            [sys.executable, "-m", "accessd", *command], env=env, capture_output=True, text=True, timeout=60
+        )
         assert done.returncode == 2, (command, done.stderr)
         assert done.stderr.count("\n") == 1 and "ACCESS_JWT_AUDIENCE" in done.stderr, done.stderr
-    done = subprocess.run([sys.executable, "-m", "accessd", "check-config"], capture_output=True, text=True,
-                          env={**env, "ACCESS_JWT_AUDIENCE": "accessd"}, timeout=60)
+    done = subprocess.run(
+        [sys.executable, "-m", "accessd", "check-config"],
+        capture_output=True,
+        text=True,
+        env={**env, "ACCESS_JWT_AUDIENCE": "accessd"},
+        timeout=60,
+    )
     assert done.returncode == 0, done.stderr

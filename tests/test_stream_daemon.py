@@ -170,23 +170,35 @@ async def test_kafka_restart_mid_stream_keeps_subscribers(daemon_factory, tmp_pa
         bootstrap = first_broker.enter_context(tansu_broker(tmp_path, port))
         daemon = daemon_factory(
             role="all",
-            env={"ACCESS_POLICY_FILE": str(policy), "ACCESS_KAFKA_BOOTSTRAP": bootstrap,
-                 "ACCESS_KAFKA_METADATA_REFRESH_S": "0.5"},
+            env={
+                "ACCESS_POLICY_FILE": str(policy),
+                "ACCESS_KAFKA_BOOTSTRAP": bootstrap,
+                "ACCESS_KAFKA_METADATA_REFRESH_S": "0.5",
+            },
         )
         publisher = token(daemon, "ops", roles="publisher")
         ws_url = daemon.stream_url.replace("http", "ws") + "/ws/stream"
-        publish = {"url": f"{daemon.internal_url}/stream/publish", "headers": {"Authorization": f"Bearer {publisher}"}}
-        async with open_websocket_url(f"{ws_url}?token={token(daemon, 'alice')}") as ws, \
-                httpx.AsyncClient(timeout=10) as client:
+        publish = {
+            "url": f"{daemon.internal_url}/stream/publish",
+            "headers": {"Authorization": f"Bearer {publisher}"},
+        }
+        async with (
+            open_websocket_url(f"{ws_url}?token={token(daemon, 'alice')}") as ws,
+            httpx.AsyncClient(timeout=10) as client,
+        ):
             await recv(ws)
             await ws.send_message(json.dumps({"op": "subscribe", "id": "1", "channel": channel}))
             await recv(ws)
-            assert (await client.post(**publish, json={"channel": channel, "data": {"n": 1}})).status_code == 202
+            assert (
+                await client.post(**publish, json={"channel": channel, "data": {"n": 1}})
+            ).status_code == 202
             assert (await recv(ws))["data"] == {"n": 1}
 
             first_broker.close()  # the broker goes away; the WebSocket session stays
             with trio.fail_after(20):
-                while (await client.get(f"{daemon.internal_url}/health")).json()["dependencies"]["kafka"] != "down":
+                while (await client.get(f"{daemon.internal_url}/health")).json()["dependencies"][
+                    "kafka"
+                ] != "down":
                     await trio.sleep(0.2)
             with tansu_broker(tmp_path, port), _logs_on_failure(daemon):
                 # Tansu keeps its log in memory: it comes back empty and reuses offsets. A record landing
@@ -214,15 +226,20 @@ def _logs_on_failure(daemon):
         raise AssertionError(f"daemon log tail:\n{daemon.logs[-5000:]}") from exc
 
 
-async def test_edge_delegates_auth_and_entitlements_to_an_internal_daemon(daemon_factory, tmp_path: Path) -> None:
+async def test_edge_delegates_auth_and_entitlements_to_an_internal_daemon(
+    daemon_factory, tmp_path: Path
+) -> None:
     channel = "pricing.remote.v1"
     policy = tmp_path / "grants.yaml"
     policy.write_text(GRANTS.format(channel=channel))
     internal = daemon_factory(role="internal", env={"ACCESS_POLICY_FILE": str(policy)})
     edge = daemon_factory(
         role="edge",
-        env={"ACCESS_AUTH_URL": internal.internal_url, "ACCESS_ENTITLEMENTS_URL": internal.internal_url,
-             "ACCESS_DRAIN_TIMEOUT_S": "0.5"},
+        env={
+            "ACCESS_AUTH_URL": internal.internal_url,
+            "ACCESS_ENTITLEMENTS_URL": internal.internal_url,
+            "ACCESS_DRAIN_TIMEOUT_S": "0.5",
+        },
     )
     ws_url = edge.stream_url.replace("http", "ws") + "/ws/stream"
     async with open_websocket_url(f"{ws_url}?token={token(internal, 'alice')}") as ws:
@@ -271,12 +288,19 @@ def key_deny_daemons(request, daemon_factory, tmp_path: Path):
         daemon = daemon_factory(role="all", env={"ACCESS_POLICY_FILE": str(policy)})
         return daemon, daemon
     kafka = request.getfixturevalue("kafka_bootstrap")
-    internal = daemon_factory(role="internal", env={"ACCESS_POLICY_FILE": str(policy), "ACCESS_KAFKA_BOOTSTRAP": kafka})
+    internal = daemon_factory(
+        role="internal", env={"ACCESS_POLICY_FILE": str(policy), "ACCESS_KAFKA_BOOTSTRAP": kafka}
+    )
     edge = daemon_factory(
         role="edge",
-        env={"ACCESS_AUTH_URL": internal.internal_url, "ACCESS_ENTITLEMENTS_URL": internal.internal_url,
-             "ACCESS_STREAM_REVALIDATE_S": "0.3", "ACCESS_DRAIN_TIMEOUT_S": "0.5",
-             "ACCESS_KAFKA_BOOTSTRAP": kafka, "ACCESS_KAFKA_METADATA_REFRESH_S": "0.5"},
+        env={
+            "ACCESS_AUTH_URL": internal.internal_url,
+            "ACCESS_ENTITLEMENTS_URL": internal.internal_url,
+            "ACCESS_STREAM_REVALIDATE_S": "0.3",
+            "ACCESS_DRAIN_TIMEOUT_S": "0.5",
+            "ACCESS_KAFKA_BOOTSTRAP": kafka,
+            "ACCESS_KAFKA_METADATA_REFRESH_S": "0.5",
+        },
     )
     return edge, internal
 
@@ -292,17 +316,28 @@ async def test_a_denied_key_never_reaches_an_unkeyed_subscription(key_deny_daemo
     ws_url = streamer.stream_url.replace("http", "ws") + "/ws/stream"
 
     def grant(resource: str, subject: str, effect: str) -> dict:
-        return {"tenant_id": "t1", "subject": subject, "action": "subscribe", "resource": resource,
-                "effect": effect}
+        return {
+            "tenant_id": "t1",
+            "subject": subject,
+            "action": "subscribe",
+            "resource": resource,
+            "effect": effect,
+        }
 
     async with httpx.AsyncClient(timeout=10) as client:
-        assert (await client.post(grants, json=grant(f"channel:{channel}", "*", "allow"), headers=admin)).status_code == 201
-        deny = await client.post(grants, json=grant(f"channel:{channel}/NG_2026", "user:bob", "deny"), headers=admin)
+        assert (
+            await client.post(grants, json=grant(f"channel:{channel}", "*", "allow"), headers=admin)
+        ).status_code == 201
+        deny = await client.post(
+            grants, json=grant(f"channel:{channel}/NG_2026", "user:bob", "deny"), headers=admin
+        )
         assert deny.status_code == 201
 
         async def publish(key: str, n: int) -> None:
             body = {"channel": channel, "key": key, "data": {"n": n}}
-            response = await client.post(f"{granter.internal_url}/stream/publish", json=body, headers=publisher)
+            response = await client.post(
+                f"{granter.internal_url}/stream/publish", json=body, headers=publisher
+            )
             assert response.status_code == 202, response.text
 
         async with (
@@ -313,7 +348,9 @@ async def test_a_denied_key_never_reaches_an_unkeyed_subscription(key_deny_daemo
                 await recv(ws)
                 await ws.send_message(json.dumps({"op": "subscribe", "id": "1", "channel": channel}))
                 assert (await recv(ws))["type"] == "subscribed"
-            await bob.send_message(json.dumps({"op": "subscribe", "id": "2", "channel": channel, "key": "NG_2026"}))
+            await bob.send_message(
+                json.dumps({"op": "subscribe", "id": "2", "channel": channel, "key": "NG_2026"})
+            )
             assert (await recv(bob))["code"] == "ENTITLEMENT_DENIED"
 
             await publish("NG_2026", 1)
@@ -334,7 +371,9 @@ async def test_a_denied_key_never_reaches_an_unkeyed_subscription(key_deny_daemo
                         if (await recv(bob))["key"] == "NG_2026":
                             break
             # A deny by glob hides every key it matches, and the subscription stays open.
-            glob = await client.post(grants, json=grant(f"channel:{channel}/NG_*", "user:bob", "deny"), headers=admin)
+            glob = await client.post(
+                grants, json=grant(f"channel:{channel}/NG_*", "user:bob", "deny"), headers=admin
+            )
             assert glob.status_code == 201
             with trio.fail_after(5):
                 while True:
@@ -365,7 +404,9 @@ def _produce_raw(bootstrap: str, topic: str, values: list[bytes]) -> None:
     asyncio.run(produce())
 
 
-async def test_raw_kafka_values_that_are_not_utf8_json_are_skipped(daemon_factory, kafka_bootstrap, tmp_path) -> None:
+async def test_raw_kafka_values_that_are_not_utf8_json_are_skipped(
+    daemon_factory, kafka_bootstrap, tmp_path
+) -> None:
     """Issue 8, finding 7, through Kafka: UTF-16 JSON used to crash the hub, pretty-printed JSON to split an
     SSE data line."""
     channel = f"pricing.raw.t{secrets.token_hex(3)}.v1"
@@ -373,8 +414,11 @@ async def test_raw_kafka_values_that_are_not_utf8_json_are_skipped(daemon_factor
     policy.write_text(GRANTS.format(channel=channel))
     daemon = daemon_factory(
         role="all",
-        env={"ACCESS_POLICY_FILE": str(policy), "ACCESS_KAFKA_BOOTSTRAP": kafka_bootstrap,
-             "ACCESS_KAFKA_METADATA_REFRESH_S": "0.5"},
+        env={
+            "ACCESS_POLICY_FILE": str(policy),
+            "ACCESS_KAFKA_BOOTSTRAP": kafka_bootstrap,
+            "ACCESS_KAFKA_METADATA_REFRESH_S": "0.5",
+        },
     )
     await trio.to_thread.run_sync(_produce_raw, kafka_bootstrap, channel, [b'{"warm": "up"}'])
     url = f"{daemon.stream_url}/sse/stream?channel={channel}&token={token(daemon, 'carol')}"

@@ -20,8 +20,9 @@ from ._daemon import Daemon
 
 
 def accessd(daemon: Daemon, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "accessd", *args], env=daemon.env, capture_output=True,
-                          text=True, timeout=30)
+    return subprocess.run(
+        [sys.executable, "-m", "accessd", *args], env=daemon.env, capture_output=True, text=True, timeout=30
+    )
 
 
 def token(daemon: Daemon, roles: str, tenant: str = "demo") -> str:
@@ -31,9 +32,11 @@ def token(daemon: Daemon, roles: str, tenant: str = "demo") -> str:
 
 
 async def publish(client: httpx.AsyncClient, daemon: Daemon, tok: str) -> httpx.Response:
-    return await client.post(f"{daemon.internal_url}/stream/publish",
-                             json={"channel": "pricing.curve.updates.v1", "key": "NG_2026", "data": {"p": 1}},
-                             headers={"Authorization": f"Bearer {tok}"})
+    return await client.post(
+        f"{daemon.internal_url}/stream/publish",
+        json={"channel": "pricing.curve.updates.v1", "key": "NG_2026", "data": {"p": 1}},
+        headers={"Authorization": f"Bearer {tok}"},
+    )
 
 
 async def test_a_tenant_admin_cannot_publish_a_publisher_can(daemon_factory) -> None:
@@ -42,7 +45,10 @@ async def test_a_tenant_admin_cannot_publish_a_publisher_can(daemon_factory) -> 
         async with httpx.AsyncClient(timeout=10) as client:
             evil_admin = await publish(client, daemon, token(daemon, "admin", tenant="evil"))
             assert evil_admin.status_code == 403, evil_admin.text
-            assert evil_admin.json()["code"] == "ENTITLEMENT_DENIED" and "publisher" in evil_admin.json()["message"]
+            assert (
+                evil_admin.json()["code"] == "ENTITLEMENT_DENIED"
+                and "publisher" in evil_admin.json()["message"]
+            )
             assert (await publish(client, daemon, token(daemon, "admin,trader"))).status_code == 403
             accepted = await publish(client, daemon, token(daemon, "publisher", tenant="ops"))
             assert accepted.status_code == 202 and accepted.json()["cursor"]

@@ -86,8 +86,13 @@ def kafka_source(
     bootstrap: str, health: Health, request_timeout_s: float = 2.0, metadata_refresh_s: float = 0.3
 ) -> KafkaSource:
     return KafkaSource(
-        (bootstrap,), health, metadata_refresh_s=metadata_refresh_s, fetch_max_wait_ms=100,
-        request_timeout_s=request_timeout_s, replay_timeout_s=10.0, backoff_max_s=0.5,
+        (bootstrap,),
+        health,
+        metadata_refresh_s=metadata_refresh_s,
+        fetch_max_wait_ms=100,
+        request_timeout_s=request_timeout_s,
+        replay_timeout_s=10.0,
+        backoff_max_s=0.5,
     )
 
 
@@ -155,6 +160,7 @@ async def test_per_key_order_over_many_messages(kind: str, request: pytest.Fixtu
             keys = [f"k{i}" for i in range(6)]
             sent = 300
             async with trio.open_nursery() as nursery:
+
                 async def publish_all() -> None:
                     for i in range(sent):
                         key = keys[i % len(keys)]
@@ -418,8 +424,12 @@ async def test_kafka_follow_on_a_slow_broker_is_backend_unavailable(tmp_path: Pa
         with tansu_broker(tmp_path, broker_port, advertised_port=proxy.port):  # every client goes through it
             with trio.fail_after(30):
                 async with trio_asyncio.open_loop(), trio.open_nursery() as nursery:
-                    source = kafka_source(f"127.0.0.1:{proxy.port}", Health(role="all"),
-                                          request_timeout_s=timeout_s, metadata_refresh_s=60)
+                    source = kafka_source(
+                        f"127.0.0.1:{proxy.port}",
+                        Health(role="all"),
+                        request_timeout_s=timeout_s,
+                        metadata_refresh_s=60,
+                    )
                     await nursery.start(source.run)
                     channel = _topic("slow")
                     await create_topic(f"127.0.0.1:{proxy.port}", channel, 1)

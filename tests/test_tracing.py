@@ -35,28 +35,45 @@ async def wait_for(receiver: OtlpReceiver, prefix: str) -> list[dict]:
 
 async def test_request_and_delivery_spans(daemon_factory, otlp: OtlpReceiver, tmp_path: Path) -> None:
     policy = tmp_path / "grants.yaml"
-    policy.write_text("grants:\n  - {tenant_id: t1, subject: '*', action: subscribe, resource: 'channel:traced.v1', effect: allow}\n")
+    policy.write_text(
+        "grants:\n  - {tenant_id: t1, subject: '*', action: subscribe, resource: 'channel:traced.v1', effect: allow}\n"
+    )
     daemon = daemon_factory(
         role="all",
-        env={"ACCESS_ENABLE_TRACING": "true", "ACCESS_OTEL_EXPORTER": otlp.url, "ACCESS_POLICY_FILE": str(policy)},
+        env={
+            "ACCESS_ENABLE_TRACING": "true",
+            "ACCESS_OTEL_EXPORTER": otlp.url,
+            "ACCESS_POLICY_FILE": str(policy),
+        },
     )
 
     def mint(roles: str) -> str:
-        return subprocess.run([sys.executable, "-m", "accessd", "token", "--sub", "u1", "--tenant", "t1",
-                               "--roles", roles], env=daemon.env, capture_output=True, text=True, check=True).stdout.strip()
+        return subprocess.run(
+            [sys.executable, "-m", "accessd", "token", "--sub", "u1", "--tenant", "t1", "--roles", roles],
+            env=daemon.env,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
 
     async with httpx.AsyncClient(timeout=10) as client:
-        missing = await client.get(f"{daemon.internal_url}/nope", headers={"traceparent": f"00-{TRACE}-00f067aa0ba902b7-01"})
+        missing = await client.get(
+            f"{daemon.internal_url}/nope", headers={"traceparent": f"00-{TRACE}-00f067aa0ba902b7-01"}
+        )
         assert missing.json()["trace_id"] == TRACE
-        async with open_websocket_url(f"{daemon.stream_url.replace('http', 'ws')}/ws/stream?token={mint('')}") as ws:
+        async with open_websocket_url(
+            f"{daemon.stream_url.replace('http', 'ws')}/ws/stream?token={mint('')}"
+        ) as ws:
             await ws.get_message()
             await ws.send_message(json.dumps({"op": "subscribe", "id": "1", "channel": "traced.v1"}))
             await ws.get_message()
             published = await client.post(
                 f"{daemon.internal_url}/stream/publish",
                 json={"channel": "traced.v1", "data": {"x": 1}},
-                headers={"Authorization": f"Bearer {mint('publisher')}",
-                         "traceparent": f"00-{PUBLISH_TRACE}-b7ad6b7169203331-01"},
+                headers={
+                    "Authorization": f"Bearer {mint('publisher')}",
+                    "traceparent": f"00-{PUBLISH_TRACE}-b7ad6b7169203331-01",
+                },
             )
             assert published.status_code == 202
             assert json.loads(await ws.get_message())["data"] == {"x": 1}

@@ -31,8 +31,15 @@ RawRecord = tuple[str, int, int, bytes | None, bytes, int, tuple[tuple[str, byte
 
 
 def _raw(topic: str, partition: int, message: Any) -> RawRecord:
-    return (topic, partition, message.offset, message.key, message.value or b"", message.timestamp,
-            tuple(message.headers or ()))
+    return (
+        topic,
+        partition,
+        message.offset,
+        message.key,
+        message.value or b"",
+        message.timestamp,
+        tuple(message.headers or ()),
+    )
 
 
 class KafkaLink:
@@ -145,8 +152,10 @@ class KafkaLink:
         parts = [TopicPartition(t, p) for t, p in tps]
         begin = await self._live.beginning_offsets(parts)
         end = await self._live.end_offsets(parts)
-        return ({(tp.topic, tp.partition): o for tp, o in begin.items()},
-                {(tp.topic, tp.partition): o for tp, o in end.items()})
+        return (
+            {(tp.topic, tp.partition): o for tp, o in begin.items()},
+            {(tp.topic, tp.partition): o for tp, o in end.items()},
+        )
 
     # --- the producer ---
 

@@ -17,7 +17,7 @@ import asyncpg
 import trio
 
 from ..errors import AccessdError, BackendUnavailable
-from . import run_aio
+from ._loop import run_aio
 
 log = logging.getLogger("accessd.aio")
 
@@ -85,7 +85,11 @@ async def open_pg_pool(dsn: str, *, max_size: int = 4, timeout_s: float = 2.0) -
 
 async def _create_pool(dsn: str, max_size: int, timeout_s: float) -> Any:
     return await asyncpg.create_pool(
-        dsn, min_size=0, max_size=max_size, timeout=timeout_s, command_timeout=timeout_s,
+        dsn,
+        min_size=0,
+        max_size=max_size,
+        timeout=timeout_s,
+        command_timeout=timeout_s,
         max_inactive_connection_lifetime=300.0,
     )
 
@@ -116,7 +120,7 @@ async def apply_migrations(
 
 
 async def _migrate(dsn: str, component: str, migrations: list[tuple[int, str, str]], timeout_s: float) -> int:
-    conn = await asyncpg.connect(dsn, timeout=timeout_s)
+    conn = await asyncpg.connect(dsn, timeout=timeout_s)  # pyright: ignore[reportArgumentType]  # float s
     try:
         async with conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", f"accessd-migrate:{component}")
@@ -141,7 +145,9 @@ async def _migrate(dsn: str, component: str, migrations: list[tuple[int, str, st
                 await conn.execute(sql)
                 await conn.execute(
                     f"INSERT INTO {MIGRATIONS_TABLE} (component, version, name) VALUES ($1, $2, $3)",
-                    component, version, name,
+                    component,
+                    version,
+                    name,
                 )
                 log.info("applied migration %s %04d_%s", component, version, name)
             return max([*applied, *(v for v, _, _ in migrations)], default=0)
@@ -164,7 +170,7 @@ class _Listening:
         self.wakeup = asyncio.Event()
 
     async def open(self, dsn: str, channel: str, timeout_s: float) -> None:
-        self.conn = await asyncpg.connect(dsn, timeout=timeout_s)
+        self.conn = await asyncpg.connect(dsn, timeout=timeout_s)  # pyright: ignore[reportArgumentType]
         self.conn.add_termination_listener(self._terminated)
         await self.conn.add_listener(channel, self._notified)
 

@@ -17,7 +17,7 @@ import trio
 
 from ..errors import BackendUnavailable
 from ..settings import redact_url
-from . import run_aio
+from ._loop import run_aio
 
 log = logging.getLogger("accessd.aio")
 
@@ -98,8 +98,11 @@ class RedisBatcher:
             pass
 
     def statistics(self) -> dict[str, Any]:
-        return {"queued": self._send.statistics().current_buffer_used, "batches": self.batches,
-                "available": self.available}
+        return {
+            "queued": self._send.statistics().current_buffer_used,
+            "batches": self.batches,
+            "available": self.available,
+        }
 
     # --- the component ---
 
@@ -110,8 +113,10 @@ class RedisBatcher:
                 if await self._ping():
                     self._mark(True)
                 else:
-                    log.warning("redis unreachable at %s: serving from memory and the store meanwhile",
-                                redact_url(self._url))
+                    log.warning(
+                        "redis unreachable at %s: serving from memory and the store meanwhile",
+                        redact_url(self._url),
+                    )
                     self._mark(False)
                     nursery.start_soon(self._recover)
                 task_status.started()
@@ -202,4 +207,3 @@ async def _pipeline(client: Any, batch: list[_Op]) -> list[Any]:
         return await pipe.execute(raise_on_error=False)
     finally:
         await pipe.reset()
-

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any, cast
 
 from quart import Blueprint, Response, request
 from quart_trio import QuartTrio
@@ -42,7 +43,7 @@ def create_app(name: str, ctx: AppContext, blueprints: Iterable[Blueprint] = ())
     @app.before_request
     async def _note_route() -> None:
         if request.url_rule is not None:  # the pipeline labels metrics and spans with it
-            request.scope[ROUTE_KEY] = request.url_rule.rule
+            cast("dict[str, Any]", request.scope)[ROUTE_KEY] = request.url_rule.rule
 
     app.asgi_app = RequestPipeline(app.asgi_app, ctx.metrics, ctx.tracing)  # type: ignore[method-assign]
 

@@ -80,8 +80,9 @@ async def handle_http_exception(error: HTTPException) -> Response:
     status = error.code or 500
     code = CODES_BY_STATUS.get(status, "BAD_REQUEST" if status < 500 else "INTERNAL")
     headers = {}
-    if status == 405 and getattr(error, "valid_methods", None):
-        headers["Allow"] = ", ".join(sorted(error.valid_methods))
+    allowed = getattr(error, "valid_methods", None)  # werkzeug's MethodNotAllowed
+    if status == 405 and allowed:
+        headers["Allow"] = ", ".join(sorted(allowed))
     message = error.description or error.name
     return error_response(status, code, message, headers=headers)
 

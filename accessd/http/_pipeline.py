@@ -111,4 +111,3 @@ class RequestPipeline:
                 span.update_name(f"{method} {route}")
                 span.set_attribute("http.response.status_code", status)
                 span.end()
-

@@ -11,11 +11,11 @@ import logging
 import socket
 from collections.abc import Sequence
 from functools import partial
-from typing import Any
 
 import trio
 from hypercorn.config import Config
 from hypercorn.trio.run import worker_serve
+from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, Scope
 from hypercorn.utils import wrap_app
 from quart_trio import QuartTrio
 
@@ -33,7 +33,7 @@ class _InFlight:
         self._idle = trio.Event()
         self._idle.set()
 
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+    async def __call__(self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
         if scope["type"] != "http":
             return await self._app(scope, receive, send)
         if self.count == 0:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +22,10 @@ class AuthFailure:
 
     code: str
     message: str
+
+
+Verify = Callable[[str], Awaitable["Identity | AuthFailure"]]
+"""Token verification as the rest of accessd receives it: raises only BackendUnavailable."""
 
 
 def bearer_token(authorization: str | None) -> str | None:

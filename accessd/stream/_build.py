@@ -14,8 +14,8 @@ import trio
 
 from ..errors import BackendUnavailable
 from ..nurseries import Health
-from ..policy._identity import Identity
-from ..policy.entitlements import Decider, DecisionInput, hidden_keys
+from ..policy import Identity
+from ..policy.entitlements import DENIED_BY_GRANT, Decider, DecisionInput, hidden_keys
 from ..settings import Settings
 from ..telemetry import Metrics, Tracing
 from ._conn import Limits
@@ -57,7 +57,7 @@ def entitlement_authorizer(decider: Decider) -> Authorize:
         keyed = await decider.decide(identity, ask(f"channel:{channel}/{key}"))
         if keyed.allow:
             return ALLOWED
-        if keyed.reason.startswith("denied by"):
+        if keyed.code == DENIED_BY_GRANT:  # a deny names the key: the channel's allow cannot lift it
             return Access(keyed.reason)
         decision = await decider.decide(identity, whole)
         return ALLOWED if decision.allow else Access(decision.reason)

@@ -19,7 +19,7 @@ from ..settings import Settings, parse_hostport
 EXIT_OK, EXIT_FAILED = 0, 1
 
 
-def add_arguments(publish: argparse.ArgumentParser) -> None:
+def add_publish_arguments(publish: argparse.ArgumentParser) -> None:
     publish.add_argument("channel", help="channel (Kafka topic) name")
     publish.add_argument("data", help="the message, as JSON text")
     publish.add_argument("--key", help="message key (e.g. a curve id)")
@@ -27,7 +27,7 @@ def add_arguments(publish: argparse.ArgumentParser) -> None:
     publish.add_argument("--url", help="internal listener base URL (default: from ACCESS_INTERNAL_BIND)")
 
 
-def run(settings: Settings, args: argparse.Namespace) -> int:
+def run_publish_cli(settings: Settings, args: argparse.Namespace) -> int:
     try:
         data = json.loads(args.data)
     except ValueError as exc:

@@ -1,6 +1,6 @@
 """The Kafka broker source: every partition of each followed topic, no consumer group, batched reads.
 
-All aiokafka work is in :mod:`accessd.aio._kafka`; each step here crosses the trio-asyncio boundary once
+All aiokafka work is in :mod:`accessd.aio`; each step here crosses the trio-asyncio boundary once
 (one ``getmany`` batch per ``next_batch``, one crossing per follow, replay or publish). This side keeps the
 authoritative position of every followed partition (the next offset to deliver) and re-applies it to the
 consumer whenever the assignment changes or a poll was interrupted, so nothing is skipped or repeated.
@@ -42,14 +42,14 @@ from typing import NoReturn
 
 import trio
 
-from ..aio import run_aio
-from ..aio._kafka import BACKEND, TP, KafkaLink, RawRecord
+from ..aio import TP, KafkaLink, RawRecord, run_aio
 from ..errors import BackendUnavailable
 from ..nurseries import Health
 from ._source import Gap, Position, Record, Replay
 
 log = logging.getLogger("accessd.stream")
 
+BACKEND = "kafka"
 OK, DOWN = "ok", "down"
 UNKNOWN_TOPIC_POSITION: Position = {0: 0}
 

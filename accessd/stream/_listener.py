@@ -33,8 +33,7 @@ from wsproto import WSConnection
 from wsproto.events import AcceptConnection
 
 from ..errors import BackendUnavailable, ConfigError
-from ..policy._identity import AuthFailure, Identity, bearer_token
-from ..policy._ratelimit import KeyedBudget, Network, client_ip, is_trusted
+from ..policy import AuthFailure, Identity, KeyedBudget, Network, bearer_token, client_ip, is_trusted
 from ..settings import parse_hostport
 from ..telemetry import trace_id_from
 from ._conn import Connection, Limits
@@ -336,11 +335,11 @@ class StreamListener:
 
     async def _handshake(self, conn: Connection, slot: _HandshakeSlot) -> None:
         try:
-            with trio.move_on_after(self.config.handshake_timeout_s) as handshake:
+            request = None
+            with trio.move_on_after(self.config.handshake_timeout_s):
                 request = await read_request(conn)
-            if handshake.cancelled_caught:
-                return
-            await self._route(conn, request, slot)
+            if request is not None:  # else too slow: hang up
+                await self._route(conn, request, slot)
         except BadRequest as exc:
             await conn.send_all(error_response(400, "BAD_REQUEST", f"malformed request: {exc}", _trace()))
         except PeerGone:

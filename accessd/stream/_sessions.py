@@ -29,7 +29,7 @@ from wsproto.events import (
 from wsproto.utilities import RemoteProtocolError
 
 from ..errors import BackendUnavailable
-from ..policy._identity import AuthFailure, Identity
+from ..policy import AuthFailure, Identity, Verify
 from ._conn import HEARTBEAT, PONG, Connection
 from ._frames import SSE_PING, sse_event, ws_close, ws_json, ws_ping, ws_pong
 from ._http11 import BadRequest, Request
@@ -37,8 +37,6 @@ from ._hub import Hub, Message, Subscription
 from ._source import CHANNEL_NAME, CursorError, Position, decode_cursor, encode_cursor
 
 log = logging.getLogger("accessd.stream")
-
-Verify = Callable[[str], Awaitable[Identity | AuthFailure]]
 
 
 @dataclass(frozen=True, slots=True)

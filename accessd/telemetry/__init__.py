@@ -4,6 +4,7 @@ from ._logging import configure_logging as configure_logging
 from ._logging import req_id_var as req_id_var
 from ._logging import trace_id_var as trace_id_var
 from ._metrics import CONTENT_TYPE as CONTENT_TYPE
+from ._metrics import LATENCY_BUCKETS as LATENCY_BUCKETS
 from ._metrics import Metrics as Metrics
 from ._trace import request_id_from as request_id_from
 from ._trace import trace_id_from as trace_id_from

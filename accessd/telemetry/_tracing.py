@@ -16,6 +16,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.trace import Link, Span, SpanKind
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+from opentelemetry.util.types import Attributes
 
 from .. import __version__
 
@@ -44,7 +45,7 @@ class Tracing:
         """A SERVER span continuing the caller's ``traceparent`` (or a new trace)."""
         return self._tracer.start_span(name, context=extract(headers), kind=SpanKind.SERVER)
 
-    def linked_span(self, name: str, traceparents: list[str], attributes: dict[str, object]) -> Span:
+    def linked_span(self, name: str, traceparents: list[str], attributes: Attributes) -> Span:
         """A span linked to the producers' contexts (a message's publish), as messaging traces do."""
         links = []
         for traceparent in traceparents:

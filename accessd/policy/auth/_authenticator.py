@@ -16,17 +16,15 @@ import dataclasses
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any
-
-from quart import Blueprint
 
 from ...errors import BackendUnavailable
 from ...nurseries import Health
 from ...settings import Settings
 from ...telemetry import Metrics
-from .._identity import AuthFailure, Identity
+from .._identity import AuthFailure, Identity, Verify
 from .._ratelimit import KeyedBudget, Network
 from ._cache import VerifiedTokenCache
 from ._dev_issuer import DevIssuer
@@ -45,7 +43,6 @@ from ._verify import (
 
 log = logging.getLogger("accessd.policy.auth")
 
-Verify = Callable[[str], Awaitable[Identity | AuthFailure]]
 _JWS_COMPACT = re.compile(r"[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]*){2}")
 _RESULT_BY_CODE = {TOKEN_EXPIRED: "expired", TOKEN_INVALID: "invalid", UNAUTHENTICATED: "missing"}
 
@@ -132,7 +129,8 @@ class Authenticator:
 
 @dataclass
 class Auth:
-    """What the daemon wires: the facade, the components to start (in order), the blueprints."""
+    """What the daemon wires: the facade, the components to start (in order), and what the edge's auth
+    check needs besides (the dev issuer whose keys it publishes, the failure budget, trusted proxies)."""
 
     authenticator: Authenticator
     components: list[Any] = field(default_factory=list)
@@ -143,29 +141,6 @@ class Auth:
     @property
     def verify(self) -> Verify:
         return self.authenticator.verify
-
-    def edge_blueprints(self) -> list[Blueprint]:
-        from ._http import dev_jwks_blueprint, edge_auth_blueprint
-
-        public = {"/health", "/health/live", "/health/ready", "/metrics"}
-        blueprints = []
-        if self.dev_issuer is not None:
-            public.add("/.well-known/jwks.json")
-            blueprints.append(dev_jwks_blueprint(self.dev_issuer))
-        edge = edge_auth_blueprint(
-            self.verify,
-            frozenset(public),
-            known=self.authenticator.cache,
-            failures=self.failures,
-            trusted_proxies=self.trusted_proxies,
-        )
-        blueprints.insert(0, edge)
-        return blueprints
-
-    def internal_blueprints(self) -> list[Blueprint]:
-        from ._http import auth_api_blueprint
-
-        return [auth_api_blueprint(self.authenticator)]
 
 
 def build_auth(settings: Settings, health: Health, metrics: Metrics) -> Auth:
@@ -182,13 +157,12 @@ def build_auth(settings: Settings, health: Health, metrics: Metrics) -> Auth:
         max_token_bytes=auth.max_token_bytes,
     )
 
-    edge = dict(
-        failures=KeyedBudget(auth.auth_failures_per_minute), trusted_proxies=settings.server.trusted_proxies
-    )
+    failures = KeyedBudget(auth.auth_failures_per_minute)
+    proxies = settings.server.trusted_proxies
     if settings.server.role == "edge" and auth.auth_url is not None:
         remote = RemoteVerifier(auth.auth_url, auth.auth_timeout_s)
         log.info("auth: delegated to %s", remote.url)
-        return Auth(Authenticator(remote=remote, **common), [remote], **edge)
+        return Auth(Authenticator(remote=remote, **common), [remote], None, failures, proxies)
 
     if settings.dev_issuer:
         dev = DevIssuer.from_settings(settings)
@@ -196,7 +170,7 @@ def build_auth(settings: Settings, health: Health, metrics: Metrics) -> Auth:
         health.set_dependency("jwks", EMBEDDED)
         log.info("auth: dev issuer active (iss=%s, kid=%s)", dev.issuer, dev.kid)
         local = LocalVerifier({None: (source, dataclasses.replace(policy, issuer=dev.issuer))})
-        return Auth(Authenticator(local=local, **common), [], dev, **edge)
+        return Auth(Authenticator(local=local, **common), [], dev, failures, proxies)
 
     board = JwksHealth(health)
 
@@ -221,4 +195,4 @@ def build_auth(settings: Settings, health: Health, metrics: Metrics) -> Auth:
         assert auth.jwks_url is not None
         sources[None] = (jwks("jwks", auth.jwks_url), policy)
     authenticator = Authenticator(local=LocalVerifier(sources), **common)
-    return Auth(authenticator, [source for source, _ in sources.values()], **edge)
+    return Auth(authenticator, [source for source, _ in sources.values()], None, failures, proxies)

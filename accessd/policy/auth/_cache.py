@@ -60,7 +60,7 @@ class VerifiedTokenCache:
         gone = [
             key
             for key, (_, tag) in self._entries.items()
-            if tag is not None and tag.startswith(prefix) and tag[len(prefix):] not in kids
+            if tag is not None and tag.startswith(prefix) and tag[len(prefix) :] not in kids
         ]
         for key in gone:
             del self._entries[key]

@@ -24,6 +24,7 @@ from typing import Any
 import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from jwt.algorithms import get_default_algorithms
 from jwt.utils import base64url_encode
 
 from ...errors import ConfigError
@@ -51,9 +52,7 @@ class DevIssuer:
         self.audience = audience
         self.tenant_claim = tenant_claim
         self.alg = _algorithm(private_key)
-        public_jwk = json.loads(jwt.algorithms.get_default_algorithms()[self.alg].to_jwk(
-            private_key.public_key()
-        ))
+        public_jwk = json.loads(get_default_algorithms()[self.alg].to_jwk(private_key.public_key()))
         self.kid = _thumbprint(public_jwk)
         public_jwk.update(kid=self.kid, alg=self.alg, use="sig")
         self._jwk = public_jwk

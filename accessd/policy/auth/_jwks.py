@@ -150,7 +150,9 @@ class JwksCache:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> NoReturn:
         timeout = httpx.Timeout(self._settings.jwks_fetch_timeout_s)
         async with httpx.AsyncClient(
-            transport=self._transport, timeout=timeout, follow_redirects=False,
+            transport=self._transport,
+            timeout=timeout,
+            follow_redirects=False,
             headers={"Accept": "application/json", "User-Agent": "accessd"},
         ) as client:
             self._client = client

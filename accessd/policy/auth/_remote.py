@@ -16,8 +16,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from ...errors import BackendUnavailable
-from ...http._client import RemoteClient
 from .._identity import AuthFailure, Identity
+from .._remote import RemoteClient
 from ._verify import TOKEN_EXPIRED, TOKEN_INVALID, UNAUTHENTICATED
 
 log = logging.getLogger("accessd.policy.auth")

@@ -36,9 +36,14 @@ ALLOWED_ALGORITHMS = frozenset(
 )
 # Key type (and EC curve) each algorithm needs.
 _KEY_TYPES = {
-    "RS256": ("RSA", None), "RS384": ("RSA", None), "RS512": ("RSA", None),
-    "PS256": ("RSA", None), "PS384": ("RSA", None), "PS512": ("RSA", None),
-    "ES256": ("EC", "P-256"), "ES384": ("EC", "P-384"),
+    "RS256": ("RSA", None),
+    "RS384": ("RSA", None),
+    "RS512": ("RSA", None),
+    "PS256": ("RSA", None),
+    "PS384": ("RSA", None),
+    "PS512": ("RSA", None),
+    "ES256": ("EC", "P-256"),
+    "ES384": ("EC", "P-384"),
     "EdDSA": ("OKP", None),
 }
 _OKP_CURVES = frozenset({"Ed25519", "Ed448"})

@@ -35,8 +35,9 @@ def build_store(settings: Settings, health: Health | None = None) -> GrantStore:
             if health is not None:
                 health.set_dependency("postgres", "ok" if up else "down")
 
-        return PostgresStore(backends.postgres_dsn, timeout_s=policy.entitlement_store_timeout_s,
-                             on_state=on_state)
+        return PostgresStore(
+            backends.postgres_dsn, timeout_s=policy.entitlement_store_timeout_s, on_state=on_state
+        )
     if policy.policy_file is not None:
         return FileStore(policy.policy_file, poll_s=policy.policy_file_poll_s)
     if settings.server.demo:
@@ -73,7 +74,7 @@ def build_entitlements(settings: Settings, health: Health, metrics: Metrics) -> 
     components: list[Any] = [store]
     redis = None
     if settings.backends.redis_url:
-        from ...aio._redis import RedisBatcher
+        from ...aio import RedisBatcher
 
         redis = RedisBatcher(
             settings.backends.redis_url,

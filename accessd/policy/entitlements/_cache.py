@@ -79,8 +79,9 @@ class AdaptiveTtl:
     Never beyond the decision's ``valid_until`` (the earliest grant expiry that shaped it).
     """
 
-    def __init__(self, min_s: float, max_s: float, *, error_window_s: float = 60.0,
-                 stable_horizon_s: float = 600.0) -> None:
+    def __init__(
+        self, min_s: float, max_s: float, *, error_window_s: float = 60.0, stable_horizon_s: float = 600.0
+    ) -> None:
         self.min_s = min_s
         self.max_s = max_s
         self._error_window_s = error_window_s

@@ -20,7 +20,7 @@ from ._store import EmptyStore, GrantStore
 EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
 
 
-def add_arguments(grants: argparse.ArgumentParser) -> None:
+def add_grants_arguments(grants: argparse.ArgumentParser) -> None:
     commands = grants.add_subparsers(dest="grants_command", required=True, parser_class=type(grants))
     add = commands.add_parser("add", help="store one grant; prints it (with its id) as JSON")
     add.add_argument("--tenant", required=True, help="tenant_id")
@@ -36,15 +36,21 @@ def add_arguments(grants: argparse.ArgumentParser) -> None:
     revoke.add_argument("--tenant", help="only if the grant belongs to this tenant")
 
 
-def run(settings: Settings, args: argparse.Namespace) -> int:
+def run_grants_cli(settings: Settings, args: argparse.Namespace) -> int:
     return trio.run(_main, settings, args)
 
 
 async def _main(settings: Settings, args: argparse.Namespace) -> int:
     grant = None
     if args.grants_command == "add":
-        raw = {"tenant_id": args.tenant, "subject": args.subject, "action": args.action,
-               "resource": args.resource, "effect": args.effect, "expires_at": args.expires_at}
+        raw = {
+            "tenant_id": args.tenant,
+            "subject": args.subject,
+            "action": args.action,
+            "resource": args.resource,
+            "effect": args.effect,
+            "expires_at": args.expires_at,
+        }
         try:
             grant = parse_grant(raw)
         except InvalidInput as exc:
@@ -81,8 +87,10 @@ async def _command(store: GrantStore, args: argparse.Namespace, grant: Grant | N
         return EXIT_OK
     revoked = await store.revoke(args.id, args.tenant)
     if revoked is None:
-        print(f"accessd: no grant {args.id!r}" + (f" in tenant {args.tenant!r}" if args.tenant else ""),
-              file=sys.stderr)
+        print(
+            f"accessd: no grant {args.id!r}" + (f" in tenant {args.tenant!r}" if args.tenant else ""),
+            file=sys.stderr,
+        )
         return EXIT_FAILED
     print(json.dumps(revoked.to_json()))
     return EXIT_OK

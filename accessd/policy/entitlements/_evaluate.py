@@ -17,7 +17,15 @@ import re
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 
-from ._model import Decision, DecisionInput, Grant
+from ._model import (
+    ALLOWED,
+    DENIED_BY_GRANT,
+    NO_MATCHING_GRANT,
+    TENANT_MISMATCH,
+    Decision,
+    DecisionInput,
+    Grant,
+)
 
 NO_MATCH = "no matching grant"
 HIDDEN_KEYS_MEMO = 10_000  # keys remembered per matcher; then the memo starts over
@@ -180,25 +188,27 @@ def evaluate(grants: Iterable[Grant], inp: DecisionInput, now: float) -> Decisio
         elif allow is None or _lower_id(grant, allow):
             allow = grant
     if deny is not None:
-        return Decision(False, f"denied by grant {deny.id}", valid_until=valid_until)
+        return Decision(False, f"denied by grant {deny.id}", DENIED_BY_GRANT, valid_until=valid_until)
     if allow is not None:
-        return Decision(True, f"grant {allow.id}", valid_until=valid_until)
-    return Decision(False, NO_MATCH, valid_until=valid_until)
+        return Decision(True, f"grant {allow.id}", ALLOWED, valid_until=valid_until)
+    return Decision(False, NO_MATCH, NO_MATCHING_GRANT, valid_until=valid_until)
 
 
 def tenant_mismatch(token_tenant: str, decision_tenant: str) -> Decision:
     return Decision(
         False,
         f"token tenant {token_tenant!r} differs from decision tenant {decision_tenant!r}",
-        code="TENANT_MISMATCH",
+        TENANT_MISMATCH,
     )
 
 
 def _lower_id(a: Grant, b: Grant) -> bool:
     """Stable choice of the grant named in ``reason`` when several apply: the oldest (numeric ids first)."""
-    ka = (0, int(a.id), "") if a.id.isdigit() else (1, 0, a.id)
-    kb = (0, int(b.id), "") if b.id.isdigit() else (1, 0, b.id)
-    return ka < kb
+    return _id_order(a) < _id_order(b)
+
+
+def _id_order(grant: Grant) -> tuple[int, int, str]:
+    return (0, int(grant.id), "") if grant.id.isdigit() else (1, 0, grant.id)
 
 
 class GrantIndex:
@@ -220,7 +230,8 @@ class GrantIndex:
     def candidates_under(self, inp: DecisionInput) -> list[Grant]:
         """The caller's deny grants for the action whose glob may match something under ``inp.resource``."""
         return [
-            g for g in self.candidates(inp)
+            g
+            for g in self.candidates(inp)
             if g.effect == "deny" and prefix_compatible(g.resource, inp.resource)
         ]
 

@@ -76,20 +76,38 @@ def parse_policy(text: bytes) -> tuple[str, list[Grant], list[dict[str, Any]]]:
     return version, grants, raw
 
 
+def check_policy_file(path: Path) -> list[Grant]:
+    """The grants of a policy file (``accessd check-config``); ConfigError naming ACCESS_POLICY_FILE."""
+    try:
+        return parse_policy(path.read_bytes())[1]
+    except InvalidInput as exc:
+        raise ConfigError(SETTING, f"{path}: {exc}") from exc
+    except OSError as exc:
+        raise ConfigError(SETTING, f"cannot read {path}: {exc.strerror}") from exc
+
+
 def _content_id(grant: Grant) -> str:
-    body = json.dumps([grant.tenant_id, grant.subject, grant.action, grant.resource, grant.effect,
-                       grant.expires_at])
+    body = json.dumps(
+        [grant.tenant_id, grant.subject, grant.action, grant.resource, grant.effect, grant.expires_at]
+    )
     return "h" + hashlib.sha1(body.encode()).hexdigest()[:10]
 
 
 def _with_id(grant: Grant, grant_id: str) -> Grant:
-    return Grant(grant_id, grant.tenant_id, grant.subject, grant.action, grant.resource, grant.effect,
-                 grant.expires_at)
+    return Grant(
+        grant_id, grant.tenant_id, grant.subject, grant.action, grant.resource, grant.effect, grant.expires_at
+    )
 
 
 def _file_entry(grant: Grant) -> dict[str, Any]:
-    entry: dict[str, Any] = {"id": grant.id, "tenant_id": grant.tenant_id, "subject": grant.subject,
-                             "action": grant.action, "resource": grant.resource, "effect": grant.effect}
+    entry: dict[str, Any] = {
+        "id": grant.id,
+        "tenant_id": grant.tenant_id,
+        "subject": grant.subject,
+        "action": grant.action,
+        "resource": grant.resource,
+        "effect": grant.effect,
+    }
     if grant.expires_at is not None:
         entry["expires_at"] = format_time(grant.expires_at)
     return entry
@@ -167,8 +185,12 @@ class FileStore:
                 signature, version, grants = await trio.to_thread.run_sync(self._read)
             except (InvalidInput, OSError) as exc:
                 self._bad_signature = signature
-                log.error("policy file %s rejected, keeping the last good grants (version %s): %s",
-                          self.path, self._snapshot.version, exc)
+                log.error(
+                    "policy file %s rejected, keeping the last good grants (version %s): %s",
+                    self.path,
+                    self._snapshot.version,
+                    exc,
+                )
                 continue
             self._install(signature, version, grants)
 

@@ -83,27 +83,37 @@ class DecisionInput:
     def cache_key(self) -> str:
         """An unambiguous key: JSON, so no value (a role name from a token is not validated) can contain a
         separator that makes two inputs collide (roles ``{"a,b"}`` against ``{"a", "b"}``)."""
-        return json.dumps([self.tenant_id, self.user_id, sorted(self.roles), self.action, self.resource],
-                          separators=(",", ":"))
+        return json.dumps(
+            [self.tenant_id, self.user_id, sorted(self.roles), self.action, self.resource],
+            separators=(",", ":"),
+        )
+
+
+# Decision codes: what callers branch on (``reason`` is prose for people and logs).
+ALLOWED = "ALLOWED"
+DENIED_BY_GRANT = "DENIED_BY_GRANT"  # a deny grant applies: nothing broader can allow it
+NO_MATCHING_GRANT = "NO_MATCHING_GRANT"  # default deny
+TENANT_MISMATCH = "TENANT_MISMATCH"  # the token's tenant is not the decision's (a fault of the request)
+DENIAL_CODES = frozenset({DENIED_BY_GRANT, NO_MATCHING_GRANT, TENANT_MISMATCH})
 
 
 @dataclass(frozen=True)
 class Decision:
-    """The answer. ``reason`` is ``grant <id>`` for an allow, or why it was denied.
-
-    ``code`` is set only for denials that are faults of the request (``TENANT_MISMATCH``); ``valid_until`` is
-    the earliest expiry among the grants that shaped the decision, so no cache keeps it past that moment.
+    """The answer: ``code`` (one of the codes above) to branch on, ``reason`` (``grant <id>`` for an allow, or
+    why it was denied) to read. ``valid_until`` is the earliest expiry among the grants that shaped the
+    decision, so no cache keeps it past that moment.
     """
 
     allow: bool
     reason: str
+    code: str
     ttl_s: float = 0.0
-    code: str | None = None
     valid_until: float | None = field(default=None, compare=False)
 
     def to_json(self) -> dict[str, Any]:
+        """The ``/entitlements/check`` answer; a denial names its code."""
         body: dict[str, Any] = {"allow": self.allow, "ttl_s": int(self.ttl_s), "reason": self.reason}
-        if self.code:
+        if not self.allow:
             body["code"] = self.code
         return body
 

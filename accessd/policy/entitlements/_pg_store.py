@@ -24,7 +24,7 @@ from typing import Any, NoReturn
 
 import trio
 
-from ...aio._postgres import PgPool, SchemaTooNew, apply_migrations, open_pg_listener, open_pg_pool
+from ...aio import PgPool, SchemaTooNew, apply_migrations, open_pg_listener, open_pg_pool
 from ...errors import BackendUnavailable, ConfigError
 from ._model import DecisionInput, Grant, InvalidInput
 from ._version import PolicyVersion
@@ -65,7 +65,7 @@ LEFT JOIN entitlement_grants g
 def migrations() -> list[tuple[int, str, str]]:
     """``(version, name, sql)`` of every migration shipped in the package, in order."""
     found = []
-    for entry in importlib.resources.files(__package__).joinpath("migrations").iterdir():
+    for entry in importlib.resources.files(__name__.rpartition(".")[0]).joinpath("migrations").iterdir():
         match = _MIGRATION_NAME.fullmatch(entry.name)
         if match:
             found.append((int(match[1]), match[2], entry.read_text(encoding="utf-8")))
@@ -86,8 +86,15 @@ def _timestamp(epoch: float | None) -> dt.datetime | None:
 
 def _grant(row: dict[str, Any]) -> Grant:
     expires = row["expires_at"]
-    return Grant(str(row["id"]), row["tenant_id"], row["subject"], row["action"], row["resource"],
-                 row["effect"], float(expires) if expires is not None else None)
+    return Grant(
+        str(row["id"]),
+        row["tenant_id"],
+        row["subject"],
+        row["action"],
+        row["resource"],
+        row["effect"],
+        float(expires) if expires is not None else None,
+    )
 
 
 class PostgresStore:
@@ -233,7 +240,12 @@ class PostgresStore:
         rows = await self._fetch(
             "INSERT INTO entitlement_grants (tenant_id, subject, action, resource, effect, expires_at) "
             f"VALUES ($1, $2, $3, $4, $5, $6) RETURNING {_COLUMNS}",
-            grant.tenant_id, grant.subject, grant.action, grant.resource, grant.effect, expires,
+            grant.tenant_id,
+            grant.subject,
+            grant.action,
+            grant.resource,
+            grant.effect,
+            expires,
         )
         return _grant(rows[0])
 
@@ -241,11 +253,15 @@ class PostgresStore:
         """Bulk insert (one statement, one version bump); for loads and benchmarks."""
         if not grants:
             return 0
-        columns = list(zip(*[
-            (g.tenant_id, g.subject, g.action, g.resource, g.effect,
-             _timestamp(g.expires_at))
-            for g in grants
-        ], strict=True))
+        columns = list(
+            zip(
+                *[
+                    (g.tenant_id, g.subject, g.action, g.resource, g.effect, _timestamp(g.expires_at))
+                    for g in grants
+                ],
+                strict=True,
+            )
+        )
         await self._require_pool().execute(
             "INSERT INTO entitlement_grants (tenant_id, subject, action, resource, effect, expires_at) "
             "SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], "
@@ -260,7 +276,7 @@ class PostgresStore:
         rows = await self._fetch(
             f"DELETE FROM entitlement_grants WHERE id = $1 AND ($2::text IS NULL OR tenant_id = $2) "
             f"RETURNING {_COLUMNS}",
-            int(grant_id), tenant_id,
+            int(grant_id),
+            tenant_id,
         )
         return _grant(rows[0]) if rows else None
-

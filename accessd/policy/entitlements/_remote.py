@@ -11,25 +11,37 @@ from __future__ import annotations
 from typing import Any
 
 from ...errors import BackendUnavailable
-from ...http._client import RemoteClient
 from .._identity import Identity
-from ._model import Decision, DecisionInput
+from .._remote import RemoteClient
+from ._model import ALLOWED, DENIAL_CODES, DENIED_BY_GRANT, Decision, DecisionInput
 from ._service import EVERYTHING, bind_identity
 
 BACKEND = "entitlements"
 
 
 def _body(inp: DecisionInput) -> dict[str, Any]:
-    return {"user_id": inp.user_id, "tenant_id": inp.tenant_id, "action": inp.action,
-            "resource": inp.resource, "roles": sorted(inp.roles)}
+    return {
+        "user_id": inp.user_id,
+        "tenant_id": inp.tenant_id,
+        "action": inp.action,
+        "resource": inp.resource,
+        "roles": sorted(inp.roles),
+    }
 
 
 def _decision(body: Any) -> Decision:
+    """An answer of ``/entitlements/check``. A denial without a known code (an older internal role) is taken
+    as a deny grant's: the caller then looks no further for an allow (fail closed)."""
     try:
-        allow, reason, ttl_s = bool(body["allow"]), str(body["reason"]), float(body.get("ttl_s", 0))
-        return Decision(allow, reason, ttl_s, body.get("code"))
+        allow, reason, ttl_s = body["allow"] is True, str(body["reason"]), float(body.get("ttl_s", 0))
     except (KeyError, TypeError, ValueError) as exc:
-        raise BackendUnavailable(BACKEND, f"malformed answer: {exc!r}") from None
+        raise BackendUnavailable(BACKEND, f"malformed answer: {exc!r}") from exc
+    code = body.get("code")
+    if allow:
+        code = ALLOWED
+    elif code not in DENIAL_CODES:
+        code = DENIED_BY_GRANT
+    return Decision(allow, reason, code, ttl_s)
 
 
 class RemoteEntitlements(RemoteClient):

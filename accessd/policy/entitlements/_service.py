@@ -16,11 +16,11 @@ import trio
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from ...errors import BackendUnavailable
-from ...telemetry._metrics import LATENCY_BUCKETS
+from ...telemetry import LATENCY_BUCKETS
 from .._identity import Identity
 from ._cache import AdaptiveTtl, DecisionLru, Entry, UnderEntry
 from ._evaluate import deny_globs_under, evaluate, tenant_mismatch
-from ._model import Decision, DecisionInput
+from ._model import ALLOWED, DENIAL_CODES, Decision, DecisionInput
 from ._store import GrantStore
 
 MAX_BATCH_CONCURRENCY = 64
@@ -201,7 +201,9 @@ class Entitlements:
             raw = await self._redis.get(self._redis_key(epoch, current, key))  # type: ignore[attr-defined]
             if raw is not None and version.value == current:
                 decision = _decode(raw)
-                if decision.valid_until is None or decision.valid_until > time.time():
+                if decision is not None and (
+                    decision.valid_until is None or decision.valid_until > time.time()
+                ):
                     ttl = self._ttl.ttl(hits, version.changed_at, decision.valid_until)
                     self.lru.put(key, Entry(decision, current, time.monotonic() + ttl, hits))
                     return decision, "redis"
@@ -231,9 +233,18 @@ class Entitlements:
 
 
 def _encode(decision: Decision) -> bytes:
-    return json.dumps([decision.allow, decision.reason, decision.ttl_s, decision.valid_until]).encode()
+    fields = [decision.allow, decision.reason, decision.code, decision.ttl_s, decision.valid_until]
+    return json.dumps(fields).encode()
 
 
-def _decode(raw: bytes) -> Decision:
-    allow, reason, ttl_s, valid_until = json.loads(raw)
-    return Decision(bool(allow), str(reason), float(ttl_s), valid_until=valid_until)
+def _decode(raw: bytes) -> Decision | None:
+    """A cached decision, or None for an entry that is not one (written by someone else: a miss)."""
+    try:
+        allow, reason, code, ttl_s, valid_until = json.loads(raw)
+        if not isinstance(allow, bool) or not (code == ALLOWED if allow else code in DENIAL_CODES):
+            return None
+        return Decision(
+            allow, str(reason), code, float(ttl_s), None if valid_until is None else float(valid_until)
+        )
+    except (ValueError, TypeError):
+        return None

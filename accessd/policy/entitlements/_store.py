@@ -20,10 +20,13 @@ class GrantStore(Protocol):
     kind: str
     name: str
     version: PolicyVersion
-    # What identifies this store's grant data in shared caches, next to ``version``: a (version, epoch)
-    # pair must name one set of grants across every deployment sharing a Redis. None while unknown (the
-    # shared tier is skipped then).
-    epoch: str | None
+
+    @property
+    def epoch(self) -> str | None:
+        """What identifies this store's grant data in shared caches, next to ``version``: a (version, epoch)
+        pair must name one set of grants across every deployment sharing a Redis. None while unknown (the
+        shared tier is skipped then)."""
+        ...
 
     async def lookup(self, inp: DecisionInput) -> tuple[str, list[Grant]]:
         """``(version, grants)``: a superset of the grants that may apply, and the version they belong to."""

@@ -13,20 +13,25 @@ and no cached decision applies (never an allow).
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from typing import Any
 
 from quart import Blueprint, Response, request
 
-from ...errors import BackendUnavailable
-from ...http import ApiError
-from .._identity import AuthFailure, Identity
-from ._evaluate import tenant_mismatch
-from ._model import InvalidInput, parse_decision_input, parse_grant
-from ._service import Decider
-from ._store import GrantStore
+from ..errors import BackendUnavailable
+from ..policy import Identity, Verify
+from ..policy.entitlements import (
+    TENANT_MISMATCH,
+    Decider,
+    GrantStore,
+    InvalidInput,
+    parse_decision_input,
+    parse_grant,
+    tenant_mismatch,
+)
+from ._auth import require_identity
+from ._errors import ApiError
 
-Verify = Callable[[str], Awaitable[Identity | AuthFailure]]
 MAX_BATCH = 1000
 
 
@@ -40,7 +45,7 @@ def entitlements_blueprint(decider: Decider, store: GrantStore | None, verify: V
         inp = _parse_input(body, "")
         identity = await _optional_identity(verify)
         decision = await _unavailable_as_503(decider.decide(identity, inp))
-        if decision.code == "TENANT_MISMATCH":
+        if decision.code == TENANT_MISMATCH:
             raise ApiError(403, "TENANT_MISMATCH", decision.reason)
         return _json(decision.to_json(), 200)
 
@@ -114,8 +119,12 @@ async def _unavailable_as_503(awaitable: Awaitable[Any]) -> Any:
     try:
         return await awaitable
     except BackendUnavailable as exc:
-        raise ApiError(503, "UPSTREAM_UNAVAILABLE", f"entitlement store unavailable ({exc.backend})",
-                       headers={"Retry-After": "1"}) from None
+        raise ApiError(
+            503,
+            "UPSTREAM_UNAVAILABLE",
+            f"entitlement store unavailable ({exc.backend})",
+            headers={"Retry-After": "1"},
+        ) from None
 
 
 async def _json_body() -> Any:
@@ -136,26 +145,21 @@ def _parse_input(data: Any, where: str) -> Any:
 async def _optional_identity(verify: Verify | None) -> Identity | None:
     if verify is None or "Authorization" not in request.headers:
         return None
-    from ..auth import require_identity  # lazily: auth may come to depend on entitlements
-
     return await require_identity(verify, request)
 
 
 async def _require_admin(verify: Verify | None) -> Identity:
     if verify is None:
         raise ApiError(401, "UNAUTHENTICATED", "no token verifier configured for the grants API")
-    from ..auth import require_identity
-
     return await require_identity(verify, request, role="admin")
 
 
 def _same_tenant(identity: Identity, tenant: str) -> None:
     if identity.tenant_id != tenant:
-        raise ApiError(403, "TENANT_MISMATCH",
-                       f"token tenant {identity.tenant_id!r} differs from tenant {tenant!r}")
+        raise ApiError(
+            403, "TENANT_MISMATCH", f"token tenant {identity.tenant_id!r} differs from tenant {tenant!r}"
+        )
 
 
 def _json(body: object, status: int) -> Response:
     return Response(json.dumps(body), status=status, content_type="application/json")
-
-

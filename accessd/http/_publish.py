@@ -11,12 +11,12 @@ import json
 from quart import Blueprint, Response, request
 
 from ..errors import BackendUnavailable
-from ..http import ApiError
-from ..http._pipeline import span_var
-from ..policy.auth import Verify, require_identity
+from ..policy import Verify
+from ..stream import CHANNEL_NAME, MAX_KEY_CHARS, Source, encode_cursor
 from ..telemetry import traceparent_of
-from ._sessions import MAX_KEY_CHARS
-from ._source import CHANNEL_NAME, Source, encode_cursor
+from ._auth import require_identity
+from ._errors import ApiError
+from ._pipeline import span_var
 
 
 def publish_blueprint(source: Source, verify: Verify, *, publish_role: str) -> Blueprint:

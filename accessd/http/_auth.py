@@ -13,20 +13,38 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from quart import Blueprint, Request, Response, g, request
 
-from ...errors import BackendUnavailable
-from ...http import ApiError
-from .._identity import AuthFailure, Identity, bearer_token
-from .._ratelimit import KeyedBudget, Network, client_ip
-from ._cache import VerifiedTokenCache
-from ._dev_issuer import DevIssuer
-from ._verify import UNAUTHENTICATED
+from ..errors import BackendUnavailable
+from ..policy import AuthFailure, Identity, KeyedBudget, Network, Verify, bearer_token, client_ip
+from ..policy.auth import UNAUTHENTICATED, Auth, DevIssuer, VerifiedTokenCache
+from ._errors import ApiError
 
-Verify = Callable[[str], Awaitable[Identity | AuthFailure]]
+PUBLIC_PATHS = frozenset({"/health", "/health/live", "/health/ready", "/metrics"})
+
+
+def edge_auth_routes(auth: Auth) -> list[Blueprint]:
+    """The edge's token check on every non-public path (first), and the dev issuer's JWKS when active."""
+    public = set(PUBLIC_PATHS)
+    blueprints = []
+    if auth.dev_issuer is not None:
+        public.add("/.well-known/jwks.json")
+        blueprints.append(dev_jwks_blueprint(auth.dev_issuer))
+    edge = edge_auth_blueprint(
+        auth.verify,
+        frozenset(public),
+        known=auth.authenticator.cache,
+        failures=auth.failures,
+        trusted_proxies=auth.trusted_proxies,
+    )
+    return [edge, *blueprints]
+
+
+def internal_auth_routes(auth: Auth) -> list[Blueprint]:
+    return [auth_api_blueprint(auth.authenticator)]
 
 
 async def require_identity(verify: Verify, req: Request, role: str | None = None) -> Identity:
@@ -50,7 +68,9 @@ async def _verified(verify: Verify, token: str) -> Identity:
         result = await verify(token)
     except BackendUnavailable as exc:
         raise ApiError(
-            503, "UPSTREAM_UNAVAILABLE", f"token verification is unavailable ({exc.backend})",
+            503,
+            "UPSTREAM_UNAVAILABLE",
+            f"token verification is unavailable ({exc.backend})",
             headers={"Retry-After": "1"},
         ) from None
     if isinstance(result, AuthFailure):
@@ -89,7 +109,9 @@ def edge_auth_blueprint(
             token = bearer_token(request.headers.get("Authorization"))
             if token is None or known.get(token, time.time()) is None:
                 raise ApiError(
-                    429, "RATE_LIMITED", "too many failed authentications from this address",
+                    429,
+                    "RATE_LIMITED",
+                    "too many failed authentications from this address",
                     headers={"Retry-After": str(max(1, round(retry_after)))},
                 )
         try:
