@@ -118,13 +118,26 @@ def _role_name(value: Any) -> str:
     return text
 
 
-def _binds(value: Any) -> tuple[str, ...]:
-    binds = _items(value)
-    if not binds:
-        raise ValueError("needs at least one host:port")
-    for bind in binds:
-        parse_hostport(bind)
-    return tuple(binds)
+@dataclass(frozen=True)
+class Binds:
+    """Listening addresses, parsed once. ``setting`` names where they came from (the loader fills it in), so a
+    listener that cannot bind says which setting to fix."""
+
+    addresses: tuple[tuple[str, int], ...]
+    setting: str = ""
+
+    @classmethod
+    def parse(cls, value: Any) -> Binds:
+        items = _items(value)
+        if not items:
+            raise ValueError("needs at least one host:port")
+        return cls(tuple(parse_hostport(item) for item in items))
+
+    def hostports(self) -> list[str]:
+        return [f"[{host}]:{port}" if ":" in host else f"{host}:{port}" for host, port in self.addresses]
+
+    def __str__(self) -> str:
+        return ",".join(self.hostports())
 
 
 def _optional_hostports(value: Any) -> tuple[str, ...] | None:
@@ -187,6 +200,18 @@ def _policies(value: Any) -> tuple[tuple[str, str], ...]:
     return tuple(value.items())
 
 
+def _not_yet(what: str) -> Parser:
+    """A setting a later release makes real. Until then any value but off/empty is refused: accepting it
+    would let an operator believe a route or a limit is in force when it is not."""
+
+    def parse(value: Any) -> None:
+        if value in (None, False) or (isinstance(value, str) and _text(value).lower() in ("", "false", "0")):
+            return None
+        raise ValueError(f"not supported yet: {what} is not implemented in this release; unset it")
+
+    return parse
+
+
 def _file(value: Any) -> Path | None:
     text = _optional_text(value)
     if text is None:
@@ -226,15 +251,17 @@ def _default_state_dir() -> Path:
 class ServerSettings:
     env: str = _setting("local", _choice(*ENVS), "local, dev, staging or prod")
     role: str = _setting("all", _choice(*ROLES), "edge, internal or all")
-    edge_bind: tuple[str, ...] = _setting(("127.0.0.1:8000",), _binds, "edge REST listener(s)")
-    stream_bind: tuple[str, ...] = _setting(("127.0.0.1:8001",), _binds, "streaming listener(s)")
-    internal_bind: tuple[str, ...] = _setting(("127.0.0.1:8010",), _binds, "internal listener(s)")
+    edge_bind: Binds = _setting(Binds.parse("127.0.0.1:8000"), Binds.parse, "edge REST listener(s)")
+    stream_bind: Binds = _setting(Binds.parse("127.0.0.1:8001"), Binds.parse, "streaming listener(s)")
+    internal_bind: Binds = _setting(Binds.parse("127.0.0.1:8010"), Binds.parse, "internal listener(s)")
     drain_timeout_s: float = _setting(10.0, _number(float, 0, 3600), "grace for in-flight work on stop")
     start_timeout_s: float = _setting(30.0, _number(float, 0.1, 3600), "deadline for each component start")
     max_body_bytes: int = _setting(1 << 20, _number(int, 1024), "largest request body accepted")
     trusted_proxies: tuple[Any, ...] = _setting((), _networks, "CIDRs whose X-Forwarded-For is believed")
     state_dir: Path = _setting(None, _path, "dev issuer key, local state; unset: $XDG_STATE_HOME/accessd")
-    tls_enabled: bool = _setting(False, _bool, "reserved")
+    tls_enabled: None = _setting(
+        None, _not_yet("TLS termination"), "not supported yet (terminate TLS in front)"
+    )
     demo: bool = _setting(False, _bool, "synthetic upstream and price feed")
 
 
@@ -280,8 +307,10 @@ class AuthSettings:
 class PolicySettings:
     policy_file: Path | None = _setting(None, _file, "YAML grants file (embedded store)")
     entitlements_url: str | None = _setting(None, _url("http", "https"), "remote entitlements role")
-    routes_file: Path | None = _setting(None, _file, "gateway routes (YAML)")
-    rate_limits_file: Path | None = _setting(None, _file, "rate-limit tier overrides (YAML)")
+    routes_file: None = _setting(None, _not_yet("the REST gateway"), "not supported yet (gateway routes)")
+    rate_limits_file: None = _setting(
+        None, _not_yet("REST rate limiting"), "not supported yet (rate-limit tiers)"
+    )
     policy_file_poll_s: float = _setting(0.25, _number(float, 0.05, 60), "policy file change check period")
     entitlement_lru_size: int = _setting(100_000, _number(int, 0, 10_000_000), "decisions kept per process")
     entitlement_ttl_min_s: float = _setting(30.0, _number(float, 0, 86400), "decision TTL floor")
@@ -316,6 +345,14 @@ class StreamSettings:
     stream_max_handshakes_per_ip: int = _setting(
         50, _number(int, 1, 1_000_000), "request heads read at once from one address (not trusted proxies)"
     )
+    stream_max_ops_per_s: float = _setting(
+        50.0,
+        _number(float, 1, 1_000_000),
+        "WebSocket ops and pings per second per client (close 4029 beyond)",
+    )
+    stream_max_client_errors: int = _setting(
+        5, _number(int, 1, 1_000_000), "malformed WebSocket ops per connection before close 1008"
+    )
     stream_write_timeout_s: float = _setting(
         30.0, _number(float, 0.1, 3600), "a client not caught up for this long is closed"
     )
@@ -346,7 +383,9 @@ class StreamSettings:
 @dataclass(frozen=True)
 class TelemetrySettings:
     log_level: str = _setting("info", _choice(*LOG_LEVELS), "log verbosity")
-    metrics_endpoint: str | None = _setting(None, _url("http", "https"), "forward custom metrics")
+    metrics_endpoint: None = _setting(
+        None, _not_yet("custom-metrics forwarding"), "not supported yet (forward custom metrics)"
+    )
     enable_tracing: bool = _setting(False, _bool, "OTLP/HTTP trace export")
     otel_exporter: str | None = _setting(None, _url("http", "https"), "OTLP/HTTP collector URL")
 
@@ -459,6 +498,9 @@ def load_settings(
         except ValueError as exc:
             raise ConfigError(source, str(exc)) from None
     values["server"].setdefault("state_dir", _default_state_dir())
+    for key in ("edge_bind", "stream_bind", "internal_bind"):
+        binds = values["server"].get(key, infos[key].default)
+        values["server"][key] = dataclasses.replace(binds, setting=infos[key].env)
     settings = Settings(**{name: SECTIONS[name](**kw) for name, kw in values.items()})
     _check_consistency(settings)
     return settings

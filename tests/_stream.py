@@ -6,6 +6,7 @@ exercise the real auth and entitlement wiring.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import AsyncIterator
@@ -18,7 +19,8 @@ from prometheus_client import CollectorRegistry
 
 from accessd.errors import BackendUnavailable
 from accessd.policy._identity import AuthFailure, Identity
-from accessd.stream import Access, EmbeddedBroker, Hub, Limits, SessionLimits, StreamConfig, StreamListener
+from accessd.settings import Binds, StreamSettings
+from accessd.stream import Access, EmbeddedBroker, Hub, StreamListener
 
 
 @dataclass
@@ -54,11 +56,17 @@ class Rig:
 
 
 @asynccontextmanager
-async def stream_rig(**config: Any) -> AsyncIterator[Rig]:
-    broker = EmbeddedBroker(
-        ring_size=config.pop("ring_size", 1000), max_channels=config.pop("max_channels", 10_000)
-    )
-    hub = Hub(broker, policies=config.pop("policies", ()))
+async def stream_rig(
+    *,
+    ring_size: int = 1000,
+    max_channels: int = 10_000,
+    trusted_proxies: tuple[Any, ...] = (),
+    **overrides: Any,
+) -> AsyncIterator[Rig]:
+    """``overrides``: StreamSettings fields (``stream_max_client_errors=3``); the rest are its defaults."""
+    settings = dataclasses.replace(StreamSettings(), **overrides)
+    broker = EmbeddedBroker(ring_size=ring_size, max_channels=max_channels)
+    hub = Hub(broker, policies=settings.stream_policies, backlog_limit=settings.stream_max_pending_messages)
     rig: Rig | None = None
 
     async def verify(token: str) -> Identity | AuthFailure:
@@ -85,10 +93,10 @@ async def stream_rig(**config: Any) -> AsyncIterator[Rig]:
 
     registry = CollectorRegistry()
     shutdown = trio.Event()
-    limits = config.pop("limits", Limits())
-    session = config.pop("session", SessionLimits())
     listener = StreamListener(
-        StreamConfig(binds=["127.0.0.1:0"], limits=limits, session=session, **config),
+        settings,
+        Binds.parse("127.0.0.1:0"),
+        trusted_proxies,
         hub,
         verify,
         authorize,

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import yaml
 
-from accessd.settings import load_settings, parse_hostport
+from accessd.settings import load_settings
 
 DEPLOY = Path(__file__).parents[1] / "deploy" / "k8s"
 
@@ -33,9 +33,9 @@ def test_every_deployment_configures_a_daemon_that_loads() -> None:
             "internal" if role == "internal" else "edge"
         ]
         ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-        assert ports["http"] == parse_hostport(binds[0])[1]
+        assert ports["http"] == binds.addresses[0][1]
         if role == "edge":
-            assert ports["stream"] == parse_hostport(settings.server.stream_bind[0])[1]
+            assert ports["stream"] == settings.server.stream_bind.addresses[0][1]
         assert container["readinessProbe"]["httpGet"]["path"] == "/health/ready"
         assert container["livenessProbe"]["httpGet"]["path"] == "/health/live"
         grace = deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]

@@ -10,15 +10,15 @@ from pathlib import Path
 import pytest
 
 from accessd.errors import ConfigError
-from accessd.settings import describe, load_settings
+from accessd.settings import Binds, describe, load_settings
 
 
 def test_defaults_match_the_contract() -> None:
     s = load_settings(environ={})
     assert s.server.env == "local" and s.server.role == "all"
-    assert s.server.edge_bind == ("127.0.0.1:8000",)
-    assert s.server.stream_bind == ("127.0.0.1:8001",)
-    assert s.server.internal_bind == ("127.0.0.1:8010",)
+    assert s.server.edge_bind == Binds((("127.0.0.1", 8000),), "ACCESS_EDGE_BIND")
+    assert s.server.stream_bind == Binds((("127.0.0.1", 8001),), "ACCESS_STREAM_BIND")
+    assert s.server.internal_bind == Binds((("127.0.0.1", 8010),), "ACCESS_INTERNAL_BIND")
     assert s.server.drain_timeout_s == 10.0
     assert s.telemetry.log_level == "info" and s.auth.tenant_claim == "tenant_id"
     assert s.stream.max_connections == 5000
@@ -42,7 +42,7 @@ def test_precedence_file_then_env_then_flags(tmp_path: Path) -> None:
     )
     s = load_settings(config_file=config, environ={"ACCESS_ROLE": "internal", "ACCESS_MAX_CONNECTIONS": "20"})
     assert s.telemetry.log_level == "debug"  # file
-    assert s.server.edge_bind == ("0.0.0.0:9000",)  # file, as a TOML list
+    assert s.server.edge_bind.addresses == (("0.0.0.0", 9000),)  # file, as a TOML list
     assert s.stream.max_connections == 20 and s.server.role == "internal"  # env beats file
     s = load_settings(config_file=config, environ={"ACCESS_ROLE": "internal"}, flags={"role": "all"})
     assert s.server.role == "all"  # flag beats env
@@ -174,3 +174,40 @@ def test_missing_prod_audience_exits_2_with_one_line(tmp_path: Path) -> None:
         timeout=60,
     )
     assert done.returncode == 0, done.stderr
+
+
+NOT_YET = {
+    "ACCESS_ROUTES_FILE": "routes.yaml",
+    "ACCESS_RATE_LIMITS_FILE": "tiers.yaml",
+    "ACCESS_METRICS_ENDPOINT": "http://internal:8010",
+    "ACCESS_TLS_ENABLED": "true",
+}
+
+
+@pytest.mark.parametrize(("name", "value"), NOT_YET.items())
+def test_settings_that_configure_nothing_yet_are_refused(name: str, value: str) -> None:
+    """An operator must not believe a route, a limit or TLS is in force when nothing implements it."""
+    with pytest.raises(ConfigError) as info:
+        load_settings(environ={name: value})
+    assert info.value.setting == name
+    assert "not supported yet" in info.value.problem
+    load_settings(environ={name: "false" if name == "ACCESS_TLS_ENABLED" else ""})  # off/unset is fine
+
+
+def test_not_yet_settings_exit_2_from_check_config_and_run(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ACCESS_") or k.startswith("ACCESS_TEST_")}
+    env.update(ACCESS_STATE_DIR=str(tmp_path), ACCESS_ROUTES_FILE="routes.yaml")
+    for command in (["check-config"], ["run"]):
+        done = subprocess.run(
+            [sys.executable, "-m", "accessd", *command], env=env, capture_output=True, text=True, timeout=60
+        )
+        assert done.returncode == 2, (command, done.stderr)
+        assert "ACCESS_ROUTES_FILE" in done.stderr and "not supported yet" in done.stderr
+
+
+def test_binds_are_parsed_once_and_name_their_setting(tmp_path: Path) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text('stream_bind = "[::1]:0,127.0.0.1:9001"\n')
+    s = load_settings(config_file=config, environ={})
+    assert s.server.stream_bind == Binds((("::1", 0), ("127.0.0.1", 9001)), "ACCESS_STREAM_BIND")
+    assert str(s.server.stream_bind) == "[::1]:0,127.0.0.1:9001"

@@ -22,8 +22,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from trio_websocket import open_websocket_url
 
-from accessd.stream import SessionLimits
-
 from ._stream import UPGRADE_HEADERS, Rig, masked_frame, read_until_closed, stream_rig, upgrade_request
 from .test_stream_transport import recv, subscribe
 
@@ -235,8 +233,8 @@ def _errors(rig: Rig) -> float:
 async def _fuzz(
     strategy_for: Callable[[Rig], st.SearchStrategy[bytes]], prefix: Callable[[Rig], bytes]
 ) -> None:
-    limits = SessionLimits(max_ops_per_s=1e9, max_errors=1000)
-    async with stream_rig(connects_per_minute=10**9, session=limits, handshake_timeout_s=5) as rig:
+    limits = {"stream_max_ops_per_s": 1e9, "stream_max_client_errors": 1000}
+    async with stream_rig(stream_connects_per_minute=10**9, **limits, stream_handshake_timeout_s=5) as rig:
         async with open_websocket_url(f"{rig.ws_url}?token={rig.token('witness')}") as ws:
             await recv(ws)
             await subscribe(ws, WITNESS)

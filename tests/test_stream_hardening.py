@@ -3,6 +3,7 @@ with a clear error for that client only, while another subscriber keeps receivin
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import socket
 from collections.abc import AsyncIterator
@@ -13,7 +14,7 @@ import pytest
 import trio
 from trio_websocket import WebSocketConnection, open_websocket_url
 
-from accessd.stream import Limits, SessionLimits
+from accessd.settings import StreamSettings
 from accessd.stream._conn import Connection
 from accessd.stream._embedded import TooManyChannels
 
@@ -116,7 +117,7 @@ async def test_a_bare_lf_upgrade_is_served() -> None:
 
 
 async def test_mistyped_op_fields_get_error_frames() -> None:
-    async with witnessed(session=SessionLimits(max_errors=100)) as (rig, witness):
+    async with witnessed(stream_max_client_errors=100) as (rig, witness):
         async with open_websocket_url(f"{rig.ws_url}?token={rig.token('fuzzy')}") as ws:
             await recv(ws)
             assert (await subscribe(ws, key="NG"))["type"] == "subscribed"
@@ -260,7 +261,7 @@ async def test_a_ping_flood_spends_the_op_budget() -> None:
 
 
 async def test_only_the_latest_pong_waits_for_a_client_that_does_not_read() -> None:
-    async with witnessed(session=SessionLimits(max_ops_per_s=1e9), send_buffer_bytes=4096) as (rig, witness):
+    async with witnessed(stream_max_ops_per_s=1e9, stream_send_buffer_bytes=4096) as (rig, witness):
         stream = trio.SocketStream(
             trio.socket.from_stdlib_socket(stalled_socket(rig, rig.token("pinger"), 1024))
         )
@@ -279,8 +280,9 @@ async def test_only_the_latest_pong_waits_for_a_client_that_does_not_read() -> N
 
 
 async def test_unread_replies_beyond_the_byte_bound_close_the_connection() -> None:
-    limits = Limits(max_pending_bytes=16 * 1024)
-    async with witnessed(session=SessionLimits(max_ops_per_s=1e9), limits=limits, send_buffer_bytes=4096) as (
+    async with witnessed(
+        stream_max_ops_per_s=1e9, stream_max_pending_bytes=16 * 1024, stream_send_buffer_bytes=4096
+    ) as (
         rig,
         witness,
     ):
@@ -306,7 +308,7 @@ async def test_unread_replies_beyond_the_byte_bound_close_the_connection() -> No
 async def test_a_trickle_reader_is_closed_by_the_write_timeout() -> None:
     """The write timeout measures catching up, not any byte read: a client reading a little now and then
     while far behind used to stay open for ever."""
-    async with witnessed(write_timeout_s=1.0, send_buffer_bytes=4096) as (rig, witness):
+    async with witnessed(stream_write_timeout_s=1.0, stream_send_buffer_bytes=4096) as (rig, witness):
         sock = stalled_socket(rig, rig.token("trickle"), rcvbuf=2048)
         sock.sendall(masked_frame(0x1, json.dumps({"op": "subscribe", "channel": CHANNEL}).encode()))
         stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
@@ -342,7 +344,8 @@ async def test_dropping_is_bounded_in_memory_and_keeps_order() -> None:
         def start_soon(self, *args: object) -> None:
             pass
 
-    conn = Connection(Stuck(), Nursery(), Limits(max_pending_messages=10, max_pending_bytes=1 << 20))  # type: ignore[arg-type]
+    settings = dataclasses.replace(StreamSettings(), stream_max_pending_messages=10)
+    conn = Connection(Stuck(), Nursery(), settings)  # type: ignore[arg-type]
     conn.gap_frame = lambda channel, n, cursor: f"gap {channel} {n} {cursor}".encode()
     conn.offer(b"subscribed a")
     for n in range(50_000):
@@ -392,7 +395,7 @@ async def test_hidden_keys_are_filtered_live_on_resume_and_after_revalidation() 
 
 
 async def test_concurrent_handshakes_are_capped_per_address_and_in_all() -> None:
-    async with witnessed(max_handshakes_per_ip=5, handshake_timeout_s=30) as (rig, witness):
+    async with witnessed(stream_max_handshakes_per_ip=5, stream_handshake_timeout_s=30) as (rig, witness):
         held = [await trio.open_tcp_stream("127.0.0.1", rig.port) for _ in range(5)]
         for stream in held:
             await stream.send_all(b"GET /ws/stream HTTP/1.1\r\n")  # and never the rest
@@ -406,7 +409,9 @@ async def test_concurrent_handshakes_are_capped_per_address_and_in_all() -> None
         async with open_websocket_url(f"{rig.ws_url}?token={rig.token('later')}") as ws:
             assert (await recv(ws))["type"] == "welcome"
         assert rig.sample("accessd_stream_refused_total", {"reason": "handshake_limit"}) == 1
-    async with witnessed(max_handshakes=3, max_handshakes_per_ip=100, handshake_timeout_s=30) as (
+    async with witnessed(
+        stream_max_handshakes=3, stream_max_handshakes_per_ip=100, stream_handshake_timeout_s=30
+    ) as (
         rig,
         witness,
     ):
@@ -419,7 +424,7 @@ async def test_concurrent_handshakes_are_capped_per_address_and_in_all() -> None
 
 
 async def test_failed_attempts_spend_the_connect_budget() -> None:
-    async with stream_rig(connects_per_minute=3) as rig, httpx.AsyncClient(timeout=5) as client:
+    async with stream_rig(stream_connects_per_minute=3) as rig, httpx.AsyncClient(timeout=5) as client:
         url = f"{rig.url}/sse/stream?channel={CHANNEL}"
         for _ in range(3):
             assert (await client.get(f"{url}&token=forged")).status_code == 401
@@ -487,8 +492,8 @@ async def test_a_message_of_a_thousand_fragments_over_the_frame_limit_closes_100
 
 
 async def test_subscription_and_op_limits() -> None:
-    limits = SessionLimits(max_subscriptions=3, max_ops_per_s=20, max_errors=100)
-    async with witnessed(session=limits) as (rig, witness):
+    limits = {"stream_max_subscriptions": 3, "stream_max_ops_per_s": 20, "stream_max_client_errors": 100}
+    async with witnessed(**limits) as (rig, witness):
         async with open_websocket_url(f"{rig.ws_url}?token={rig.token('greedy')}") as ws:
             await recv(ws)
             for n in range(3):
@@ -504,14 +509,14 @@ async def test_subscription_and_op_limits() -> None:
 async def test_an_untrusted_x_forwarded_for_is_ignored_a_trusted_one_is_used() -> None:
     import ipaddress
 
-    async with stream_rig(connects_per_minute=2) as rig, httpx.AsyncClient(timeout=5) as client:
+    async with stream_rig(stream_connects_per_minute=2) as rig, httpx.AsyncClient(timeout=5) as client:
         url = f"{rig.url}/sse/stream?channel=x&token=forged"
         statuses = [
             (await client.get(url, headers={"X-Forwarded-For": f"10.0.0.{n}"})).status_code for n in range(3)
         ]
         assert statuses == [401, 401, 429]  # spoofed addresses do not buy a fresh budget
     trusted = (ipaddress.ip_network("127.0.0.0/8"),)
-    async with stream_rig(connects_per_minute=2, trusted_proxies=trusted) as rig:
+    async with stream_rig(stream_connects_per_minute=2, trusted_proxies=trusted) as rig:
         async with httpx.AsyncClient(timeout=5) as client:
             url = f"{rig.url}/sse/stream?channel=x&token=forged"
             statuses = [

@@ -7,6 +7,7 @@ and a topic of its own.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import json
 import secrets
@@ -24,6 +25,7 @@ import trio_asyncio
 
 from accessd.errors import BackendUnavailable
 from accessd.nurseries import Health
+from accessd.settings import StreamSettings
 from accessd.stream._embedded import EmbeddedBroker
 from accessd.stream._kafka import Gap, KafkaSource
 from accessd.stream._source import Record, decode_cursor, encode_cursor
@@ -85,22 +87,19 @@ async def produce_to(bootstrap: str, topic: str, partition: int, value: bytes) -
 def kafka_source(
     bootstrap: str, health: Health, request_timeout_s: float = 2.0, metadata_refresh_s: float = 0.3
 ) -> KafkaSource:
-    return KafkaSource(
-        (bootstrap,),
-        health,
-        metadata_refresh_s=metadata_refresh_s,
-        fetch_max_wait_ms=100,
-        request_timeout_s=request_timeout_s,
-        replay_timeout_s=10.0,
-        backoff_max_s=0.5,
+    settings = dataclasses.replace(
+        StreamSettings(),
+        kafka_metadata_refresh_s=metadata_refresh_s,
+        kafka_request_timeout_s=request_timeout_s,
     )
+    return KafkaSource((bootstrap,), health, settings)
 
 
 @asynccontextmanager
 async def open_source(kind: str, request: pytest.FixtureRequest, **embedded: Any) -> AsyncIterator[Any]:
     async with trio_asyncio.open_loop(), trio.open_nursery() as nursery:
         if kind == "embedded":
-            source: Any = EmbeddedBroker(**embedded)
+            source: Any = EmbeddedBroker(**{"ring_size": 10_000, **embedded})
         else:
             source = kafka_source(request.getfixturevalue("kafka_bootstrap"), Health(role="all"))
         await nursery.start(source.run)
@@ -328,7 +327,7 @@ async def test_kafka_broker_restart(tmp_path: Path) -> None:
 
 def test_kafka_positions_the_broker_no_longer_holds_become_gaps() -> None:
     """The retention case Tansu cannot produce: judged on the offsets a real Kafka would report."""
-    source = KafkaSource(("127.0.0.1:9",), Health(role="all"))
+    source = KafkaSource(("127.0.0.1:9",), Health(role="all"), StreamSettings())
     truncated, reset, moved, fine = ("a", 0), ("a", 1), ("a", 2), ("a", 3)
     source._positions = {truncated: 5, reset: 9, moved: 50, fine: 4}
     source._seen_end = {reset: 12}

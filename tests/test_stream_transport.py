@@ -10,8 +10,6 @@ import pytest
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket_url
 
-from accessd.stream import Limits, SessionLimits
-
 from ._stream import Rig, masked_frame, stream_rig
 
 CHANNEL = "pricing.curve.updates.v1"
@@ -187,7 +185,7 @@ async def test_other_paths_methods_and_liveness() -> None:
 
 
 async def test_bad_frames_get_errors_then_close_1008() -> None:
-    async with stream_rig(session=SessionLimits(max_errors=3)) as rig:
+    async with stream_rig(stream_max_client_errors=3) as rig:
         async with open_websocket_url(f"{rig.ws_url}?token={rig.token('mallory')}") as ws:
             await recv(ws)
             await ws.send_message("{not json")
@@ -281,7 +279,7 @@ async def test_max_connections_closes_1013() -> None:
 
 
 async def test_connect_rate_limit_per_ip_closes_4029() -> None:
-    async with stream_rig(connects_per_minute=2) as rig:
+    async with stream_rig(stream_connects_per_minute=2) as rig:
         token = rig.token("a")
         for _ in range(2):
             async with open_websocket_url(f"{rig.ws_url}?token={token}") as ws:
@@ -291,7 +289,7 @@ async def test_connect_rate_limit_per_ip_closes_4029() -> None:
 
 
 async def test_slowloris_handshake_is_cut_and_does_not_disturb_others() -> None:
-    async with stream_rig(handshake_timeout_s=1.0) as rig:
+    async with stream_rig(stream_handshake_timeout_s=1.0) as rig:
         slow = trio.socket.socket()
         await slow.connect(("127.0.0.1", int(rig.url.rsplit(":", 1)[1])))
         async with open_websocket_url(f"{rig.ws_url}?token={rig.token('a')}") as ws:
@@ -330,8 +328,10 @@ def stalled_client(rig: Rig, token: str) -> socket.socket:
 
 @pytest.mark.parametrize("policy", ["disconnect", "drop_oldest", "conflate"])
 async def test_stalled_client_does_not_delay_others_and_gets_its_policy(policy: str) -> None:
-    limits = Limits(max_pending_messages=50, max_pending_bytes=64 * 1024)
-    async with stream_rig(limits=limits, policies=[("pricing.*", policy)], send_buffer_bytes=16384) as rig:
+    limits = {"stream_max_pending_messages": 50, "stream_max_pending_bytes": 64 * 1024}
+    async with stream_rig(
+        **limits, stream_policies=(("pricing.*", policy),), stream_send_buffer_bytes=16384
+    ) as rig:
         stalled = stalled_client(rig, rig.token("stalled"))
         try:
             async with open_websocket_url(f"{rig.ws_url}?token={rig.token('fast')}") as ws:
@@ -353,8 +353,8 @@ async def test_stalled_client_does_not_delay_others_and_gets_its_policy(policy: 
 
 
 async def test_conflated_delivery_carries_the_skipped_count() -> None:
-    limits = Limits(max_pending_messages=50, max_pending_bytes=64 * 1024)
-    async with stream_rig(limits=limits, send_buffer_bytes=16384) as rig:
+    limits = {"stream_max_pending_messages": 50, "stream_max_pending_bytes": 64 * 1024}
+    async with stream_rig(**limits, stream_send_buffer_bytes=16384) as rig:
         async with open_websocket_url(f"{rig.ws_url}?token={rig.token('slow')}", message_queue_size=0) as ws:
             await recv(ws)
             await subscribe(ws, key="NG")
@@ -391,7 +391,7 @@ async def test_abrupt_reset_mid_write_leaves_others_unharmed() -> None:
 
 
 async def test_thousand_websocket_clients() -> None:
-    async with stream_rig(connects_per_minute=10_000, max_handshakes_per_ip=1000) as rig:
+    async with stream_rig(stream_connects_per_minute=10_000, stream_max_handshakes_per_ip=1000) as rig:
         token = rig.token("many")
         received = 0
 
@@ -458,7 +458,7 @@ async def test_fragmented_frames_and_split_writes_are_reassembled() -> None:
 
 
 async def test_sse_heartbeats_and_nothing_left_behind() -> None:
-    async with stream_rig(heartbeat_s=0.2) as rig, httpx.AsyncClient(timeout=5) as client:
+    async with stream_rig(stream_heartbeat_s=0.2) as rig, httpx.AsyncClient(timeout=5) as client:
         url = f"{rig.url}/sse/stream?channel={CHANNEL}&channel=b.v1&token={rig.token('hb')}"
         with trio.fail_after(5):
             async with client.stream("GET", url) as response:

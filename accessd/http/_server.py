@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import socket
-from collections.abc import Sequence
 from functools import partial
 
 import trio
@@ -20,6 +19,7 @@ from hypercorn.utils import wrap_app
 from quart_trio import QuartTrio
 
 from ..errors import ConfigError
+from ..settings import Binds
 
 log = logging.getLogger("accessd.http")
 
@@ -57,22 +57,20 @@ class HttpListener:
         self,
         name: str,
         app: QuartTrio,
-        binds: Sequence[str],
-        setting: str,
+        binds: Binds,
         shutdown: trio.Event,
         drain_timeout_s: float,
     ) -> None:
         self.name = name
         self._app = _InFlight(app)
-        self._binds = list(binds)
-        self._setting = setting
+        self._binds = binds
         self._shutdown = shutdown
         self._drain_timeout_s = drain_timeout_s
         self.stopped = trio.Event()
 
     def _config(self) -> Config:
         config = Config()
-        config.bind = self._binds
+        config.bind = self._binds.hostports()
         config.graceful_timeout = self._drain_timeout_s
         config.accesslog = None  # our pipeline logs each request as JSON
         config.errorlog = logging.getLogger("hypercorn.error")
@@ -87,7 +85,7 @@ class HttpListener:
                 sock.listen(config.backlog)
         except OSError as exc:
             reason = exc.strerror or str(exc)
-            raise ConfigError(self._setting, f"cannot listen on {','.join(self._binds)}: {reason}") from None
+            raise ConfigError(self._binds.setting, f"cannot listen on {self._binds}: {reason}") from exc
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._end_after_drain, nursery.cancel_scope)

@@ -11,15 +11,12 @@ from ._build import entitlement_authorizer as entitlement_authorizer
 from ._cli import add_publish_arguments as add_publish_arguments
 from ._cli import run_publish_cli as run_publish_cli
 from ._conn import POLICIES as POLICIES
-from ._conn import Limits as Limits
 from ._embedded import EmbeddedBroker as EmbeddedBroker
 from ._hub import Hub as Hub
-from ._listener import StreamConfig as StreamConfig
 from ._listener import StreamListener as StreamListener
 from ._sessions import MAX_KEY_CHARS as MAX_KEY_CHARS
 from ._sessions import Access as Access
 from ._sessions import Authorize as Authorize
-from ._sessions import SessionLimits as SessionLimits
 from ._source import CHANNEL_NAME as CHANNEL_NAME
 from ._source import Record as Record
 from ._source import Source as Source

@@ -18,11 +18,10 @@ from ..policy import Identity
 from ..policy.entitlements import DENIED_BY_GRANT, Decider, DecisionInput, hidden_keys
 from ..settings import Settings
 from ..telemetry import Metrics, Tracing
-from ._conn import Limits
 from ._embedded import EmbeddedBroker
 from ._hub import Hub
-from ._listener import StreamConfig, StreamListener
-from ._sessions import ALLOWED, Access, Authorize, SessionLimits, Verify
+from ._listener import StreamListener
+from ._sessions import ALLOWED, Access, Authorize, Verify
 from ._source import Source
 
 log = logging.getLogger("accessd.stream")
@@ -71,17 +70,7 @@ def build_source(settings: Settings, health: Health) -> Source:
         return EmbeddedBroker(ring_size=settings.stream.stream_ring_size)
     from ._kafka import KafkaSource
 
-    s = settings.stream
-    return KafkaSource(
-        bootstrap,
-        health,
-        metadata_refresh_s=s.kafka_metadata_refresh_s,
-        fetch_max_wait_ms=s.kafka_fetch_max_wait_ms,
-        max_batch_records=s.kafka_max_batch_records,
-        request_timeout_s=s.kafka_request_timeout_s,
-        replay_timeout_s=s.kafka_replay_timeout_s,
-        replay_max_records=s.kafka_replay_max_records,
-    )
+    return KafkaSource(bootstrap, health, settings.stream)
 
 
 def build_stream(
@@ -105,23 +94,16 @@ def build_stream(
         runtime.components.append(DemoFeed(source))
     if settings.server.role == "internal":
         return runtime
-    config = StreamConfig(
-        binds=settings.server.stream_bind,
-        max_connections=s.max_connections,
-        handshake_timeout_s=s.stream_handshake_timeout_s,
-        heartbeat_s=s.stream_heartbeat_s,
-        connects_per_minute=s.stream_connects_per_minute,
-        max_handshakes=s.stream_max_handshakes,
-        max_handshakes_per_ip=s.stream_max_handshakes_per_ip,
-        trusted_proxies=settings.server.trusted_proxies,
-        limits=Limits(s.stream_max_pending_messages, s.stream_max_pending_bytes),
-        session=SessionLimits(
-            max_subscriptions=s.stream_max_subscriptions, max_frame_bytes=s.stream_max_frame_bytes
-        ),
-        send_buffer_bytes=s.stream_send_buffer_bytes,
-        write_timeout_s=s.stream_write_timeout_s,
+    listener = StreamListener(
+        s,
+        settings.server.stream_bind,
+        settings.server.trusted_proxies,
+        hub,
+        verify,
+        authorize,
+        metrics.registry,
+        shutdown,
     )
-    listener = StreamListener(config, hub, verify, authorize, metrics.registry, shutdown)
     hub.observe_lag = listener.metrics.lag.observe
     runtime.listener = listener
     runtime.components.append(Revalidator(listener, policy_version, s.stream_revalidate_s))

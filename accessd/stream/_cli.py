@@ -14,7 +14,7 @@ import sys
 import httpx
 
 from ..errors import ConfigError
-from ..settings import Settings, parse_hostport
+from ..settings import Settings
 
 EXIT_OK, EXIT_FAILED = 0, 1
 
@@ -58,7 +58,7 @@ def _dev_token(settings: Settings) -> str:
 
 
 def _internal_url(settings: Settings) -> str:
-    host, port = parse_hostport(settings.server.internal_bind[0])
+    host, port = settings.server.internal_bind.addresses[0]
     if host in ("0.0.0.0", "::", ""):
         host = "127.0.0.1"
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"

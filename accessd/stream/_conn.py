@@ -31,9 +31,10 @@ import secrets
 import socket
 from collections import deque
 from collections.abc import Callable, Hashable
-from dataclasses import dataclass
 
 import trio
+
+from ..settings import StreamSettings
 
 log = logging.getLogger("accessd.stream")
 
@@ -43,12 +44,6 @@ PONG, HEARTBEAT = "pong", "heartbeat"  # coalesced control frames: only the newe
 _COMPACT_AT = 64  # tombstones tolerated before the queue is rebuilt
 LINGER_S = 1.0  # after our close frame, how long the client may take to stop sending ...
 LINGER_MAX_BYTES = 256 * 1024  # ... and how much it may send meanwhile
-
-
-@dataclass(frozen=True)
-class Limits:
-    max_pending_messages: int = 1000
-    max_pending_bytes: int = 1 << 20  # Centrifugo's per-client bound
 
 
 class Pending:
@@ -80,14 +75,13 @@ class Pending:
 class Connection:
     """Owns one client socket (a non-blocking stdlib socket driven with Trio's lowlevel waits)."""
 
-    def __init__(
-        self, sock: socket.socket, nursery: trio.Nursery, limits: Limits, write_timeout_s: float = 30.0
-    ) -> None:
+    def __init__(self, sock: socket.socket, nursery: trio.Nursery, settings: StreamSettings) -> None:
         self.sock = sock
         self.nursery = nursery
         self.conn_id = secrets.token_hex(8)
-        self._limits = limits
-        self._write_timeout_s = write_timeout_s
+        self._max_messages = settings.stream_max_pending_messages
+        self._max_bytes = settings.stream_max_pending_bytes
+        self._write_timeout_s = settings.stream_write_timeout_s
         self._head: memoryview | None = None  # a frame partly written: must finish before anything else
         self._queue: deque[Pending] = deque()  # every pending frame in order, tombstones included
         self._messages: deque[Pending] = deque()  # live pending messages in order: the drop candidates
@@ -150,7 +144,6 @@ class Connection:
     # --- slow consumers ----------------------------------------------------------------------------------
 
     def _enqueue(self, item: Pending, policy: str) -> None:
-        limits = self._limits
         if policy == CONFLATE and item.channel is not None:
             older = self._by_key.get((item.channel, item.key))
             if older is not None:  # keep the queue slot, hold the newest content
@@ -161,14 +154,14 @@ class Connection:
                 self._start_writer()
                 return
         message = item.channel is not None
-        full = message and len(self._messages) >= limits.max_pending_messages
-        if full or self._pending_bytes + len(item.data) > limits.max_pending_bytes:
+        full = message and len(self._messages) >= self._max_messages
+        if full or self._pending_bytes + len(item.data) > self._max_bytes:
             if message and policy == DISCONNECT:
                 self.on_slow("disconnected", 1)
                 self.close_with(self.slow_close(), "slow consumer")
                 return
             self._drop_oldest_for(item)
-            if not message and self._pending_bytes + len(item.data) > limits.max_pending_bytes:
+            if not message and self._pending_bytes + len(item.data) > self._max_bytes:
                 self.on_slow("overflow", 1)
                 self.close_with(self.overflow_close(), "too many unread replies")
                 return
@@ -185,11 +178,10 @@ class Connection:
     def _drop_oldest_for(self, item: Pending) -> None:
         """Drop the oldest pending messages until ``item`` fits (or none is left). The first one dropped of
         a channel becomes that channel's gap frame, in its place; later ones add to the pending gap."""
-        limits = self._limits
         counts: dict[str, int] = {}
         while self._messages and (
-            (item.channel is not None and len(self._messages) >= limits.max_pending_messages)
-            or self._pending_bytes + len(item.data) > limits.max_pending_bytes
+            (item.channel is not None and len(self._messages) >= self._max_messages)
+            or self._pending_bytes + len(item.data) > self._max_bytes
         ):
             old = self._messages.popleft()
             channel = old.channel

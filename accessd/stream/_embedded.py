@@ -41,7 +41,7 @@ class _Ring:
 class EmbeddedBroker:
     name = "embedded"
 
-    def __init__(self, ring_size: int = 10_000, max_channels: int = 10_000) -> None:
+    def __init__(self, ring_size: int, max_channels: int = 10_000) -> None:
         self._ring_size = ring_size
         self._max_channels = max_channels
         self._rings: dict[str, _Ring] = {}

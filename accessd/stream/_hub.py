@@ -138,8 +138,8 @@ class Hub:
         self,
         source: Source,
         *,
-        policies: Iterable[tuple[str, str]] = (),
-        backlog_limit: int = 1000,
+        policies: Iterable[tuple[str, str]],
+        backlog_limit: int,
         observe_lag: Any = None,
         tracing: Tracing | None = None,
     ) -> None:

@@ -45,11 +45,13 @@ import trio
 from ..aio import TP, KafkaLink, RawRecord, run_aio
 from ..errors import BackendUnavailable
 from ..nurseries import Health
+from ..settings import StreamSettings
 from ._source import Gap, Position, Record, Replay
 
 log = logging.getLogger("accessd.stream")
 
 BACKEND = "kafka"
+BACKOFF_MAX_S = 5.0  # between reconnect attempts
 OK, DOWN = "ok", "down"
 UNKNOWN_TOPIC_POSITION: Position = {0: 0}
 
@@ -77,24 +79,16 @@ class KafkaSource:
         self,
         bootstrap: Sequence[str],
         health: Health,
-        *,
-        metadata_refresh_s: float = 10.0,
-        fetch_max_wait_ms: int = 500,
-        max_batch_records: int = 500,
-        request_timeout_s: float = 5.0,
-        replay_timeout_s: float = 10.0,
-        replay_max_records: int = 10_000,
-        backoff_max_s: float = 5.0,
+        settings: StreamSettings,
     ) -> None:
         self._bootstrap = tuple(bootstrap)
         self._health = health
-        self._refresh_s = metadata_refresh_s
-        self._fetch_max_wait_ms = fetch_max_wait_ms
-        self._max_batch = max_batch_records
-        self._timeout_s = request_timeout_s
-        self._replay_timeout_s = replay_timeout_s
-        self._replay_max = replay_max_records
-        self._backoff_max_s = backoff_max_s
+        self._refresh_s = settings.kafka_metadata_refresh_s
+        self._fetch_max_wait_ms = settings.kafka_fetch_max_wait_ms
+        self._max_batch = settings.kafka_max_batch_records
+        self._timeout_s = settings.kafka_request_timeout_s
+        self._replay_timeout_s = settings.kafka_replay_timeout_s
+        self._replay_max = settings.kafka_replay_max_records
         self._link: KafkaLink | None = None
         self._up: bool | None = None  # unknown until the first connection attempt
         self._channels: dict[str, set[int]] = {}  # followed channel -> its known partitions
@@ -161,7 +155,7 @@ class KafkaSource:
                 with trio.move_on_after(self._refresh_s):
                     await self._refresh_now.wait()
             else:
-                cap = min(self._backoff_max_s, 0.1 * 2 ** min(failures, 10))
+                cap = min(BACKOFF_MAX_S, 0.1 * 2 ** min(failures, 10))
                 await trio.sleep(rng.uniform(cap / 2, cap))
             self._refresh_now = trio.Event()
             ok = await self._connect() if self._link is None else await self._refresh()

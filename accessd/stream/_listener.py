@@ -22,8 +22,7 @@ import logging
 import secrets
 import socket
 import time
-from collections.abc import Awaitable, Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Iterable
 
 import trio
 import trio.lowlevel
@@ -34,9 +33,9 @@ from wsproto.events import AcceptConnection
 
 from ..errors import BackendUnavailable, ConfigError
 from ..policy import AuthFailure, Identity, KeyedBudget, Network, bearer_token, client_ip, is_trusted
-from ..settings import parse_hostport
+from ..settings import Binds, StreamSettings
 from ..telemetry import trace_id_from
-from ._conn import Connection, Limits
+from ._conn import Connection
 from ._frames import ws_close
 from ._http11 import BadRequest, PeerGone, Request, error_response, json_response, read_request, response_head
 from ._hub import Hub
@@ -46,7 +45,6 @@ from ._sessions import (
     CLOSE_RATE,
     Authorize,
     Session,
-    SessionLimits,
     SseSession,
     SubscribeError,
     Verify,
@@ -64,24 +62,6 @@ SSE_HEADERS = [
     ("Connection", "close"),
     ("X-Accel-Buffering", "no"),
 ]
-
-
-@dataclass(frozen=True)
-class StreamConfig:
-    binds: Sequence[str]
-    max_connections: int = 5000
-    handshake_timeout_s: float = 10.0
-    heartbeat_s: float = 15.0
-    connects_per_minute: int = 30  # the streaming_connect tier, per client IP
-    max_handshakes: int = 1000  # request heads being read at once, from anyone
-    max_handshakes_per_ip: int = 50  # ... from one peer address (trusted proxies excepted)
-    trusted_proxies: tuple[Network, ...] = ()
-    limits: Limits = Limits()
-    session: SessionLimits = SessionLimits()
-    write_timeout_s: float = 30.0
-    # Fixed kernel send buffer per client: bounds kernel memory at 5,000 connections (autotuning can reach
-    # megabytes each) and makes a stalled client reach its pending-buffer policy predictably.
-    send_buffer_bytes: int = 256 * 1024
 
 
 class StreamMetrics:
@@ -146,17 +126,18 @@ class _HandshakeSlots:
     """Request heads being read, in all and per peer address. A trusted proxy's address is shared by many
     clients, so only the global cap applies to it."""
 
-    def __init__(self, config: StreamConfig) -> None:
-        self._config = config
+    def __init__(self, settings: StreamSettings, trusted_proxies: tuple[Network, ...]) -> None:
+        self._max = settings.stream_max_handshakes
+        self._max_per_ip = settings.stream_max_handshakes_per_ip
+        self._trusted_proxies = trusted_proxies
         self.total = 0
         self.by_ip: dict[str, int] = {}
 
     def acquire(self, ip: str) -> _HandshakeSlot | None:
-        config = self._config
-        if self.total >= config.max_handshakes:
+        if self.total >= self._max:
             return None
         held = self.by_ip.get(ip, 0)
-        if held >= config.max_handshakes_per_ip and not is_trusted(ip, config.trusted_proxies):
+        if held >= self._max_per_ip and not is_trusted(ip, self._trusted_proxies):
             return None
         self.total += 1
         self.by_ip[ip] = held + 1
@@ -186,22 +167,26 @@ class StreamListener:
 
     def __init__(
         self,
-        config: StreamConfig,
+        settings: StreamSettings,
+        binds: Binds,
+        trusted_proxies: tuple[Network, ...],
         hub: Hub,
         verify: Verify,
         authorize: Authorize,
         registry: CollectorRegistry,
         shutdown: trio.Event,
     ) -> None:
-        self.config = config
+        self.settings = settings
+        self._binds = binds
+        self._trusted_proxies = trusted_proxies
         self.hub = hub
         self._verify = verify
         self._authorize = authorize
         self._shutdown = shutdown
         self.sessions: set[Session] = set()
         self._draining = False
-        self._budget = KeyedBudget(config.connects_per_minute)
-        self._handshakes = _HandshakeSlots(config)
+        self._budget = KeyedBudget(settings.stream_connects_per_minute)
+        self._handshakes = _HandshakeSlots(settings, trusted_proxies)
         self.metrics = StreamMetrics(registry, self)
         self.stopped = trio.Event()
 
@@ -210,8 +195,7 @@ class StreamListener:
     def _listen(self) -> list[socket.socket]:
         sockets = []
         try:
-            for bind in self.config.binds:
-                host, port = parse_hostport(bind)
+            for host, port in self._binds.addresses:
                 family = socket.AF_INET6 if ":" in host else socket.AF_INET
                 sock = socket.socket(family, socket.SOCK_STREAM)
                 sockets.append(sock)
@@ -223,8 +207,8 @@ class StreamListener:
             for sock in sockets:
                 sock.close()
             raise ConfigError(
-                "ACCESS_STREAM_BIND", f"cannot listen on {','.join(self.config.binds)}: {exc.strerror or exc}"
-            ) from None
+                self._binds.setting, f"cannot listen on {self._binds}: {exc.strerror or exc}"
+            ) from exc
         return sockets
 
     async def run(self, *, task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
@@ -277,7 +261,7 @@ class StreamListener:
 
     async def _heartbeats(self) -> None:
         while True:
-            await trio.sleep(self.config.heartbeat_s)
+            await trio.sleep(self.settings.stream_heartbeat_s)
             for session in list(self.sessions):
                 session.heartbeat()
 
@@ -312,11 +296,13 @@ class StreamListener:
         conn: Connection | None = None
         try:
             sock.setblocking(False)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.config.send_buffer_bytes)
+            # A fixed kernel send buffer: bounds kernel memory at thousands of connections (autotuning can
+            # reach megabytes each) and makes a stalled client reach its pending-buffer policy predictably.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.settings.stream_send_buffer_bytes)
             if sock.family in (socket.AF_INET, socket.AF_INET6):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             async with trio.open_nursery() as nursery:
-                conn = Connection(sock, nursery, self.config.limits, self.config.write_timeout_s)
+                conn = Connection(sock, nursery, self.settings)
                 conn.on_slow = lambda reason, n: self.metrics.dropped.labels(reason).inc(n)
                 try:
                     await self._handshake(conn, slot)
@@ -336,7 +322,7 @@ class StreamListener:
     async def _handshake(self, conn: Connection, slot: _HandshakeSlot) -> None:
         try:
             request = None
-            with trio.move_on_after(self.config.handshake_timeout_s):
+            with trio.move_on_after(self.settings.stream_handshake_timeout_s):
                 request = await read_request(conn)
             if request is not None:  # else too slow: hang up
                 await self._route(conn, request, slot)
@@ -369,7 +355,7 @@ class StreamListener:
                 return
             ws = ws_handshake(request)  # BadRequest (400) before any token work
         # Charged before the token is looked at: failed attempts spend the budget too.
-        ip = client_ip(slot.ip, request.header("x-forwarded-for"), self.config.trusted_proxies)
+        ip = client_ip(slot.ip, request.header("x-forwarded-for"), self._trusted_proxies)
         retry_after = self._budget.take(ip)
         if retry_after:
             self.metrics.refused.labels("rate_limited").inc()
@@ -407,7 +393,7 @@ class StreamListener:
         if isinstance(identity, AuthFailure):
             await conn.send_all(error_response(401, identity.code, identity.message, trace))
             return
-        full = self._draining or len(self.sessions) >= self.config.max_connections
+        full = self._draining or len(self.sessions) >= self.settings.max_connections
         if full:
             self.metrics.refused.labels("full").inc()
         if ws is not None:
@@ -415,7 +401,7 @@ class StreamListener:
                 await _ws_refuse(conn, ws, CLOSE_AGAIN, "server full or draining")
                 return
             session = WsSession(
-                conn, self.hub, identity, self._authorize, self.config.session, ws=ws, verify=self._verify
+                conn, self.hub, identity, self._authorize, self.settings, ws=ws, verify=self._verify
             )
             await self._run_session(session, session.run(request.rest), slot)
         else:
@@ -445,7 +431,7 @@ class StreamListener:
             )
             return
         resume = parse_event_id(request.header("last-event-id"))
-        session = SseSession(conn, self.hub, identity, self._authorize, self.config.session)
+        session = SseSession(conn, self.hub, identity, self._authorize, self.settings)
         plan = [
             (channel, keys[0] if keys else None, resume.get(channel)) for channel in dict.fromkeys(channels)
         ]

@@ -30,6 +30,7 @@ from wsproto.utilities import RemoteProtocolError
 
 from ..errors import BackendUnavailable
 from ..policy import AuthFailure, Identity, Verify
+from ..settings import StreamSettings
 from ._conn import HEARTBEAT, PONG, Connection
 from ._frames import SSE_PING, sse_event, ws_close, ws_json, ws_ping, ws_pong
 from ._http11 import BadRequest, Request
@@ -58,20 +59,6 @@ MAX_KEY_CHARS = 256
 CLEANUP_TIMEOUT_S = 5.0  # a session's shielded clean-up (broker unfollows) never takes longer
 
 
-class SessionLimits:
-    def __init__(
-        self,
-        max_subscriptions: int = 100,
-        max_frame_bytes: int = 64 * 1024,
-        max_errors: int = 5,
-        max_ops_per_s: float = 50.0,
-    ) -> None:
-        self.max_subscriptions = max_subscriptions
-        self.max_frame_bytes = max_frame_bytes
-        self.max_errors = max_errors
-        self.max_ops_per_s = max_ops_per_s
-
-
 class SubscribeError(Exception):
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
@@ -83,13 +70,13 @@ class Session:
     transport = "?"
 
     def __init__(
-        self, conn: Connection, hub: Hub, identity: Identity, authorize: Authorize, limits: SessionLimits
+        self, conn: Connection, hub: Hub, identity: Identity, authorize: Authorize, settings: StreamSettings
     ) -> None:
         self.conn = conn
         self.hub = hub
         self.identity = identity
         self.authorize = authorize
-        self.limits = limits
+        self.settings = settings
         self.conn_id = conn.conn_id
         self.subs: dict[tuple[str, str | None], Subscription] = {}
         self.floors: dict[int, Position] = {}  # id(sub) -> offsets already seen (resume ahead of the hub)
@@ -116,8 +103,10 @@ class Session:
                 raise SubscribeError("BAD_REQUEST", "since is not a cursor this server issued") from None
         if (channel, key) in self.subs:
             raise SubscribeError("BAD_REQUEST", "already subscribed to this channel and key")
-        if len(self.subs) >= self.limits.max_subscriptions:
-            raise SubscribeError("BAD_REQUEST", f"at most {self.limits.max_subscriptions} subscriptions")
+        if len(self.subs) >= self.settings.stream_max_subscriptions:
+            raise SubscribeError(
+                "BAD_REQUEST", f"at most {self.settings.stream_max_subscriptions} subscriptions"
+            )
         try:
             access = await self.authorize(self.identity, channel, key)
         except BackendUnavailable:
@@ -228,7 +217,7 @@ class WsSession(Session):
         self.conn.slow_close = lambda: ws_close(CLOSE_SLOW, "slow consumer")
         self.conn.overflow_close = lambda: ws_close(CLOSE_PROTOCOL, "too many unread replies")
         self._errors = 0
-        self._op_budget = limits_budget(self.limits.max_ops_per_s)
+        self._op_budget = limits_budget(self.settings.stream_max_ops_per_s)
 
     def deliver(self, sub: Subscription, msg: Message) -> None:
         if self.floors and self._seen(sub, msg):
@@ -301,7 +290,7 @@ class WsSession(Session):
                     break
                 if isinstance(event, TextMessage | BytesMessage):
                     size += len(event.data)
-                    if size > self.limits.max_frame_bytes:
+                    if size > self.settings.stream_max_frame_bytes:
                         self.close(CLOSE_PROTOCOL, "frame too large")
                         return
                     parts.append(event.data if isinstance(event, TextMessage) else "\0binary")
@@ -389,7 +378,7 @@ class WsSession(Session):
 
     def _count_error(self) -> None:
         self._errors += 1
-        if self._errors >= self.limits.max_errors:
+        if self._errors >= self.settings.stream_max_client_errors:
             self.close(CLOSE_PROTOCOL, "too many protocol errors")
 
 
