@@ -24,11 +24,12 @@ from .http import (
 from .nurseries import DependencyProbes, Health, Phase, Supervisor, build_probes
 from .policy.auth import build_auth
 from .policy.entitlements import build_entitlements
+from .primitives import ReportsHealth
 from .settings import Settings
 from .stream import build_stream, entitlement_authorizer
 from .telemetry import Metrics, Tracing
 
-log = logging.getLogger("accessd.nurseries")
+log = logging.getLogger("accessd.daemon")
 
 
 async def serve(
@@ -76,12 +77,12 @@ async def _serve(
             auth.verify,
             entitlement_authorizer(entitlements.decider),
             shutdown,
-            getattr(entitlements.store, "version", None),
+            entitlements.store.version if entitlements.store is not None else None,
             tracing,
         )
         components = [*auth.components, *entitlements.components, *stream.components]
         # A backend whose client component reports its own state needs no separate probe.
-        owned = {name for c in components if (name := getattr(c, "health_dependency", None))}
+        owned = {c.health_dependency for c in components if isinstance(c, ReportsHealth)}
         probes = build_probes(settings, skip=owned)
         await supervisor.start(DependencyProbes(probes, health, settings.backends.probe_interval_s))
         for component in components:

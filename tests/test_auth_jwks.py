@@ -165,7 +165,7 @@ def _component(idp: FakeIdp, health: Health, **overrides: Any) -> JwksCache:
         "http://idp.test/jwks",
         settings,
         AuthMetrics(CollectorRegistry()),
-        on_state=JwksHealth(health).report,
+        report=JwksHealth(health).reporter("jwks"),
         transport=httpx.MockTransport(idp.handler),
     )
 
@@ -257,7 +257,7 @@ async def test_bad_documents_keep_the_last_good_keys(autojump_clock: trio.abc.Cl
         "http://idp.test/jwks",
         settings,
         AuthMetrics(CollectorRegistry()),
-        on_state=JwksHealth(health).report,
+        report=JwksHealth(health).reporter("jwks"),
         transport=httpx.MockTransport(handler),
     )
     async with trio.open_nursery() as nursery:

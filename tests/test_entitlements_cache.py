@@ -60,7 +60,7 @@ async def open_process(
         dsn,
         keepalive_s=0.5,
         timeout_s=1.0,
-        on_state=lambda up: h.set_dependency("postgres", "ok" if up else "down"),
+        report=h.reporter("postgres"),
     )
     await nursery.start(store.run)
     batcher = None

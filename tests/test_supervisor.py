@@ -9,7 +9,8 @@ import trio
 import trio.testing
 
 from accessd.errors import ConfigError, StartupError
-from accessd.nurseries import Backoff, Health, Supervisor
+from accessd.nurseries import Health, Supervisor
+from accessd.primitives import Backoff
 from accessd.telemetry import Metrics
 
 

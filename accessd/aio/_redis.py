@@ -8,14 +8,13 @@ whatever is queued and sends it as one pipeline (one crossing per tick).
 from __future__ import annotations
 
 import logging
-import random
-from collections.abc import Callable
 from typing import Any, NoReturn
 
 import redis.asyncio as aioredis
 import trio
 
 from ..errors import BackendUnavailable
+from ..primitives import Backoff, DependencyReporter, DependencyState, Retries, ignore_state
 from ..settings import redact_url
 from ._loop import run_aio
 
@@ -43,8 +42,9 @@ class RedisBatcher:
     Backpressure: a bounded channel of ``queue_size`` operations; when it is full a lookup is answered as a
     miss and a write is dropped (drop newest): a cache is never a reason to wait or to fail.
     Errors: a pipeline that fails or exceeds ``timeout_s`` answers its lookups as misses; a connection
-    error reports the backend down through ``on_state(False)`` and every lookup is a miss at once, with no
-    crossing, until a background ping (backoff with jitter) succeeds again. Nothing raises into a request.
+    error reports the backend down through ``report`` and every lookup is a miss at once, with no crossing,
+    until a background ping (:class:`~accessd.primitives.Backoff` from 0.25 s to ``backoff_max_s``)
+    succeeds again. Nothing raises into a request.
     Cancellation: ``run`` closes the client on the way out.
     """
 
@@ -57,15 +57,15 @@ class RedisBatcher:
         *,
         queue_size: int,
         timeout_s: float,
-        on_state: Callable[[bool], None] = lambda up: None,
+        report: DependencyReporter = ignore_state,
         max_batch: int = 512,
         backoff_max_s: float = 5.0,
     ) -> None:
         self._url = url
-        self._on_state = on_state
+        self._report = report
         self._timeout_s = timeout_s
         self._max_batch = max_batch
-        self._backoff_max_s = backoff_max_s
+        self._backoff = Backoff(initial_s=0.25, max_s=backoff_max_s, stable_after_s=None)
         self._send, self._receive = trio.open_memory_channel[_Op](queue_size)
         self._client: Any = None
         self._recovering = False
@@ -166,12 +166,9 @@ class RedisBatcher:
             return
         self._recovering = True
         try:
-            failures = 0
-            rng = random.Random()
+            retries = Retries(self._backoff)
             while not await self._ping():
-                failures += 1
-                cap = min(self._backoff_max_s, 0.25 * 2 ** (failures - 1))
-                await trio.sleep(rng.uniform(cap * 0.1, cap))
+                await retries.wait()
             log.info("redis cache is back")
             self._mark(True)
         finally:
@@ -179,7 +176,7 @@ class RedisBatcher:
 
     def _mark(self, up: bool) -> None:
         self.available = up
-        self._on_state(up)
+        self._report(DependencyState.OK if up else DependencyState.DOWN)
 
 
 async def _make_client(url: str, timeout_s: float) -> Any:

@@ -1,9 +1,11 @@
-"""The task tree: supervision with restart and backoff, health state, the root of ``accessd run``."""
+"""The task tree: supervision with restart and backoff, health state, dependency probes.
+
+Backoff and the dependency states themselves live in :mod:`accessd.primitives`, for every layer to use.
+"""
 
 from ._health import Health as Health
 from ._health import Phase as Phase
 from ._probes import DependencyProbes as DependencyProbes
 from ._probes import build_probes as build_probes
-from ._supervisor import Backoff as Backoff
 from ._supervisor import Component as Component
 from ._supervisor import Supervisor as Supervisor

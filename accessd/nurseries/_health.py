@@ -8,12 +8,14 @@ backend outage would turn a partial outage into a total one. Readiness fails whi
 from __future__ import annotations
 
 import enum
+import functools
 import time
 from dataclasses import dataclass, field
 
 import trio
 
 from .. import __version__
+from ..primitives import DependencyReporter, DependencyState
 
 
 class Phase(enum.Enum):
@@ -22,33 +24,37 @@ class Phase(enum.Enum):
     DRAINING = "draining"
 
 
-OK, DOWN, DEGRADED, EMBEDDED = "ok", "down", "degraded", "embedded"
-
-
 @dataclass
 class Health:
     role: str
     commit: str = "unknown"
     phase: Phase = Phase.STARTING
-    dependencies: dict[str, str] = field(default_factory=dict)
+    dependencies: dict[str, DependencyState] = field(default_factory=dict)
     restarting: set[str] = field(default_factory=set)
     started_at: float = field(default_factory=time.monotonic)
     drained: trio.Event = field(default_factory=trio.Event)
 
-    def set_dependency(self, name: str, state: str) -> None:
-        self.dependencies[name] = state
+    def set_dependency(self, name: str, state: DependencyState | str) -> None:
+        """Record ``name``'s state. (A plain ``"ok"``/``"down"`` string is still accepted, and checked.)"""
+        self.dependencies[name] = DependencyState(state)
+
+    def reporter(self, name: str) -> DependencyReporter:
+        """What a component owning dependency ``name`` reports its state through."""
+        return functools.partial(self.set_dependency, name)
 
     @property
     def ready(self) -> bool:
         return self.phase is Phase.READY
 
     @property
-    def status(self) -> str:
+    def status(self) -> DependencyState:
+        """The process as a whole: DOWN unless ready, DEGRADED while a component restarts or a dependency
+        is degraded or down, else OK."""
         if self.phase is not Phase.READY:
-            return DOWN
-        if self.restarting or any(s in (DOWN, DEGRADED) for s in self.dependencies.values()):
-            return DEGRADED
-        return OK
+            return DependencyState.DOWN
+        if self.restarting or any(s.severity > 0 for s in self.dependencies.values()):
+            return DependencyState.DEGRADED
+        return DependencyState.OK
 
     def report(self) -> dict[str, object]:
         return {

@@ -14,8 +14,9 @@ from typing import NoReturn
 import trio
 
 from .. import aio
+from ..primitives import DependencyState
 from ..settings import Settings
-from ._health import DOWN, EMBEDDED, OK, Health
+from ._health import Health
 
 log = logging.getLogger("accessd.nurseries")
 
@@ -25,8 +26,9 @@ Probe = Callable[[], Awaitable[None]]
 def build_probes(settings: Settings, skip: Collection[str] = ()) -> dict[str, Probe | None]:
     """One probe per configured dependency; ``None`` where the embedded default serves instead.
 
-    ``skip``: dependencies whose client component reports its own state (the Redis batcher, the Postgres
-    store, the Kafka source, the JWKS caches), so two reporters never disagree.
+    ``skip``: dependencies whose client component reports its own state (a
+    :class:`~accessd.primitives.ReportsHealth`: the Redis batcher, the Postgres store, the Kafka source), so
+    two reporters never disagree.
     """
     backends, timeout = settings.backends, settings.backends.probe_timeout_s
     probes: dict[str, Probe | None] = {"redis": None, "postgres": None, "kafka": None}
@@ -53,7 +55,7 @@ class DependencyProbes:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> NoReturn:
         for name, probe in self._probes.items():
             if probe is None:
-                self._health.set_dependency(name, EMBEDDED)
+                self._health.set_dependency(name, DependencyState.EMBEDDED)
         await self._probe_all()
         task_status.started()
         while True:
@@ -71,12 +73,13 @@ class DependencyProbes:
         try:
             await probe()
         except Exception as exc:  # any failure of a probe means "down"; it must not kill the prober
-            state, why = DOWN, f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            why = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            state = DependencyState.DOWN
         else:
-            state, why = OK, ""
+            state, why = DependencyState.OK, ""
         self._health.set_dependency(name, state)
         if state != before:
-            if state == OK:
+            if state is DependencyState.OK:
                 log.info("dependency %s is up", name)
             else:
                 log.warning("dependency %s is down: %s", name, why)

@@ -7,8 +7,9 @@ once it can serve and ``Supervisor.start`` returns ``v``.
 Errors: a component that raises or times out before its *first* ``started()`` fails the whole start
 (:class:`StartupError`, or the component's own :class:`AccessdError` such as a ConfigError for a busy port).
 After that, a crash is logged, counted in ``accessd_task_restarts_total{task}``, marks health degraded and
-the component is restarted after an exponential backoff with full jitter; a component that stays up for
-``stable_after_s`` has its backoff reset. A ``run`` that returns normally is a clean stop, never restarted.
+the component is restarted after a :class:`~accessd.primitives.Backoff` delay (exponential, full jitter); a
+component that stays up for ``stable_after_s`` has its backoff reset. A ``run`` that returns normally is a
+clean stop, never restarted.
 Cancellation: everything runs in the nursery handed in; cancelling it stops all components.
 """
 
@@ -16,35 +17,29 @@ from __future__ import annotations
 
 import logging
 import random
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 import trio
 
 from ..errors import AccessdError, StartupError
+from ..primitives import Backoff, Retries
 from ..telemetry import Metrics
 from ._health import Health
 
 log = logging.getLogger("accessd.nurseries")
 
+RESTART_BACKOFF = Backoff(initial_s=0.5, max_s=30.0, stable_after_s=60.0)
+
 
 class Component(Protocol):
-    name: str
+    """What the Supervisor starts. ``run`` usually never returns (``-> NoReturn``); one that returns has
+    stopped cleanly. A component owning a backend also implements :class:`~accessd.primitives.ReportsHealth`.
+    """
+
+    @property
+    def name(self) -> str: ...
 
     async def run(self, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None: ...
-
-
-@dataclass(frozen=True)
-class Backoff:
-    initial_s: float = 0.5
-    max_s: float = 30.0
-    factor: float = 2.0
-    stable_after_s: float = 60.0
-
-    def delay(self, failures: int, rng: random.Random) -> float:
-        """Full jitter (AWS architecture blog): uniform in [0, capped exponential], never below 10 %."""
-        cap = min(self.max_s, self.initial_s * self.factor ** max(0, failures - 1))
-        return rng.uniform(cap * 0.1, cap)
 
 
 class Supervisor:
@@ -55,7 +50,7 @@ class Supervisor:
         metrics: Metrics,
         *,
         start_timeout_s: float,
-        backoff: Backoff = Backoff(),
+        backoff: Backoff = RESTART_BACKOFF,
         rng: random.Random | None = None,
     ) -> None:
         self._nursery = nursery
@@ -78,9 +73,9 @@ class Supervisor:
     async def _supervise(self, component: Component, *, task_status: trio.TaskStatus[Any]) -> None:
         name = component.name
         ever_started = False
-        failures = 0
+        retries = Retries(self._backoff, self._rng)
         while True:
-            attempt_at = trio.current_time()
+            retries.attempt()
             try:
                 async with trio.open_nursery() as nursery:
                     value = await self._start_once(nursery, component)
@@ -98,11 +93,9 @@ class Supervisor:
                         raise exc from None
                     raise StartupError(name, f"{type(exc).__name__}: {exc}") from exc
                 log.error("component %s crashed: %r", name, exc, exc_info=exc)
-            stable = trio.current_time() - attempt_at >= self._backoff.stable_after_s
-            failures = 1 if stable else failures + 1
             self._health.restarting.add(name)
             self._metrics.task_restarts.labels(name).inc()
-            await trio.sleep(self._backoff.delay(failures, self._rng))
+            await retries.wait()
 
 
 def _unwrap(exc: BaseException) -> BaseException:

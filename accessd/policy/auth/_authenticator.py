@@ -22,13 +22,14 @@ from typing import Any
 
 from ...errors import BackendUnavailable
 from ...nurseries import Health
+from ...primitives import DependencyState
 from ...settings import Settings
 from ...telemetry import Metrics
 from .._identity import AuthFailure, Identity, Verify
 from .._ratelimit import KeyedBudget, Network
 from ._cache import VerifiedTokenCache
 from ._dev_issuer import DevIssuer
-from ._jwks import EMBEDDED, JwksCache, JwksHealth, KeySource, StaticKeys
+from ._jwks import JwksCache, JwksHealth, KeySource, StaticKeys
 from ._metrics import AuthMetrics
 from ._remote import RemoteVerifier
 from ._verify import (
@@ -167,7 +168,7 @@ def build_auth(settings: Settings, health: Health, metrics: Metrics) -> Auth:
     if settings.dev_issuer:
         dev = DevIssuer.from_settings(settings)
         source = StaticKeys("dev-issuer", dev.keys())
-        health.set_dependency("jwks", EMBEDDED)
+        health.set_dependency("jwks", DependencyState.EMBEDDED)
         log.info("auth: dev issuer active (iss=%s, kid=%s)", dev.issuer, dev.kid)
         local = LocalVerifier({None: (source, dataclasses.replace(policy, issuer=dev.issuer))})
         return Auth(Authenticator(local=local, **common), [], dev, failures, proxies)
@@ -181,7 +182,7 @@ def build_auth(settings: Settings, health: Health, metrics: Metrics) -> Auth:
             log.info("%s: dropped %d cached tokens of retired keys", source, dropped)
 
     def jwks(name: str, url: str) -> JwksCache:
-        return JwksCache(name, url, auth, auth_metrics, on_state=board.report, on_keys=on_keys)
+        return JwksCache(name, url, auth, auth_metrics, report=board.reporter(name), on_keys=on_keys)
 
     sources: dict[str | None, tuple[KeySource, ClaimPolicy]] = {}
     issuers = dict(auth.jwt_issuers or {})

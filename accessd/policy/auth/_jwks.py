@@ -8,7 +8,8 @@ attempt in flight (joining it when one is running), unless an attempt was made i
 turn into a request flood against the IdP).
 
 On a failed fetch the last good keys stay in service for at most ``jwks_max_stale_s``; the task retries
-with exponential backoff and reports ``jwks: degraded`` (``down`` once the keys are too old to serve).
+with exponential backoff (:class:`~accessd.primitives.Backoff`) and reports ``jwks: degraded`` (``down``
+once the keys are too old to serve) through its :data:`~accessd.primitives.DependencyReporter`.
 
 Backpressure: none queued; waiters share one ``trio.Event`` per attempt and give up after the fetch
 deadline. Cancellation: cancelling ``run`` wakes every waiter (they see the keys as they are) and closes
@@ -31,17 +32,17 @@ import trio
 
 from ...errors import BackendUnavailable, StartupError
 from ...nurseries import Health
+from ...primitives import Backoff, DependencyReporter, DependencyState, Retries, ignore_state
 from ...settings import AuthSettings
 from ._metrics import AuthMetrics
 from ._verify import VerificationKey, parse_jwks
 
 log = logging.getLogger("accessd.policy.auth")
 
-OK, DEGRADED, DOWN, EMBEDDED = "ok", "degraded", "down", "embedded"
 MAX_JWKS_BYTES = 1 << 20
-FIRST_RETRY_S = 0.25
+# Before the first key set: 0.25 s doubling to 5 s, no jitter (one daemon waiting to become ready).
+FIRST_FETCH_BACKOFF = Backoff(initial_s=0.25, max_s=5.0, jitter=0.0, stable_after_s=None)
 MAX_BACKOFF_S = 300.0
-_SEVERITY = {OK: 0, EMBEDDED: 0, DEGRADED: 1, DOWN: 2}
 
 
 class KeySource(Protocol):
@@ -77,14 +78,33 @@ class JwksHealth:
 
     def __init__(self, health: Health) -> None:
         self._health = health
-        self._states: dict[str, str] = {}
+        self._states: dict[str, DependencyState] = {}
 
-    def report(self, source: str, state: str) -> None:
+    def report(self, source: str, state: DependencyState) -> None:
         self._states[source] = state
-        self._health.set_dependency("jwks", max(self._states.values(), key=_SEVERITY.__getitem__))
+        worst = max(self._states.values(), key=lambda s: s.severity)
+        self._health.set_dependency("jwks", worst)
+
+    def reporter(self, source: str) -> DependencyReporter:
+        """The reporter for key set ``source`` (a :class:`JwksCache`'s name)."""
+        return lambda state: self.report(source, state)
+
+
+def refresh_backoff(settings: AuthSettings) -> Backoff:
+    """After failed refreshes: from ``jwks_min_refresh_interval_s`` (at least 1 s) doubling to the refresh
+    interval (at most 5 min), equal jitter (half to all of it)."""
+    return Backoff(
+        initial_s=max(1.0, settings.jwks_min_refresh_interval_s),
+        max_s=min(MAX_BACKOFF_S, settings.jwks_refresh_interval_s),
+        jitter=0.5,
+        stable_after_s=None,
+    )
 
 
 class JwksCache:
+    """One JWKS URL's key set, as a supervised component; reports its state through ``report`` (the
+    daemon folds every key set's into the one ``jwks`` dependency with :class:`JwksHealth`)."""
+
     def __init__(
         self,
         name: str,
@@ -92,7 +112,7 @@ class JwksCache:
         settings: AuthSettings,
         metrics: AuthMetrics,
         *,
-        on_state: Callable[[str, str], None] | None = None,
+        report: DependencyReporter = ignore_state,
         on_keys: Callable[[str, Collection[str]], None] | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
         rng: random.Random | None = None,
@@ -101,20 +121,21 @@ class JwksCache:
         self.url = url
         self._settings = settings
         self._metrics = metrics
-        self._on_state = on_state
+        self._report = report
         self._on_keys = on_keys
         self._transport = transport
-        self._rng = rng or random.Random()
+        rng = rng or random.Random()
+        self._first_fetch = Retries(FIRST_FETCH_BACKOFF, rng)
+        self._refresh = Retries(refresh_backoff(settings), rng)  # consecutive failed attempts
         self._client: httpx.AsyncClient | None = None
         self._keys: dict[str, VerificationKey] = {}
         self._good_at: float | None = None  # trio clock of the last good key set
         self._last_attempt_at = -math.inf
-        self._failures = 0
         self._last_error = ""
         self._wake = trio.Event()
         self._pending: trio.Event | None = None  # waiters of the next attempt
         self._current: trio.Event | None = None  # waiters of the attempt in flight
-        self.state = "starting"
+        self.state: DependencyState | None = None  # None until the first attempt ends
         self.fetches = 0
 
     # --- what verification calls ---------------------------------------------------------------
@@ -174,10 +195,9 @@ class JwksCache:
     async def _first_key_set(self) -> None:
         deadline_s = self._settings.jwks_initial_fetch_timeout_s
         with trio.move_on_after(deadline_s) as scope:
-            delay = FIRST_RETRY_S
+            self._first_fetch.succeed()
             while not await self._attempt():
-                await trio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+                await self._first_fetch.wait()
         if scope.cancelled_caught:
             raise StartupError(
                 self.name, f"no key set from {self.url} within {deadline_s:g} s ({self._last_error})"
@@ -186,13 +206,11 @@ class JwksCache:
     def _next_delay(self) -> float:
         now = trio.current_time()
         settings = self._settings
-        if self._failures == 0:
+        if self._refresh.failures == 0:
             delay = self._last_attempt_at + settings.jwks_refresh_interval_s - now  # no drift
         else:
-            cap = min(MAX_BACKOFF_S, settings.jwks_refresh_interval_s)
-            base = max(1.0, settings.jwks_min_refresh_interval_s)
-            delay = min(cap, base * 2 ** (self._failures - 1)) * self._rng.uniform(0.5, 1.0)
-        if self._good_at is not None and self.state != DOWN:
+            delay = self._refresh.delay()
+        if self._good_at is not None and self.state is not DependencyState.DOWN:
             delay = min(delay, self._good_at + settings.jwks_max_stale_s - now)  # wake to report "down"
         return max(0.0, delay)
 
@@ -208,7 +226,7 @@ class JwksCache:
             keys = await self._fetch()
         except BackendUnavailable as exc:
             keys = None
-            self._failures += 1
+            self._refresh.fail()
             self._last_error = exc.problem
         finally:
             self._metrics.jwks_refresh.observe(time.perf_counter() - started)
@@ -216,7 +234,7 @@ class JwksCache:
                 self._current.set()
             self._current = None
         if keys is not None:
-            self._failures = 0
+            self._refresh.succeed()
             self._install(keys)
         self._update_state()
         return keys is not None
@@ -255,19 +273,18 @@ class JwksCache:
                 self._on_keys(self.name, set(keys))
 
     def _update_state(self) -> None:
-        if self._failures == 0:
-            state = OK
+        if self._refresh.failures == 0:
+            state = DependencyState.OK
         elif self._usable_keys():
-            state = DEGRADED
+            state = DependencyState.DEGRADED
         else:
-            state = DOWN
-        if state != self.state:
-            if state == OK:
+            state = DependencyState.DOWN
+        if state is not self.state:
+            if state is DependencyState.OK:
                 log.info("%s: key set is fresh", self.name)
-            elif state == DEGRADED:
+            elif state is DependencyState.DEGRADED:
                 log.warning("%s: refresh failed, serving the last good keys: %s", self.name, self._last_error)
             else:
                 log.error("%s: no usable keys: %s", self.name, self._last_error)
             self.state = state
-            if self._on_state is not None:
-                self._on_state(self.name, state)
+            self._report(state)

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ...nurseries import Health
+from ...primitives import ignore_state
 from ...settings import Settings
 from ...telemetry import Metrics
 from ._cache import AdaptiveTtl
@@ -30,13 +31,10 @@ def build_store(settings: Settings, health: Health | None = None) -> GrantStore:
     """Postgres when ``ACCESS_POSTGRES_DSN`` is set, else the policy file, else nothing (deny all)."""
     policy, backends = settings.policy, settings.backends
     if backends.postgres_dsn:
-
-        def on_state(up: bool) -> None:
-            if health is not None:
-                health.set_dependency("postgres", "ok" if up else "down")
-
         return PostgresStore(
-            backends.postgres_dsn, timeout_s=policy.entitlement_store_timeout_s, on_state=on_state
+            backends.postgres_dsn,
+            timeout_s=policy.entitlement_store_timeout_s,
+            report=health.reporter(PostgresStore.health_dependency) if health is not None else ignore_state,
         )
     if policy.policy_file is not None:
         return FileStore(policy.policy_file, poll_s=policy.policy_file_poll_s)
@@ -80,7 +78,7 @@ def build_entitlements(settings: Settings, health: Health, metrics: Metrics) -> 
             settings.backends.redis_url,
             queue_size=policy.entitlement_queue_size,
             timeout_s=policy.entitlement_redis_timeout_s,
-            on_state=lambda up: health.set_dependency("redis", "ok" if up else "down"),
+            report=health.reporter(RedisBatcher.health_dependency),
         )
         components.append(redis)
     decider = Entitlements(

@@ -17,7 +17,6 @@ from __future__ import annotations
 import datetime as dt
 import importlib.resources
 import logging
-import random
 import re
 from contextlib import AsyncExitStack
 from typing import Any, NoReturn
@@ -26,6 +25,7 @@ import trio
 
 from ...aio import PgPool, SchemaTooNew, apply_migrations, open_pg_listener, open_pg_pool
 from ...errors import BackendUnavailable, ConfigError
+from ...primitives import Backoff, DependencyReporter, DependencyState, Retries, ignore_state
 from ._model import DecisionInput, Grant, InvalidInput
 from ._version import PolicyVersion
 
@@ -33,6 +33,9 @@ log = logging.getLogger("accessd.policy")
 
 COMPONENT = "entitlements"
 CHANNEL = "accessd_entitlements"
+# Between LISTEN connection attempts. The count never restarts: a connection that drops after a long life
+# waits up to the cap too (the decisions do not need it; it only speeds up invalidation).
+LISTEN_BACKOFF = Backoff(initial_s=0.2, max_s=5.0, stable_after_s=None)
 _MIGRATION_NAME = re.compile(r"(\d{4})_([a-z0-9_]+)\.sql")
 _VERSION = "SELECT v.version, e.epoch FROM entitlement_policy_version v CROSS JOIN entitlement_store_epoch e"
 _COLUMNS = "id, tenant_id, subject, action, resource, effect, extract(epoch FROM expires_at) AS expires_at"
@@ -98,8 +101,8 @@ def _grant(row: dict[str, Any]) -> Grant:
 
 
 class PostgresStore:
-    """Grants in Postgres. ``run`` owns the pool and the LISTEN connection (reconnects with backoff) and
-    reports the ``postgres`` dependency through ``on_state``.
+    """Grants in Postgres. ``run`` owns the pool and the LISTEN connection (reconnects with
+    :data:`LISTEN_BACKOFF`) and reports the ``postgres`` dependency through ``report``.
 
     Errors: queries raise BackendUnavailable (a deadline of ``timeout_s`` each). A schema newer than this
     build is a ConfigError at start. Cancellation: ``run`` closes the pool and the listener.
@@ -115,13 +118,13 @@ class PostgresStore:
         *,
         timeout_s: float = 2.0,
         keepalive_s: float = 2.0,
-        on_state: Any = lambda up: None,
+        report: DependencyReporter = ignore_state,
         pool_size: int = 4,
     ) -> None:
         self._dsn = dsn
         self._timeout_s = timeout_s
         self._keepalive_s = keepalive_s
-        self._on_state = on_state
+        self._report = report
         self._pool_size = pool_size
         self._pool: PgPool | None = None
         self._schema: str | None = None
@@ -148,22 +151,19 @@ class PostgresStore:
             try:
                 await self.migrate()
             except BackendUnavailable as exc:
-                self._on_state(False)
+                self._report(DependencyState.DOWN)
                 log.warning("postgres unreachable at start; entitlement decisions need it: %s", exc)
             task_status.started()
-            rng = random.Random()
-            failures = 0
+            retries = Retries(LISTEN_BACKOFF)
             while True:
                 try:
                     await self._listen()
                 except BackendUnavailable as exc:
-                    if self.listening or failures == 0:
+                    if self.listening or retries.failures == 0:
                         log.warning("postgres LISTEN connection lost: %s", exc)
                     self.listening = False
-                    self._on_state(False)
-                failures += 1
-                cap = min(5.0, 0.1 * 2 ** min(failures, 8))
-                await trio.sleep(rng.uniform(cap * 0.1, cap))
+                    self._report(DependencyState.DOWN)
+                await retries.wait()
 
     async def _listen(self) -> None:
         if not self._migrated:
@@ -172,7 +172,7 @@ class PostgresStore:
             self._schema = await listener.fetchval("SELECT current_schema()", self._timeout_s)
             await self._read_version(listener)
             self.listening = True
-            self._on_state(True)
+            self._report(DependencyState.OK)
             log.info("listening for grant changes (schema %s, version %s)", self._schema, self.version.value)
             while True:
                 payloads = await listener.next_payloads(self._keepalive_s)
