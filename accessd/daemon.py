@@ -96,9 +96,7 @@ async def _serve(
         if server.role in ("edge", "all"):
             app = create_app("edge", ctx, edge_auth_routes(auth))
             listeners.append(
-                HttpListener(
-                    "edge-http", app, server.edge_bind, "ACCESS_EDGE_BIND", shutdown, server.drain_timeout_s
-                )
+                HttpListener("edge-http", app, server.edge_bind, shutdown, server.drain_timeout_s)
             )
         if server.role in ("internal", "all"):
             app = create_app(
@@ -115,7 +113,6 @@ async def _serve(
                     "internal-http",
                     app,
                     server.internal_bind,
-                    "ACCESS_INTERNAL_BIND",
                     shutdown,
                     server.drain_timeout_s,
                 )
