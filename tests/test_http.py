@@ -12,7 +12,10 @@ from quart import Blueprint, request
 
 from accessd.http import AppContext, HttpListener, create_app
 from accessd.nurseries import Health, Phase
+from accessd.settings import Binds
 from accessd.telemetry import Metrics
+
+LOOPBACK = Binds((("127.0.0.1", 0),), "ACCESS_EDGE_BIND")
 
 
 def app_with(blueprint: Blueprint, *, max_body_bytes: int = 1024):
@@ -63,7 +66,7 @@ async def test_oversized_body_is_a_413_error_body() -> None:
 
 async def test_shutdown_drains_in_flight_requests_and_stops_accepting() -> None:
     shutdown = trio.Event()
-    listener = HttpListener("t", app_with(misbehaving()), ["127.0.0.1:0"], "ACCESS_EDGE_BIND", shutdown, 5.0)
+    listener = HttpListener("t", app_with(misbehaving()), LOOPBACK, shutdown, 5.0)
     with trio.fail_after(15):
         async with trio.open_nursery() as nursery:
             (url,) = await nursery.start(listener.run)
@@ -85,7 +88,7 @@ async def test_shutdown_drains_in_flight_requests_and_stops_accepting() -> None:
 
 async def test_drain_deadline_cuts_requests_that_overrun() -> None:
     shutdown = trio.Event()
-    listener = HttpListener("t", app_with(misbehaving()), ["127.0.0.1:0"], "ACCESS_EDGE_BIND", shutdown, 0.1)
+    listener = HttpListener("t", app_with(misbehaving()), LOOPBACK, shutdown, 0.1)
     with trio.fail_after(15):
         async with trio.open_nursery() as nursery:
             (url,) = await nursery.start(listener.run)
@@ -145,7 +148,7 @@ async def test_a_response_before_the_body_closes_the_keep_alive_connection(path:
     says ``Connection: close`` and is closed, never left hanging for the next request on it."""
     shutdown = trio.Event()
     app = app_with(misbehaving(), max_body_bytes=1024)
-    listener = HttpListener("t", app, ["127.0.0.1:0"], "ACCESS_EDGE_BIND", shutdown, 1.0)
+    listener = HttpListener("t", app, LOOPBACK, shutdown, 1.0)
     length = 5000 if path == "/echo" else 10
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
@@ -179,7 +182,7 @@ async def test_a_response_before_the_body_closes_the_keep_alive_connection(path:
 
 async def test_keep_alive_still_reuses_connections_whose_body_was_read() -> None:
     shutdown = trio.Event()
-    listener = HttpListener("t", app_with(misbehaving()), ["127.0.0.1:0"], "ACCESS_EDGE_BIND", shutdown, 1.0)
+    listener = HttpListener("t", app_with(misbehaving()), LOOPBACK, shutdown, 1.0)
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
             (url,) = await nursery.start(listener.run)
