@@ -206,8 +206,8 @@ async def test_two_databases_sharing_redis_and_prefix_never_read_each_others_dec
                     await a.store.add(parse_grant(GRANT))  # A allows
                     await b.store.add(parse_grant({**GRANT, "effect": "deny"}))  # B denies, same version
                     with trio.fail_after(2):
-                        while a.store.version.value != "2" or b.store.version.value != "2":  # noqa: ASYNC110
-                            await trio.sleep(0.01)
+                        await a.store.version.wait_for("2")
+                        await b.store.version.wait_for("2")
                     assert (await a.ent.decide(None, ASK)).allow
                     await trio.sleep(0.05)  # the batcher writes to Redis within a tick
                     decision = await b.ent.decide(None, ASK)
