@@ -1,13 +1,17 @@
-"""Prometheus registry, JSON logging and trace context."""
+"""Prometheus registry, JSON logging, request and trace ids, OpenTelemetry tracing.
 
+Layout: ``_metrics`` the registry, ``_logging`` JSON log lines, ``_ids`` the ids a request carries (trace id,
+request id), ``_tracing`` OpenTelemetry spans exported over OTLP.
+"""
+
+from ._ids import request_id_from as request_id_from
+from ._ids import trace_id_from as trace_id_from
 from ._logging import configure_logging as configure_logging
 from ._logging import req_id_var as req_id_var
 from ._logging import trace_id_var as trace_id_var
 from ._metrics import CONTENT_TYPE as CONTENT_TYPE
 from ._metrics import LATENCY_BUCKETS as LATENCY_BUCKETS
 from ._metrics import Metrics as Metrics
-from ._trace import request_id_from as request_id_from
-from ._trace import trace_id_from as trace_id_from
 from ._tracing import Tracing as Tracing
 from ._tracing import trace_id_hex as trace_id_hex
 from ._tracing import traceparent_of as traceparent_of

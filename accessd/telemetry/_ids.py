@@ -1,4 +1,6 @@
-"""W3C trace context: the trace id that error bodies and log lines carry."""
+"""The ids every request carries in its log lines and error body: the W3C trace id (from ``traceparent``,
+or fresh) and the request id (the client's, when sane, or fresh). Plain parsing, no OpenTelemetry: spans and
+their export are in ``_tracing``."""
 
 from __future__ import annotations
 
