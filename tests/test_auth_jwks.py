@@ -17,7 +17,15 @@ from prometheus_client import CollectorRegistry
 
 from accessd.errors import StartupError
 from accessd.nurseries import Health
-from accessd.policy.auth import Auth, AuthFailure, AuthMetrics, Identity, JwksCache, JwksHealth, build_auth
+from accessd.policy.auth import (
+    AuthFailure,
+    AuthMetrics,
+    AuthRuntime,
+    Identity,
+    JwksCache,
+    JwksHealth,
+    build_auth,
+)
 from accessd.settings import AuthSettings, load_settings
 from accessd.telemetry import Metrics
 
@@ -32,7 +40,7 @@ def clock() -> trio.testing.MockClock:
 
 
 @asynccontextmanager
-async def running_auth(environ: dict[str, str]) -> AsyncIterator[tuple[Auth, Health, Metrics]]:
+async def running_auth(environ: dict[str, str]) -> AsyncIterator[tuple[AuthRuntime, Health, Metrics]]:
     settings = load_settings(environ=environ)
     health, metrics = Health(role="all"), Metrics()
     auth = build_auth(settings, health, metrics)
@@ -44,7 +52,7 @@ async def running_auth(environ: dict[str, str]) -> AsyncIterator[tuple[Auth, Hea
         nursery.cancel_scope.cancel()
 
 
-async def _all(auth: Auth, tokens: list[str]) -> list[Any]:
+async def _all(auth: AuthRuntime, tokens: list[str]) -> list[Any]:
     results: list[Any] = [None] * len(tokens)
 
     async def one(i: int) -> None:

@@ -20,13 +20,13 @@ from quart import Blueprint, Request, Response, g, request
 
 from ..errors import BackendUnavailable
 from ..policy import AuthFailure, Identity, KeyedBudget, Network, Verify, bearer_token, client_ip
-from ..policy.auth import UNAUTHENTICATED, Auth, DevIssuer, VerifiedTokenCache
+from ..policy.auth import UNAUTHENTICATED, AuthRuntime, DevIssuer, VerifiedTokenCache
 from ._errors import ApiError
 
 PUBLIC_PATHS = frozenset({"/health", "/health/live", "/health/ready", "/metrics"})
 
 
-def edge_auth_routes(auth: Auth) -> list[Blueprint]:
+def edge_auth_routes(auth: AuthRuntime) -> list[Blueprint]:
     """The edge's token check on every non-public path (first), and the dev issuer's JWKS when active."""
     public = set(PUBLIC_PATHS)
     blueprints = []
@@ -43,7 +43,7 @@ def edge_auth_routes(auth: Auth) -> list[Blueprint]:
     return [edge, *blueprints]
 
 
-def internal_auth_routes(auth: Auth) -> list[Blueprint]:
+def internal_auth_routes(auth: AuthRuntime) -> list[Blueprint]:
     return [auth_api_blueprint(auth.authenticator)]
 
 

@@ -8,4 +8,5 @@ from ._health import Phase as Phase
 from ._probes import DependencyProbes as DependencyProbes
 from ._probes import build_probes as build_probes
 from ._supervisor import Component as Component
+from ._supervisor import Runtime as Runtime
 from ._supervisor import Supervisor as Supervisor

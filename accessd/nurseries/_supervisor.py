@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import random
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import trio
@@ -40,6 +41,14 @@ class Component(Protocol):
     def name(self) -> str: ...
 
     async def run(self, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None: ...
+
+
+@dataclass(kw_only=True)
+class Runtime:
+    """What a subsystem's ``build_*`` hands the daemon: its entry points (the subclass's fields, e.g.
+    ``AuthRuntime.verify``) and ``components``, to start with the Supervisor in this order."""
+
+    components: list[Component] = field(default_factory=list)
 
 
 class Supervisor:

@@ -1,17 +1,17 @@
 """Auth: JWT verification against JWKS key sets, the dev issuer, ``/auth/verify``, edge enforcement.
 
 The face other packages use: ``Authenticator.verify(token) -> Identity | AuthFailure`` (handed around as a
-callable) and :func:`build_auth` for the daemon; the HTTP endpoints live in ``accessd.http``. Layout:
-``_verify`` pure header/signature/claim rules (pyjwt), ``_cache`` verified tokens, ``_jwks`` the key-set
-component, ``_dev_issuer`` the embedded issuer, ``_remote`` ``ACCESS_AUTH_URL`` delegation,
-``_authenticator`` the facade and its wiring.
+callable) and :func:`build_auth` (an :class:`AuthRuntime`) for the daemon; the HTTP endpoints live in
+``accessd.http``. Layout: ``_verify`` pure header/signature/claim rules (pyjwt), ``_cache`` verified tokens,
+``_jwks`` the key-set component, ``_dev_issuer`` the embedded issuer, ``_remote`` ``ACCESS_AUTH_URL``
+delegation, ``_authenticator`` the facade and its wiring.
 """
 
 from .._identity import AuthFailure as AuthFailure
 from .._identity import Identity as Identity
 from .._identity import Verify as Verify
-from ._authenticator import Auth as Auth
 from ._authenticator import Authenticator as Authenticator
+from ._authenticator import AuthRuntime as AuthRuntime
 from ._authenticator import LocalVerifier as LocalVerifier
 from ._authenticator import build_auth as build_auth
 from ._cache import VerifiedTokenCache as VerifiedTokenCache

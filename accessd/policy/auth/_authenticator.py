@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ...errors import BackendUnavailable
-from ...nurseries import Health
+from ...nurseries import Health, Runtime
 from ...primitives import DependencyState
 from ...settings import Settings
 from ...telemetry import Metrics
@@ -128,13 +128,12 @@ class Authenticator:
         return result
 
 
-@dataclass
-class Auth:
+@dataclass(kw_only=True)
+class AuthRuntime(Runtime):
     """What the daemon wires: the facade, the components to start (in order), and what the edge's auth
     check needs besides (the dev issuer whose keys it publishes, the failure budget, trusted proxies)."""
 
     authenticator: Authenticator
-    components: list[Any] = field(default_factory=list)
     dev_issuer: DevIssuer | None = None
     failures: KeyedBudget = field(default_factory=lambda: KeyedBudget(60))  # failed auths per client IP
     trusted_proxies: tuple[Network, ...] = ()
@@ -144,7 +143,7 @@ class Auth:
         return self.authenticator.verify
 
 
-def build_auth(settings: Settings, health: Health, metrics: Metrics) -> Auth:
+def build_auth(settings: Settings, health: Health, metrics: Metrics) -> AuthRuntime:
     """Choose the mode from settings: remote (edge + ACCESS_AUTH_URL), dev issuer, or JWKS key sets."""
     auth = settings.auth
     auth_metrics = AuthMetrics(metrics.registry)
@@ -163,7 +162,12 @@ def build_auth(settings: Settings, health: Health, metrics: Metrics) -> Auth:
     if settings.server.role == "edge" and auth.auth_url is not None:
         remote = RemoteVerifier(auth.auth_url, auth.auth_timeout_s)
         log.info("auth: delegated to %s", remote.url)
-        return Auth(Authenticator(remote=remote, **common), [remote], None, failures, proxies)
+        return AuthRuntime(
+            authenticator=Authenticator(remote=remote, **common),
+            components=[remote],
+            failures=failures,
+            trusted_proxies=proxies,
+        )
 
     if settings.dev_issuer:
         dev = DevIssuer.from_settings(settings)
@@ -171,7 +175,12 @@ def build_auth(settings: Settings, health: Health, metrics: Metrics) -> Auth:
         health.set_dependency("jwks", DependencyState.EMBEDDED)
         log.info("auth: dev issuer active (iss=%s, kid=%s)", dev.issuer, dev.kid)
         local = LocalVerifier({None: (source, dataclasses.replace(policy, issuer=dev.issuer))})
-        return Auth(Authenticator(local=local, **common), [], dev, failures, proxies)
+        return AuthRuntime(
+            authenticator=Authenticator(local=local, **common),
+            dev_issuer=dev,
+            failures=failures,
+            trusted_proxies=proxies,
+        )
 
     board = JwksHealth(health)
 
@@ -181,8 +190,12 @@ def build_auth(settings: Settings, health: Health, metrics: Metrics) -> Auth:
         if dropped:
             log.info("%s: dropped %d cached tokens of retired keys", source, dropped)
 
+    caches: list[JwksCache] = []
+
     def jwks(name: str, url: str) -> JwksCache:
-        return JwksCache(name, url, auth, auth_metrics, report=board.reporter(name), on_keys=on_keys)
+        cache = JwksCache(name, url, auth, auth_metrics, report=board.reporter(name), on_keys=on_keys)
+        caches.append(cache)
+        return cache
 
     sources: dict[str | None, tuple[KeySource, ClaimPolicy]] = {}
     issuers = dict(auth.jwt_issuers or {})
@@ -195,5 +208,9 @@ def build_auth(settings: Settings, health: Health, metrics: Metrics) -> Auth:
     else:
         assert auth.jwks_url is not None
         sources[None] = (jwks("jwks", auth.jwks_url), policy)
-    authenticator = Authenticator(local=LocalVerifier(sources), **common)
-    return Auth(authenticator, [source for source, _ in sources.values()], None, failures, proxies)
+    return AuthRuntime(
+        authenticator=Authenticator(local=LocalVerifier(sources), **common),
+        components=list(caches),
+        failures=failures,
+        trusted_proxies=proxies,
+    )

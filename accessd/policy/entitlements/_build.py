@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from ...nurseries import Health
+from ...nurseries import Component, Health, Runtime
 from ...primitives import ignore_state
 from ...settings import Settings
 from ...telemetry import Metrics
@@ -18,13 +17,13 @@ from ._service import Decider, EntitlementMetrics, Entitlements
 from ._store import EmptyStore, GrantStore
 
 
-@dataclass
-class EntitlementsRuntime:
-    """``decider`` is the one entry point; ``components`` go to the Supervisor in this order."""
+@dataclass(kw_only=True)
+class EntitlementsRuntime(Runtime):
+    """``decider`` is the one entry point; ``store`` (None with remote entitlements) carries the policy
+    version and serves the grants API; ``components`` go to the Supervisor in this order."""
 
     decider: Decider
     store: GrantStore | None
-    components: list[Any] = field(default_factory=list)
 
 
 def build_store(settings: Settings, health: Health | None = None) -> GrantStore:
@@ -67,9 +66,9 @@ def build_entitlements(settings: Settings, health: Health, metrics: Metrics) -> 
     policy = settings.policy
     if settings.server.role == "edge" and policy.entitlements_url:
         remote = RemoteEntitlements(policy.entitlements_url, timeout_s=policy.entitlement_store_timeout_s)
-        return EntitlementsRuntime(remote, None, [remote])
+        return EntitlementsRuntime(decider=remote, store=None, components=[remote])
     store = build_store(settings, health)
-    components: list[Any] = [store]
+    components: list[Component] = [store]
     redis = None
     if settings.backends.redis_url:
         from ...aio import RedisBatcher
@@ -89,4 +88,4 @@ def build_entitlements(settings: Settings, health: Health, metrics: Metrics) -> 
         redis_prefix=policy.entitlement_redis_prefix,
         metrics=EntitlementMetrics(metrics.registry),
     )
-    return EntitlementsRuntime(decider, store, components)
+    return EntitlementsRuntime(decider=decider, store=store, components=components)
