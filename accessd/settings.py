@@ -79,8 +79,8 @@ def _number(kind: type, minimum: float, maximum: float = float("inf")) -> Parser
             raise ValueError("expected a number, got a boolean")
         try:
             number = kind(value.strip() if isinstance(value, str) else value)
-        except (TypeError, ValueError):
-            raise ValueError(f"{value!r} is not a valid {kind.__name__}") from None
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{value!r} is not a valid {kind.__name__}") from exc
         if not minimum <= number <= maximum:
             raise ValueError(f"{number} is outside {minimum}..{maximum}")
         return number
@@ -167,7 +167,7 @@ def _issuers(value: Any) -> dict[str, str] | None:
         try:
             value = json.loads(value)
         except json.JSONDecodeError as exc:
-            raise ValueError(f"not valid JSON ({exc.msg})") from None
+            raise ValueError(f"not valid JSON ({exc.msg})") from exc
     if not isinstance(value, dict) or not value:
         raise ValueError('expected a JSON object {"<issuer>": "<jwks url>", ...}')
     check_url = _url("http", "https")
@@ -181,7 +181,7 @@ def _networks(value: Any) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network
     try:
         return tuple(ipaddress.ip_network(item, strict=False) for item in _items(value))
     except ValueError as exc:
-        raise ValueError(f"not a CIDR list ({exc})") from None
+        raise ValueError(f"not a CIDR list ({exc})") from exc
 
 
 def _policies(value: Any) -> tuple[tuple[str, str], ...]:
@@ -191,7 +191,7 @@ def _policies(value: Any) -> tuple[tuple[str, str], ...]:
         try:
             value = json.loads(value)
         except json.JSONDecodeError as exc:
-            raise ValueError(f"not valid JSON ({exc.msg})") from None
+            raise ValueError(f"not valid JSON ({exc.msg})") from exc
     if not isinstance(value, dict):
         raise ValueError('expected a JSON object {"<channel glob>": "conflate|drop_oldest|disconnect"}')
     for glob, policy in value.items():
@@ -447,7 +447,7 @@ def read_config_file(path: Path) -> dict[str, Any]:
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError("--config", f"cannot read {str(path)!r}: {exc}") from None
+        raise ConfigError("--config", f"cannot read {str(path)!r}: {exc}") from exc
     try:
         if path.suffix == ".toml":
             data: Any = tomllib.loads(text)
@@ -457,7 +457,7 @@ def read_config_file(path: Path) -> dict[str, Any]:
             raise ConfigError("--config", f"{str(path)!r}: use a .toml, .yaml or .yml file")
     except (tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
         problem = str(exc).splitlines()[0]
-        raise ConfigError("--config", f"{str(path)!r} is not valid {path.suffix[1:]}: {problem}") from None
+        raise ConfigError("--config", f"{str(path)!r} is not valid {path.suffix[1:]}: {problem}") from exc
     if not isinstance(data, dict):
         raise ConfigError("--config", f"{str(path)!r} must hold a mapping of settings")
     return data
@@ -496,7 +496,7 @@ def load_settings(
         try:
             values[info.section][key] = info.parse(value)
         except ValueError as exc:
-            raise ConfigError(source, str(exc)) from None
+            raise ConfigError(source, str(exc)) from exc
     values["server"].setdefault("state_dir", _default_state_dir())
     for key in ("edge_bind", "stream_bind", "internal_bind"):
         binds = values["server"].get(key, infos[key].default)

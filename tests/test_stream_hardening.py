@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import socket
+import tracemalloc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -16,6 +17,7 @@ from trio_websocket import WebSocketConnection, open_websocket_url
 
 from accessd.settings import StreamSettings
 from accessd.stream._conn import Connection
+from accessd.stream._transport import StreamTransport
 from accessd.stream._embedded import TooManyChannels
 
 from ._stream import (
@@ -332,38 +334,40 @@ async def test_a_trickle_reader_is_closed_by_the_write_timeout() -> None:
         assert rig.sample("accessd_stream_dropped_total", {"reason": "write_timeout"}) == 1
 
 
-async def test_dropping_is_bounded_in_memory_and_keeps_order() -> None:
-    """Pure bookkeeping of the pending buffer (a socket that never drains): drops leave no unbounded
-    tombstones, gaps sit where the dropped messages were, replies are never reordered."""
-
-    class Stuck:
-        def send(self, data: bytes) -> int:
-            raise BlockingIOError
-
-    class Nursery:
-        def start_soon(self, *args: object) -> None:
-            pass
-
+async def test_dropping_is_bounded_in_memory_and_keeps_order(autojump_clock: trio.testing.MockClock) -> None:
+    """The pending buffer of a client that reads nothing (an in-memory stream on the virtual clock): 50,000
+    drops leave no unbounded tombstones, gaps sit where the dropped messages were, replies keep their
+    order, and every message is either delivered or counted in a gap."""
+    server, client = trio.testing.lockstep_stream_pair()  # send_all waits until the client reads
     settings = dataclasses.replace(StreamSettings(), stream_max_pending_messages=10)
-    conn = Connection(Stuck(), Nursery(), settings)  # type: ignore[arg-type]
-    conn.gap_frame = lambda channel, n, cursor: f"gap {channel} {n} {cursor}".encode()
-    conn.offer(b"subscribed a")
-    for n in range(50_000):
-        channel = "a" if n % 2 else "b"
-        conn.offer(f"{channel}{n}".encode(), channel=channel, cursor=str(n))
-        if n % 1000 == 0:
-            conn.offer(b"pong", slot="pong")
-    assert len(conn._queue) < 200  # 50,000 drops: tombstones were compacted
-    sent = [item.data for item in iter(conn._pop, None)]
-    assert sent[0] == b"subscribed a" and sent.count(b"pong") == 1
-    gaps = [d for d in sent if d.startswith(b"gap")]
-    assert sorted(g.split()[1] for g in gaps) == [b"a", b"b"]
-    messages = [d for d in sent if not d.startswith((b"gap", b"pong", b"sub"))]
-    assert messages == [f"{'a' if n % 2 else 'b'}{n}".encode() for n in range(49_990, 50_000)]
+    async with trio.open_nursery() as nursery:
+        conn = Connection(StreamTransport(server, nursery, buffer_bytes=16), nursery, settings)
+        conn.gap_frame = lambda channel, n, cursor: f"gap {channel} {n} {cursor}\n".encode()
+        tracemalloc.start()
+        try:
+            conn.offer(b"subscribed a\n")
+            for n in range(50_000):
+                channel = "a" if n % 2 else "b"
+                conn.offer(f"{channel}{n}\n".encode(), channel=channel, cursor=str(n))
+                if n % 1000 == 0:
+                    conn.offer(b"pong\n", slot="pong")
+            grown = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert grown < 1 << 20  # tombstones were compacted (50,000 of them would be megabytes)
+        conn.offer(b"end\n")
+        received = b""
+        while not received.endswith(b"end\n"):
+            received += await client.receive_some(65536)
+        nursery.cancel_scope.cancel()
+    sent = received.decode().splitlines()[:-1]
+    assert sent[0] == "subscribed a" and sent.count("pong") == 1
+    gaps = [line for line in sent if line.startswith("gap")]
+    assert sorted(g.split()[1] for g in gaps) == ["a", "b"]
+    messages = [line for line in sent if not line.startswith(("gap", "pong", "sub"))]
+    assert messages[-10:] == [f"{'a' if n % 2 else 'b'}{n}" for n in range(49_990, 50_000)]
+    assert len(messages) < 20  # the transport's 16 bytes took a few before the buffer filled
     assert sum(int(g.split()[2]) for g in gaps) + len(messages) == 50_000  # every message sent or counted
-
-
-# --- 3. a key denied to a subscriber never reaches its unkeyed subscription ----------------------------
 
 
 async def test_hidden_keys_are_filtered_live_on_resume_and_after_revalidation() -> None:

@@ -9,7 +9,7 @@ from ._auth import identity_body as identity_body
 from ._auth import internal_auth_routes as internal_auth_routes
 from ._auth import require_identity as require_identity
 from ._entitlements import entitlements_blueprint as entitlements_blueprint
-from ._errors import ApiError as ApiError
+from ..errors import ApiError as ApiError
 from ._errors import error_response as error_response
 from ._publish import publish_blueprint as publish_blueprint
 from ._server import HttpListener as HttpListener

@@ -1,18 +1,18 @@
-"""The uniform error body (CONTRACT §4) and the exception handlers that guarantee it.
+"""The uniform error body (CONTRACT §4) as Quart responses, and the exception handlers that guarantee it.
 
-Every non-2xx response accessd produces is ``{"trace_id", "code", "message", "details"}`` as JSON; a handler
-exception becomes a 500 ``INTERNAL`` with the traceback in the log only, never in the response.
+Every non-2xx response accessd produces is ``{"trace_id", "code", "message", "details"}`` as JSON, built by
+:meth:`accessd.errors.ApiError.body` (the streaming listener uses the same); a handler exception becomes a
+500 ``INTERNAL`` with the traceback in the log only, never in the response.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-from typing import Any
 
 from quart import Response
 from werkzeug.exceptions import HTTPException
 
+from ..errors import ApiError
 from ..telemetry import trace_id_var
 
 log = logging.getLogger("accessd.http")
@@ -32,48 +32,17 @@ CODES_BY_STATUS = {
 }
 
 
-class ApiError(Exception):
-    """Raised by handlers to answer with the uniform error body."""
-
-    def __init__(
-        self,
-        status: int,
-        code: str,
-        message: str,
-        details: dict[str, Any] | None = None,
-        headers: dict[str, str] | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-        self.details = details or {}
-        self.headers = headers or {}
-
-
-def error_response(
-    status: int,
-    code: str,
-    message: str,
-    details: dict[str, Any] | None = None,
-    headers: dict[str, str] | None = None,
-) -> Response:
-    body = {
-        "trace_id": trace_id_var.get(),
-        "code": code,
-        "message": message,
-        "details": details or {},
-    }
-    response = Response(json.dumps(body), status=status, content_type="application/json")
-    if status == 401:
+def error_response(error: ApiError) -> Response:
+    response = Response(error.body(trace_id_var.get()), status=error.status, content_type="application/json")
+    if error.status == 401:
         response.headers["WWW-Authenticate"] = "Bearer"
-    for name, value in (headers or {}).items():
+    for name, value in error.headers.items():
         response.headers[name] = value
     return response
 
 
 async def handle_api_error(error: ApiError) -> Response:
-    return error_response(error.status, error.code, error.message, error.details, error.headers)
+    return error_response(error)
 
 
 async def handle_http_exception(error: HTTPException) -> Response:
@@ -83,10 +52,9 @@ async def handle_http_exception(error: HTTPException) -> Response:
     allowed = getattr(error, "valid_methods", None)  # werkzeug's MethodNotAllowed
     if status == 405 and allowed:
         headers["Allow"] = ", ".join(sorted(allowed))
-    message = error.description or error.name
-    return error_response(status, code, message, headers=headers)
+    return error_response(ApiError(status, code, error.description or error.name, headers=headers))
 
 
 async def handle_unexpected(error: Exception) -> Response:
     log.error("unhandled error in request handler: %r", error, exc_info=error)
-    return error_response(500, "INTERNAL", "internal error; quote the trace_id when reporting it")
+    return error_response(ApiError(500, "INTERNAL", "internal error; quote the trace_id when reporting it"))

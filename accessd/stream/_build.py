@@ -14,14 +14,14 @@ import trio
 
 from ..errors import BackendUnavailable
 from ..nurseries import Health
-from ..policy import Identity
+from ..policy import Identity, Verify
 from ..policy.entitlements import DENIED_BY_GRANT, Decider, DecisionInput, hidden_keys
 from ..settings import Settings
 from ..telemetry import Metrics, Tracing
 from ._embedded import EmbeddedBroker
 from ._hub import Hub
 from ._listener import StreamListener
-from ._sessions import ALLOWED, Access, Authorize, Verify
+from ._session import ALLOWED, Access, Authorize
 from ._source import Source
 
 log = logging.getLogger("accessd.stream")

@@ -31,7 +31,7 @@ def run_publish_cli(settings: Settings, args: argparse.Namespace) -> int:
     try:
         data = json.loads(args.data)
     except ValueError as exc:
-        raise ConfigError("JSON", f"not valid JSON: {exc}") from None
+        raise ConfigError("JSON", f"not valid JSON: {exc}") from exc
     token = args.token or _dev_token(settings)
     url = args.url or _internal_url(settings)
     body = {"channel": args.channel, "key": args.key, "data": data}

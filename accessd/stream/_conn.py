@@ -1,8 +1,9 @@
-"""One streaming client's socket: direct non-blocking writes, and a bounded pending buffer for slow readers.
+"""One client's connection: direct non-blocking writes, and a bounded pending buffer for slow readers.
 
-The hub calls :meth:`Connection.offer` with bytes shared by every subscriber. While the kernel buffer has
-room the bytes go straight out with one ``send`` — no task switch, no copy. Only when it is full does the
-rest wait in this connection's pending buffer, drained by a writer task started on demand.
+The hub calls :meth:`Connection.offer` with bytes shared by every subscriber. While the transport has room
+(on a socket: the kernel buffer) the bytes go straight out with one ``send`` — no task switch, no copy.
+Only when it is full does the rest wait in this connection's pending buffer, drained by a writer task
+started on demand.
 
 Backpressure: the pending buffer is bounded in messages and bytes; when a message would overflow it, the
 channel's slow-consumer policy applies: ``conflate`` (keep only the newest pending message per
@@ -14,13 +15,15 @@ newest pending pong and heartbeat are kept. Memory per connection is at most ``m
 partly written frame; every step is O(1) per frame (dropped entries are tombstones, compacted in bulk).
 A client that has not caught up (nothing pending) for ``write_timeout_s`` is closed, however many bytes it
 reads meanwhile: a trickle reader cannot hold a connection and its buffer for ever.
+Outcome: how the connection ended is one :class:`Closed` value — by the server (with the close code it sent),
+by the client (its close frame, or it left), or broken (a reset, a failed send, the write timeout).
 Closing: a close frame (or final SSE event) is followed by a FIN, and :meth:`aclose` then reads and
 discards what the client still sends for at most ``LINGER_S`` and ``LINGER_MAX_BYTES`` before the
 descriptor is closed; closing with unread input would send a reset, and the client would lose the close
 frame (a browser sees 1006 instead of the code that says why). A client that keeps sending past that byte
 bound (a flood) is no longer read: it waits out the rest of the second with full buffers, then gets the
 reset, so closing a flooder costs a bounded amount of copying and it cannot reconnect at once.
-Cancellation: closing notifies Trio first (``notify_closing``) so no task waits on a closed descriptor.
+Cancellation: closing the transport wakes every task waiting on it with ``trio.ClosedResourceError``.
 """
 
 from __future__ import annotations
@@ -28,13 +31,16 @@ from __future__ import annotations
 import errno
 import logging
 import secrets
-import socket
 from collections import deque
 from collections.abc import Callable, Hashable
+from dataclasses import dataclass
+from typing import Literal
 
 import trio
 
 from ..settings import StreamSettings
+from ._frames import CLOSE_PROTOCOL, CLOSE_SLOW
+from ._transport import Transport
 
 log = logging.getLogger("accessd.stream")
 
@@ -44,6 +50,22 @@ PONG, HEARTBEAT = "pong", "heartbeat"  # coalesced control frames: only the newe
 _COMPACT_AT = 64  # tombstones tolerated before the queue is rebuilt
 LINGER_S = 1.0  # after our close frame, how long the client may take to stop sending ...
 LINGER_MAX_BYTES = 256 * 1024  # ... and how much it may send meanwhile
+
+
+@dataclass(frozen=True, slots=True)
+class Closed:
+    """How a connection ended. ``by``: ``server`` (we closed it; ``code`` is the close code sent, if any),
+    ``client`` (its close frame with ``code``, or it went away) or ``broken`` (it failed under us)."""
+
+    by: Literal["server", "client", "broken"]
+    reason: str
+    code: int | None = None
+
+    def __str__(self) -> str:
+        code = f" {self.code}" if self.code is not None else ""
+        return (
+            f"closed by {self.by}{code}: {self.reason}" if self.by != "broken" else f"broken: {self.reason}"
+        )
 
 
 class Pending:
@@ -73,10 +95,11 @@ class Pending:
 
 
 class Connection:
-    """Owns one client socket (a non-blocking stdlib socket driven with Trio's lowlevel waits)."""
+    """Owns one client's transport (in production a non-blocking socket; see ``_transport``)."""
 
-    def __init__(self, sock: socket.socket, nursery: trio.Nursery, settings: StreamSettings) -> None:
-        self.sock = sock
+    def __init__(self, transport: Transport, nursery: trio.Nursery, settings: StreamSettings) -> None:
+        self._transport = transport
+        self._send = transport.send_nowait
         self.nursery = nursery
         self.conn_id = secrets.token_hex(8)
         self._max_messages = settings.stream_max_pending_messages
@@ -93,8 +116,9 @@ class Connection:
         self._writing = False
         self._idle = trio.Event()
         self._idle.set()
-        self.closed = False
-        self.close_reason: str | None = None
+        self.closed = False  # a plain attribute: the hot path checks it on every offer
+        self.outcome: Closed | None = None
+        self._waits: set[trio.CancelScope] = set()  # a receive or writable wait: closing ends it
         self._linger = False  # closed by us with a final frame: drain the client's input before closing
         self.on_slow: Callable[[str, int], None] = lambda reason, n: None  # metrics hook: (reason, count)
         self.gap_frame: Callable[[str, int, str | None], bytes] = lambda channel, n, cursor: b""
@@ -122,11 +146,11 @@ class Connection:
             return False
         if self._head is None and not self._queue:
             try:
-                sent = self.sock.send(data)
+                sent = self._send(data)
             except BlockingIOError:
                 sent = 0
             except OSError as exc:
-                self.abort(f"send failed: {errno.errorcode.get(exc.errno or 0, exc)}")
+                self.abort(_send_failed(exc))
                 return False
             if sent == len(data):
                 return True
@@ -158,12 +182,12 @@ class Connection:
         if full or self._pending_bytes + len(item.data) > self._max_bytes:
             if message and policy == DISCONNECT:
                 self.on_slow("disconnected", 1)
-                self.close_with(self.slow_close(), "slow consumer")
+                self.close_with(self.slow_close(), "slow consumer", CLOSE_SLOW)
                 return
             self._drop_oldest_for(item)
             if not message and self._pending_bytes + len(item.data) > self._max_bytes:
                 self.on_slow("overflow", 1)
-                self.close_with(self.overflow_close(), "too many unread replies")
+                self.close_with(self.overflow_close(), "too many unread replies", CLOSE_PROTOCOL)
                 return
         self._queue.append(item)
         self._pending_bytes += len(item.data)
@@ -250,17 +274,21 @@ class Connection:
                     data = item.render(item.skipped) if item.skipped and item.render else item.data
                     self._head = memoryview(data)
                 try:
-                    sent = self.sock.send(self._head)
+                    sent = self._send(self._head)
                 except BlockingIOError:
                     sent = 0
                 except OSError as exc:
-                    self.abort(f"send failed: {errno.errorcode.get(exc.errno or 0, exc)}")
+                    self.abort(_send_failed(exc))
                     return
                 self._head = self._head[sent:] if sent < len(self._head) else None
                 if self._head is not None:
                     assert self._behind_since is not None
                     with trio.move_on_at(self._behind_since + self._write_timeout_s) as waited:
-                        await trio.lowlevel.wait_writable(self.sock)
+                        self._waits.add(waited)
+                        await self._transport.wait_writable()
+                    self._waits.discard(waited)
+                    if self.closed:
+                        return
                     if waited.cancelled_caught:  # not caught up for the whole write timeout
                         self.on_slow("write_timeout", 1)
                         self.abort("write timeout")
@@ -283,72 +311,79 @@ class Connection:
         return self._pending_bytes + (len(self._head) if self._head is not None else 0)
 
     async def receive(self, max_bytes: int = 65536) -> bytes:
-        """The next bytes from the client; b"" once it went away or we closed the connection."""
-        while not self.closed:
-            try:
-                await trio.lowlevel.wait_readable(self.sock)
-            except trio.ClosedResourceError:  # closed by another task (revocation, drain, slow consumer)
-                return b""
-            try:
-                return self.sock.recv(max_bytes)
-            except BlockingIOError:
-                continue
-            except OSError:
-                return b""
-        return b""
+        """The next bytes from the client; ``b""`` once it closed its side (the outcome says ``client``).
+
+        Raises ``trio.ClosedResourceError`` when the connection was closed (by another task: revocation,
+        drain, a slow consumer) and ``trio.BrokenResourceError`` when it broke; ``outcome`` says which.
+        """
+        data = b""
+        if not self.closed:
+            with trio.CancelScope() as waiting:
+                self._waits.add(waiting)
+                try:
+                    data = await self._transport.receive_some(max_bytes)
+                except trio.ClosedResourceError:
+                    pass  # closed by another task: the outcome is the story
+                except trio.BrokenResourceError as exc:
+                    self.abort(str(exc))
+                    raise
+            self._waits.discard(waiting)
+        if self.closed:
+            raise trio.ClosedResourceError(str(self.outcome))
+        if not data:
+            self.left("client left")
+        return data
 
     # --- closing ----------------------------------------------------------------------------------------
 
-    def close_with(self, final: bytes, reason: str) -> None:
-        """Best-effort last frame (close code / final comment), then close; pending messages are discarded."""
+    def close_with(self, final: bytes, reason: str, code: int | None = None) -> None:
+        """Best-effort last frame (close code / final event), then close; pending messages are discarded."""
+        self._end(Closed("server", reason, code), final)
+
+    def left(self, reason: str, code: int | None = None, final: bytes = b"") -> None:
+        """The client ended it: its close frame (answered with ``final``), or the end of its input."""
+        self._end(Closed("client", reason, code), final)
+
+    def abort(self, reason: str) -> None:
+        """The connection broke (a failed send or receive, the write timeout): close without a last word."""
+        self._end(Closed("broken", reason))
+
+    def _end(self, outcome: Closed, final: bytes = b"") -> None:
         if self.closed:
             return
         self._clear()
         if self._head is None and final:
             try:
-                self.sock.send(final)
-                self.sock.shutdown(socket.SHUT_WR)
+                self._send(final)
+                self._transport.send_eof()
                 self._linger = True
             except OSError:
                 pass
-        self.abort(reason)
-
-    def abort(self, reason: str) -> None:
-        if self.closed:
-            return
         self.closed = True
-        self.close_reason = reason
-        self._clear()
+        self.outcome = outcome
         self._head = None
         self._idle.set()
-        trio.lowlevel.notify_closing(self.sock)
+        for waiting in self._waits:  # a lingering transport stays open: wake its waiters ourselves
+            waiting.cancel()
         if not self._linger:
-            self.sock.close()
+            self._transport.close()
 
     async def aclose(self) -> None:
         """Close for good (idempotent); after a close frame, first drain the client's input briefly."""
-        self.abort("done")
+        self._end(Closed("server", "done"))
         if self._linger:
             self._linger = False
             budget = LINGER_MAX_BYTES
             try:
                 with trio.move_on_after(LINGER_S):
-                    while True:
-                        if budget <= 0:
-                            await trio.sleep_forever()  # until the deadline: a tarpit, not a read loop
-                        await trio.lowlevel.wait_readable(self.sock)
-                        try:
-                            data = self.sock.recv(65536)
-                        except BlockingIOError:
-                            continue
-                        if not data:
-                            break
+                    while budget > 0 and (data := await self._transport.receive_some(65536)):
                         budget -= len(data)
-            except OSError:
+                    if budget <= 0:
+                        await trio.sleep_forever()  # until the deadline: a tarpit, not a read loop
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
                 pass
             finally:
-                trio.lowlevel.notify_closing(self.sock)
-                self.sock.close()
+                self._transport.close()
 
     def _clear(self) -> None:
         self._queue.clear()
@@ -357,3 +392,7 @@ class Connection:
         self._slots.clear()
         self._tombstones = 0
         self._pending_bytes = 0
+
+
+def _send_failed(exc: OSError) -> str:
+    return f"send failed: {errno.errorcode.get(exc.errno or 0, exc)}"

@@ -14,6 +14,10 @@ from wsproto.frame_protocol import FrameProtocol
 
 from ._source import Record
 
+# WebSocket close codes (CONTRACT §10); an SSE ``close`` event carries the same numbers.
+CLOSE_TOKEN, CLOSE_DENIED, CLOSE_SLOW, CLOSE_RATE = 4001, 4003, 4008, 4029
+CLOSE_PROTOCOL, CLOSE_INTERNAL, CLOSE_AGAIN = 1008, 1011, 1013
+
 # Stateless when every frame is sent with fin=True (the default), so one instance serves all connections.
 _FRAMER = FrameProtocol(client=False, extensions=[])
 

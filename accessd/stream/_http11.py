@@ -1,39 +1,23 @@
 """Reading one HTTP/1.1 request head with h11, bounded in size and time, and writing small responses.
 
-Errors: a malformed or oversized head raises :class:`BadRequest`; a client that sends its head too slowly
-(slowloris) runs into the caller's deadline.
+Errors: a malformed or oversized head raises :class:`~accessd.errors.BadRequest`; a client that leaves
+before its head is complete gets None; one that sends its head too slowly (slowloris) runs into the
+caller's deadline.
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from http import HTTPStatus
 from urllib.parse import parse_qs, urlsplit
 
 import h11
 
+from ..errors import ApiError, BadRequest
 from ._conn import Connection
 
 MAX_HEAD_BYTES = 16 * 1024
-REASONS = {
-    200: b"OK",
-    400: b"Bad Request",
-    401: b"Unauthorized",
-    403: b"Forbidden",
-    404: b"Not Found",
-    405: b"Method Not Allowed",
-    426: b"Upgrade Required",
-    429: b"Too Many Requests",
-    503: b"Service Unavailable",
-}
-
-
-class BadRequest(Exception):
-    pass
-
-
-class PeerGone(Exception):
-    pass
 
 
 @dataclass
@@ -49,19 +33,19 @@ class Request:
         return self.headers.get(name)
 
 
-async def read_request(conn: Connection) -> Request:
+async def read_request(conn: Connection) -> Request | None:
     parser = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
     raw = bytearray()
     while True:
         try:
             event = parser.next_event()
         except h11.RemoteProtocolError as exc:
-            raise BadRequest(str(exc)) from None
+            raise BadRequest(str(exc)) from exc
         if isinstance(event, h11.Request):
             try:
                 target = urlsplit(event.target.decode("ascii", "replace"))
             except ValueError as exc:  # e.g. "//[": an unclosed IPv6 authority
-                raise BadRequest(f"bad request target: {exc}") from None
+                raise BadRequest(f"bad request target: {exc}") from exc
             headers: dict[str, str] = {}
             for name, value in event.headers:
                 key = name.decode("ascii").lower()
@@ -74,32 +58,31 @@ async def read_request(conn: Connection) -> Request:
         if event is h11.NEED_DATA:
             data = await conn.receive()
             if not data:
-                raise PeerGone
+                return None
             raw += data
             parser.receive_data(data)
         else:  # ConnectionClosed and friends before a full request
-            raise PeerGone
+            return None
 
 
 def response_head(status: int, headers: list[tuple[str, str]]) -> bytes:
-    lines = [b"HTTP/1.1 %d %s" % (status, REASONS.get(status, b""))]
+    lines = [b"HTTP/1.1 %d %s" % (status, HTTPStatus(status).phrase.encode())]
     lines += [f"{name}: {value}".encode("latin-1") for name, value in headers]
     return b"\r\n".join(lines) + b"\r\n\r\n"
 
 
-def error_response(
-    status: int, code: str, message: str, trace_id: str, headers: list[tuple[str, str]] | None = None
-) -> bytes:
-    body = json.dumps({"trace_id": trace_id, "code": code, "message": message, "details": {}}).encode()
+def error_bytes(error: ApiError, trace_id: str) -> bytes:
+    """The whole response for a refused request: the uniform error body (``ApiError.body``) and its head."""
+    body = error.body(trace_id)
     head = [
         ("Content-Type", "application/json"),
         ("Content-Length", str(len(body))),
         ("Connection", "close"),
-        *(headers or []),
+        *error.headers.items(),
     ]
-    if status == 401:
+    if error.status == 401:
         head.append(("WWW-Authenticate", "Bearer"))
-    return response_head(status, head) + body
+    return response_head(error.status, head) + body
 
 
 def json_response(status: int, body: object) -> bytes:

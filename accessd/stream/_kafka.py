@@ -251,9 +251,9 @@ class KafkaSource:
         try:
             with trio.fail_after(self._timeout_s * 2):
                 return await self._follow(link, channel)
-        except trio.TooSlowError:
+        except trio.TooSlowError as exc:
             problem = f"following {channel} took over {self._timeout_s * 2:g} s"
-            raise BackendUnavailable(BACKEND, problem) from None
+            raise BackendUnavailable(BACKEND, problem) from exc
 
     async def _follow(self, link: KafkaLink, channel: str) -> Position:
         found = (await run_aio(BACKEND, link.partitions, [channel]))[channel]
@@ -354,9 +354,9 @@ class KafkaSource:
                     raw, dropped = await run_aio(
                         BACKEND, link.replay, channel, since, until, self._replay_max
                     )
-            except trio.TooSlowError:
+            except trio.TooSlowError as exc:
                 problem = f"replay of {channel} took over {self._replay_timeout_s:g} s"
-                raise BackendUnavailable(BACKEND, problem) from None
+                raise BackendUnavailable(BACKEND, problem) from exc
         return Replay([_record(item) for item in raw], dropped)
 
     async def publish(
@@ -379,15 +379,15 @@ class KafkaSource:
                 if found:  # the end offsets of an unknown topic would wait for it forever
                     async with self._lookup_lock:
                         before = await run_aio(BACKEND, link.ends, channel, found)
-        except trio.TooSlowError:
+        except trio.TooSlowError as exc:
             problem = f"publish to {channel}: partition ends not read in time; nothing was published"
-            raise BackendUnavailable(BACKEND, problem) from None
+            raise BackendUnavailable(BACKEND, problem) from exc
         try:
             with trio.fail_after(self._timeout_s * 2):
                 encoded = None if key is None else key.encode()
                 sent = await run_aio(BACKEND, link.send, channel, encoded, value, headers)
-        except trio.TooSlowError:
-            raise BackendUnavailable(BACKEND, f"publish to {channel} not acknowledged in time") from None
+        except trio.TooSlowError as exc:
+            raise BackendUnavailable(BACKEND, f"publish to {channel} not acknowledged in time") from exc
         partition, offset, partitions = sent
         position = {p: before.get(p, 0) for p in {*partitions, *before}}
         position[partition] = offset + 1

@@ -5,11 +5,14 @@ healthy subscriber costs one ``send`` per message. The request head is parsed wi
 time: slowloris-safe), the caller authenticated and admitted *before* the upgrade or the event stream starts.
 
 Routes: ``/ws/stream``, ``/sse/stream``, ``/health/live``; anything else is a 404 error body.
-Admission, cheapest first: at most ``max_handshakes`` heads being read at once, ``max_handshakes_per_ip``
-from one address (the excess is closed at once); a head that is not a valid request or WebSocket upgrade is a
-400; the ``streaming_connect`` budget per client IP, charged before the token is verified (close 4029 /
-429); token verification (401; 503 / close 1011 when the verifier is unreachable); ``max_connections``
-(WebSocket: accept, then close 1013; SSE: 503 OVERLOADED), and 1013 / 503 while draining.
+Admission, cheapest first: at most ``stream_max_handshakes`` heads being read at once,
+``stream_max_handshakes_per_ip`` from one address (the excess is closed at once); a head that is not a valid
+request or WebSocket upgrade is a 400; then ``_admission``: the ``streaming_connect`` budget per client IP
+(close 4029 / 429), the token (401; 503 / close 1011 when the verifier is unreachable), capacity
+(``max_connections``, and draining: close 1013 / 503 OVERLOADED).
+Transport: every connection is served over a ``_transport.Transport``; sockets accepted here get the
+non-blocking socket transport, and :meth:`StreamListener.serve_stream` serves any Trio stream the same way
+(the tests drive whole sessions over in-memory streams on Trio's virtual clock).
 Errors: one connection's failure (a bug, a surprise from a library) ends that connection only, logged once
 with its id and counted in ``accessd_stream_connection_errors_total{error}``.
 Cancellation: on shutdown the listening sockets close first, every session gets close 1013 (SSE: a final
@@ -21,145 +24,38 @@ from __future__ import annotations
 import logging
 import secrets
 import socket
-import time
-from collections.abc import Awaitable, Iterable
+from collections.abc import Awaitable, Callable
+from typing import NoReturn
 
 import trio
 import trio.lowlevel
-from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from wsproto import WSConnection
+from prometheus_client import CollectorRegistry
 from wsproto.events import AcceptConnection
 
-from ..errors import BackendUnavailable, ConfigError
-from ..policy import AuthFailure, Identity, KeyedBudget, Network, bearer_token, client_ip, is_trusted
+from ..errors import ApiError, BackendUnavailable, ConfigError, SubscribeError
+from ..policy import Identity, Network, Verify
 from ..settings import Binds, StreamSettings
 from ..telemetry import trace_id_from
+from ._admission import WS_CLOSE, Admission, HandshakeSlot, HandshakeSlots
 from ._conn import Connection
-from ._frames import ws_close
-from ._http11 import BadRequest, PeerGone, Request, error_response, json_response, read_request, response_head
+from ._frames import CLOSE_AGAIN, CLOSE_INTERNAL, ws_close
+from ._http11 import Request, error_bytes, json_response, read_request, response_head
 from ._hub import Hub
-from ._sessions import (
-    CLOSE_AGAIN,
-    CLOSE_INTERNAL,
-    CLOSE_RATE,
-    Authorize,
-    Session,
-    SseSession,
-    SubscribeError,
-    Verify,
-    WsSession,
-    parse_event_id,
-    ws_handshake,
-)
+from ._metrics import StreamMetrics
+from ._session import Authorize, Session
+from ._sse import SseSession, parse_event_id
+from ._transport import SocketTransport, StreamTransport, Transport
+from ._ws import WsSession, ws_handshake
 
 log = logging.getLogger("accessd.stream")
 
-LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 SSE_HEADERS = [
     ("Content-Type", "text/event-stream"),
     ("Cache-Control", "no-cache"),
     ("Connection", "close"),
     ("X-Accel-Buffering", "no"),
 ]
-
-
-class StreamMetrics:
-    """Counters the hot path bumps as plain ints are exported by a collector at scrape time."""
-
-    def __init__(self, registry: CollectorRegistry, listener: StreamListener) -> None:
-        self.lag = Histogram(
-            "accessd_stream_delivery_lag_seconds",
-            "Broker timestamp to socket write, per message fanned out",
-            buckets=LAG_BUCKETS,
-            registry=registry,
-        )
-        self.dropped = Counter(
-            "accessd_stream_dropped",
-            "Messages not delivered as published, by reason",
-            ("reason",),
-            registry=registry,
-        )
-        self.refused = Counter(
-            "accessd_stream_refused",
-            "Streaming connections refused before a session started, by reason",
-            ("reason",),
-            registry=registry,
-        )
-        self.connection_errors = Counter(
-            "accessd_stream_connection_errors",
-            "Streaming connections ended by an unexpected error (that connection only), by error type",
-            ("error",),
-            registry=registry,
-        )
-        self._listener = listener
-        registry.register(self)
-
-    def collect(self) -> Iterable[GaugeMetricFamily | CounterMetricFamily]:
-        connections = GaugeMetricFamily(
-            "accessd_stream_connections", "Open streaming sessions", labels=("transport",)
-        )
-        counts = {"ws": 0, "sse": 0}
-        for session in self._listener.sessions:
-            counts[session.transport] += 1
-        for transport, count in counts.items():
-            connections.add_metric((transport,), count)
-        yield connections
-        delivered = CounterMetricFamily(
-            "accessd_stream_messages_delivered", "Messages handed to sockets", labels=("transport",)
-        )
-        for transport, count in self._listener.hub.stats.delivered.items():
-            delivered.add_metric((transport,), count)
-        yield delivered
-        invalid = CounterMetricFamily(
-            "accessd_stream_invalid_records", "Broker records skipped: not UTF-8 JSON", labels=("channel",)
-        )
-        for channel, count in self._listener.hub.stats.invalid.items():
-            invalid.add_metric((channel,), count)
-        yield invalid
-
-    def describe(self) -> list[object]:
-        return []
-
-
-class _HandshakeSlots:
-    """Request heads being read, in all and per peer address. A trusted proxy's address is shared by many
-    clients, so only the global cap applies to it."""
-
-    def __init__(self, settings: StreamSettings, trusted_proxies: tuple[Network, ...]) -> None:
-        self._max = settings.stream_max_handshakes
-        self._max_per_ip = settings.stream_max_handshakes_per_ip
-        self._trusted_proxies = trusted_proxies
-        self.total = 0
-        self.by_ip: dict[str, int] = {}
-
-    def acquire(self, ip: str) -> _HandshakeSlot | None:
-        if self.total >= self._max:
-            return None
-        held = self.by_ip.get(ip, 0)
-        if held >= self._max_per_ip and not is_trusted(ip, self._trusted_proxies):
-            return None
-        self.total += 1
-        self.by_ip[ip] = held + 1
-        return _HandshakeSlot(self, ip)
-
-
-class _HandshakeSlot:
-    """Held from accept until the session starts (or the connection ends); ``release`` is idempotent."""
-
-    __slots__ = ("_slots", "ip")
-
-    def __init__(self, slots: _HandshakeSlots | None, ip: str) -> None:
-        self._slots = slots
-        self.ip = ip
-
-    def release(self) -> None:
-        slots, self._slots = self._slots, None
-        if slots is not None:
-            slots.total -= 1
-            left = slots.by_ip.pop(self.ip) - 1
-            if left:
-                slots.by_ip[self.ip] = left
+Endpoint = Callable[[Connection, Request, HandshakeSlot, str], Awaitable[None]]
 
 
 class StreamListener:
@@ -178,16 +74,18 @@ class StreamListener:
     ) -> None:
         self.settings = settings
         self._binds = binds
-        self._trusted_proxies = trusted_proxies
         self.hub = hub
         self._verify = verify
         self._authorize = authorize
         self._shutdown = shutdown
         self.sessions: set[Session] = set()
         self._draining = False
-        self._budget = KeyedBudget(settings.stream_connects_per_minute)
-        self._handshakes = _HandshakeSlots(settings, trusted_proxies)
-        self.metrics = StreamMetrics(registry, self)
+        self.metrics = StreamMetrics(registry, self.sessions, hub.stats)
+        self._handshakes = HandshakeSlots(settings, trusted_proxies)
+        self._admission = Admission(
+            settings, trusted_proxies, verify, lambda reason: self.metrics.refused.labels(reason).inc()
+        )
+        self._endpoints: dict[str, Endpoint] = {"/ws/stream": self._serve_ws, "/sse/stream": self._serve_sse}
         self.stopped = trio.Event()
 
     # --- sockets ---------------------------------------------------------------------------------------
@@ -212,6 +110,7 @@ class StreamListener:
         return sockets
 
     async def run(self, *, task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve until the shutdown trigger, then drain (returns: a clean stop)."""
         sockets = self._listen()
         urls = []
         for sock in sockets:
@@ -257,9 +156,9 @@ class StreamListener:
                     self.metrics.refused.labels("handshake_limit").inc()
                     sock.close()
                     continue
-                nursery.start_soon(self._serve_connection, sock, slot)
+                nursery.start_soon(self._serve_socket, sock, slot)
 
-    async def _heartbeats(self) -> None:
+    async def _heartbeats(self) -> NoReturn:
         while True:
             await trio.sleep(self.settings.stream_heartbeat_s)
             for session in list(self.sessions):
@@ -290,19 +189,37 @@ class StreamListener:
 
     # --- one connection --------------------------------------------------------------------------------
 
-    async def _serve_connection(self, sock: socket.socket, slot: _HandshakeSlot) -> None:
-        """One client, start to end. Any fault of ours or of the client ends this connection only: it is
-        logged once with the connection id and counted; the listener and every other session go on."""
-        conn: Connection | None = None
+    async def _serve_socket(self, sock: socket.socket, slot: HandshakeSlot) -> None:
         try:
-            sock.setblocking(False)
             # A fixed kernel send buffer: bounds kernel memory at thousands of connections (autotuning can
             # reach megabytes each) and makes a stalled client reach its pending-buffer policy predictably.
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.settings.stream_send_buffer_bytes)
             if sock.family in (socket.AF_INET, socket.AF_INET6):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:  # reset before we got to it
+            slot.release()
+            sock.close()
+            return
+        await self._serve(SocketTransport(sock), slot)
+
+    async def serve_stream(self, stream: trio.abc.Stream, peer_ip: str = "127.0.0.1") -> None:
+        """Serve one client over any Trio stream, with the admission and sessions of an accepted socket."""
+        slot = self._handshakes.acquire(peer_ip)
+        async with trio.open_nursery() as pump:  # the transport's writer outlives the connection's tasks
+            transport = StreamTransport(stream, pump, self.settings.stream_send_buffer_bytes)
+            if slot is None:
+                self.metrics.refused.labels("handshake_limit").inc()
+                transport.close()
+                return
+            await self._serve(transport, slot)
+
+    async def _serve(self, transport: Transport, slot: HandshakeSlot) -> None:
+        """One client, start to end. Any fault of ours or of the client ends this connection only: it is
+        logged once with the connection id and counted; the listener and every other session go on."""
+        conn: Connection | None = None
+        try:
             async with trio.open_nursery() as nursery:
-                conn = Connection(sock, nursery, self.settings)
+                conn = Connection(transport, nursery, self.settings)
                 conn.on_slow = lambda reason, n: self.metrics.dropped.labels(reason).inc(n)
                 try:
                     await self._handshake(conn, slot)
@@ -317,146 +234,94 @@ class StreamListener:
             if conn is not None:
                 await conn.aclose()  # after a close frame: lets the client's last bytes in first
             else:
-                sock.close()
+                transport.close()
 
-    async def _handshake(self, conn: Connection, slot: _HandshakeSlot) -> None:
+    async def _handshake(self, conn: Connection, slot: HandshakeSlot) -> None:
+        trace = secrets.token_hex(16)
         try:
             request = None
             with trio.move_on_after(self.settings.stream_handshake_timeout_s):
                 request = await read_request(conn)
-            if request is not None:  # else too slow: hang up
-                await self._route(conn, request, slot)
-        except BadRequest as exc:
-            await conn.send_all(error_response(400, "BAD_REQUEST", f"malformed request: {exc}", _trace()))
-        except PeerGone:
-            pass
-
-    async def _route(self, conn: Connection, request: Request, slot: _HandshakeSlot) -> None:
-        trace = trace_id_from(request.header("traceparent"))
-        if request.path == "/health/live" and request.method in ("GET", "HEAD"):
-            await conn.send_all(json_response(200, {"status": "live"}))
-            return
-        if request.path not in ("/ws/stream", "/sse/stream"):
-            await conn.send_all(
-                error_response(404, "NOT_FOUND", "no such endpoint on the streaming listener", trace)
-            )
-            return
-        if request.method != "GET":
-            await conn.send_all(
-                error_response(405, "METHOD_NOT_ALLOWED", "use GET", trace, [("Allow", "GET")])
-            )
-            return
-        ws = None
-        if request.path == "/ws/stream":
-            if "websocket" not in (request.header("upgrade") or "").lower():
-                await conn.send_all(
-                    error_response(426, "BAD_REQUEST", "a WebSocket upgrade is required", trace)
-                )
+            if request is None:  # too slow, or gone before a whole head: hang up
                 return
-            ws = ws_handshake(request)  # BadRequest (400) before any token work
-        # Charged before the token is looked at: failed attempts spend the budget too.
-        ip = client_ip(slot.ip, request.header("x-forwarded-for"), self._trusted_proxies)
-        retry_after = self._budget.take(ip)
-        if retry_after:
-            self.metrics.refused.labels("rate_limited").inc()
-            if ws is not None:
-                await _ws_refuse(conn, ws, CLOSE_RATE, "rate limited")
-            else:
-                headers = [("Retry-After", str(max(1, round(retry_after))))]
-                await conn.send_all(
-                    error_response(
-                        429, "RATE_LIMITED", "too many connections from this address", trace, headers
-                    )
-                )
-            return
-        token = bearer_token(request.header("authorization")) or (request.query.get("token") or [None])[0]
-        if not token:
-            await conn.send_all(error_response(401, "UNAUTHENTICATED", "a bearer token is required", trace))
-            return
+            trace = trace_id_from(request.header("traceparent"))
+            if request.path == "/health/live" and request.method in ("GET", "HEAD"):
+                await conn.send_all(json_response(200, {"status": "live"}))
+                return
+            endpoint = self._endpoints.get(request.path)
+            if endpoint is None:
+                raise ApiError(404, "NOT_FOUND", "no such endpoint on the streaming listener")
+            if request.method != "GET":
+                raise ApiError(405, "METHOD_NOT_ALLOWED", "use GET", headers={"Allow": "GET"})
+            await endpoint(conn, request, slot, trace)
+        except ApiError as refusal:
+            await conn.send_all(error_bytes(refusal, trace))
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            pass  # the client went away (or we hung up) mid-handshake: the outcome says which
+
+    def _full(self) -> bool:
+        return self._draining or len(self.sessions) >= self.settings.max_connections
+
+    async def _serve_ws(self, conn: Connection, request: Request, slot: HandshakeSlot, trace: str) -> None:
+        if "websocket" not in (request.header("upgrade") or "").lower():
+            raise ApiError(426, "BAD_REQUEST", "a WebSocket upgrade is required")
+        ws = ws_handshake(request)  # BadRequest (400) before any token work
         try:
-            identity = await self._verify(token)
-        except BackendUnavailable as exc:
-            log.warning("stream handshake: token verification unavailable: %s", exc)
-            if ws is not None:
-                await _ws_refuse(conn, ws, CLOSE_INTERNAL, "token verification unavailable; retry")
-            else:
-                await conn.send_all(
-                    error_response(
-                        503,
-                        "UPSTREAM_UNAVAILABLE",
-                        "token verification is unavailable; retry",
-                        trace,
-                        [("Retry-After", "1")],
-                    )
-                )
+            identity = await self._admission.identify(request, slot.ip)
+            self._admission.check_capacity(self._full())
+        except ApiError as refusal:
+            code = WS_CLOSE.get(refusal.code)
+            if code is None:
+                raise
+            await conn.send_all(ws.send(AcceptConnection()))  # accept, then close: browsers see the code
+            conn.close_with(ws_close(code, refusal.message), refusal.message, code)
             return
-        if isinstance(identity, AuthFailure):
-            await conn.send_all(error_response(401, identity.code, identity.message, trace))
-            return
-        full = self._draining or len(self.sessions) >= self.settings.max_connections
-        if full:
-            self.metrics.refused.labels("full").inc()
-        if ws is not None:
-            if full:  # accept, then close with the code, so browsers can see why
-                await _ws_refuse(conn, ws, CLOSE_AGAIN, "server full or draining")
-                return
-            session = WsSession(
-                conn, self.hub, identity, self._authorize, self.settings, ws=ws, verify=self._verify
-            )
-            await self._run_session(session, session.run(request.rest), slot)
-        else:
-            await self._serve_sse(conn, request, identity, full, trace, slot)
+        session = WsSession(
+            conn, self.hub, identity, self._authorize, self.settings, ws=ws, verify=self._verify
+        )
+        await self._run_session(session, session.run(request.rest), slot)
 
-    async def _serve_sse(
-        self,
-        conn: Connection,
-        request: Request,
-        identity: Identity,
-        full: bool,
-        trace: str,
-        slot: _HandshakeSlot,
-    ) -> None:
-        if full:
-            await conn.send_all(
-                error_response(
-                    503, "OVERLOADED", "streaming capacity reached; retry", trace, [("Retry-After", "1")]
-                )
-            )
-            return
+    async def _serve_sse(self, conn: Connection, request: Request, slot: HandshakeSlot, trace: str) -> None:
+        identity = await self._admission.identify(request, slot.ip)
+        self._admission.check_capacity(self._full())
         channels = request.query.get("channel", [])
         keys = request.query.get("key", [])
         if not channels or len(keys) > 1:
-            await conn.send_all(
-                error_response(400, "BAD_REQUEST", "give one or more channel= and at most one key=", trace)
-            )
-            return
+            raise ApiError(400, "BAD_REQUEST", "give one or more channel= and at most one key=")
         resume = parse_event_id(request.header("last-event-id"))
-        session = SseSession(conn, self.hub, identity, self._authorize, self.settings)
         plan = [
             (channel, keys[0] if keys else None, resume.get(channel)) for channel in dict.fromkeys(channels)
         ]
-        for channel, key, _ in plan:  # refuse before the stream starts, with a proper status
-            try:
-                denied = (await self._authorize(identity, channel, key)).denied
-            except BackendUnavailable:
-                denied = None  # decided again by subscribe(), which answers 503-equivalent below
-            if denied is not None:
-                await conn.send_all(error_response(403, "ENTITLEMENT_DENIED", denied, trace))
-                return
+        await self._refuse_denied(identity, plan)
+        session = SseSession(conn, self.hub, identity, self._authorize, self.settings)
         conn.offer(response_head(200, SSE_HEADERS) + b"retry: 2000\n\n")
 
         async def run() -> None:
             try:
                 await session.run(plan)
-            except SubscribeError as exc:
+            except SubscribeError as exc:  # after the 200: the stream ends with a close event
                 session.close(CLOSE_AGAIN, exc.message)
 
         await self._run_session(session, run(), slot)
 
-    async def _run_session(self, session: Session, body: Awaitable[None], slot: _HandshakeSlot) -> None:
+    async def _refuse_denied(
+        self, identity: Identity, plan: list[tuple[str, str | None, str | None]]
+    ) -> None:
+        """Before an event stream starts, a denied channel is a 403 with a proper status."""
+        for channel, key, _ in plan:
+            try:
+                denied = (await self._authorize(identity, channel, key)).denied
+            except (
+                BackendUnavailable
+            ):  # unknown here: subscribe() decides again, and ends the stream if it must
+                denied = None
+            if denied is not None:
+                raise ApiError(403, "ENTITLEMENT_DENIED", denied)
+
+    async def _run_session(self, session: Session, body: Awaitable[None], slot: HandshakeSlot) -> None:
         slot.release()
         self.sessions.add(session)
-        started = time.monotonic()
+        started = trio.current_time()
         try:
             await body
         finally:
@@ -467,15 +332,9 @@ class StreamListener:
                 session.transport,
                 session.conn_id,
                 session.identity.sub,
-                time.monotonic() - started,
-                session.conn.close_reason or "client left",
+                trio.current_time() - started,
+                session.conn.outcome or "closed by server: done",
             )
-
-
-async def _ws_refuse(conn: Connection, ws: WSConnection, code: int, reason: str) -> None:
-    """Accept, then close at once with ``code``: browsers see close codes, not HTTP statuses."""
-    await conn.send_all(ws.send(AcceptConnection()))
-    conn.close_with(ws_close(code, reason), reason)
 
 
 def _cause(exc: BaseException) -> BaseException:
@@ -483,7 +342,3 @@ def _cause(exc: BaseException) -> BaseException:
     while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
         exc = exc.exceptions[0]
     return exc
-
-
-def _trace() -> str:
-    return secrets.token_hex(16)

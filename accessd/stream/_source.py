@@ -14,6 +14,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from ..errors import CursorError
+
 Position = dict[int, int]  # partition -> next offset to read
 
 _CURSOR = re.compile(r"^\d{1,6}:\d{1,19}(,\d{1,6}:\d{1,19}){0,4095}$")
@@ -48,10 +50,6 @@ class Replay:
 
     records: list[Record] = field(default_factory=list)
     dropped: int = 0
-
-
-class CursorError(ValueError):
-    pass
 
 
 def encode_cursor(position: Mapping[int, int]) -> str:
