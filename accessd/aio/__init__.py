@@ -19,6 +19,7 @@ from ._kafka import KafkaLink as KafkaLink
 from ._kafka import RawRecord as RawRecord
 from ._loop import open_asyncio_loop as open_asyncio_loop
 from ._loop import run_aio as run_aio
+from ._postgres import PgListener as PgListener
 from ._postgres import PgPool as PgPool
 from ._postgres import SchemaTooNew as SchemaTooNew
 from ._postgres import apply_migrations as apply_migrations

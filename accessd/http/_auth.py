@@ -20,7 +20,7 @@ from quart import Blueprint, Request, Response, g, request
 
 from ..errors import BackendUnavailable
 from ..policy import AuthFailure, Identity, KeyedBudget, Network, Verify, bearer_token, client_ip
-from ..policy.auth import UNAUTHENTICATED, AuthRuntime, DevIssuer, VerifiedTokenCache
+from ..policy.auth import UNAUTHENTICATED, Authenticator, AuthRuntime, DevIssuer, VerifiedTokenCache
 from ._errors import ApiError
 
 PUBLIC_PATHS = frozenset({"/health", "/health/live", "/health/ready", "/metrics"})
@@ -135,7 +135,7 @@ def dev_jwks_blueprint(issuer: DevIssuer) -> Blueprint:
     return dev
 
 
-def auth_api_blueprint(authenticator: Any) -> Blueprint:
+def auth_api_blueprint(authenticator: Authenticator) -> Blueprint:
     """``POST /auth/verify`` and ``POST /auth/verify-ws`` on the internal role (no token needed to call)."""
     api = Blueprint("auth_api", __name__)
 

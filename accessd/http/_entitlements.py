@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Awaitable
-from typing import Any
+from typing import Any, TypeVar
 
 from quart import Blueprint, Response, request
 
@@ -23,6 +23,8 @@ from ..policy import Identity, Verify
 from ..policy.entitlements import (
     TENANT_MISMATCH,
     Decider,
+    DecisionInput,
+    Entitlements,
     GrantStore,
     InvalidInput,
     parse_decision_input,
@@ -33,6 +35,7 @@ from ._auth import require_identity
 from ._errors import ApiError
 
 MAX_BATCH = 1000
+T = TypeVar("T")
 
 
 def entitlements_blueprint(decider: Decider, store: GrantStore | None, verify: Verify | None) -> Blueprint:
@@ -69,9 +72,8 @@ def entitlements_blueprint(decider: Decider, store: GrantStore | None, verify: V
         identity = await _optional_identity(verify)
         if identity is not None and identity.tenant_id != inp.tenant_id:
             raise ApiError(403, "TENANT_MISMATCH", tenant_mismatch(identity.tenant_id, inp.tenant_id).reason)
-        with_ttl = getattr(decider, "denied_under_ttl", None)
-        if with_ttl is not None:
-            globs, ttl_s = await _unavailable_as_503(with_ttl(identity, inp))
+        if isinstance(decider, Entitlements):  # caches the answer: says for how long
+            globs, ttl_s = await _unavailable_as_503(decider.denied_under_ttl(identity, inp))
         else:  # a decider without a cache of its own: nothing to promise
             globs, ttl_s = await _unavailable_as_503(decider.denied_under(identity, inp)), 0.0
         return _json({"deny": list(globs), "ttl_s": int(ttl_s)}, 200)
@@ -115,7 +117,7 @@ def entitlements_blueprint(decider: Decider, store: GrantStore | None, verify: V
     return bp
 
 
-async def _unavailable_as_503(awaitable: Awaitable[Any]) -> Any:
+async def _unavailable_as_503(awaitable: Awaitable[T]) -> T:
     try:
         return await awaitable
     except BackendUnavailable as exc:
@@ -135,7 +137,7 @@ async def _json_body() -> Any:
         raise ApiError(400, "BAD_REQUEST", "body: expected JSON", {"field": "body"}) from None
 
 
-def _parse_input(data: Any, where: str) -> Any:
+def _parse_input(data: Any, where: str) -> DecisionInput:
     try:
         return parse_decision_input(data, where=where)
     except InvalidInput as exc:

@@ -38,6 +38,7 @@ from ._remote import RemoteEntitlements as RemoteEntitlements
 from ._service import Decider as Decider
 from ._service import EntitlementMetrics as EntitlementMetrics
 from ._service import Entitlements as Entitlements
+from ._service import SharedDecisionCache as SharedDecisionCache
 from ._store import EmptyStore as EmptyStore
 from ._store import GrantStore as GrantStore
 from ._version import PolicyVersion as PolicyVersion

@@ -13,6 +13,7 @@ from ... import aio
 from ...errors import BackendUnavailable, ConfigError
 from ...settings import Settings
 from ._build import build_store
+from ._file_store import FileStore
 from ._model import Grant, InvalidInput, parse_grant
 from ._pg_store import PostgresStore
 from ._store import EmptyStore, GrantStore
@@ -64,8 +65,8 @@ async def _main(settings: Settings, args: argparse.Namespace) -> int:
             if isinstance(store, PostgresStore):
                 await store.open(stack)
                 await store.migrate()
-            else:
-                await store.load()  # type: ignore[attr-defined]
+            elif isinstance(store, FileStore):
+                await store.load()
             return await _command(store, args, grant)
     except BackendUnavailable as exc:
         print(f"accessd: grant store unavailable: {exc}", file=sys.stderr)

@@ -23,7 +23,7 @@ from typing import Any, NoReturn
 
 import trio
 
-from ...aio import PgPool, SchemaTooNew, apply_migrations, open_pg_listener, open_pg_pool
+from ...aio import PgListener, PgPool, SchemaTooNew, apply_migrations, open_pg_listener, open_pg_pool
 from ...errors import BackendUnavailable, ConfigError
 from ...primitives import Backoff, DependencyReporter, DependencyState, Retries, ignore_state
 from ._model import DecisionInput, Grant, InvalidInput
@@ -165,7 +165,7 @@ class PostgresStore:
                     self._report(DependencyState.DOWN)
                 await retries.wait()
 
-    async def _listen(self) -> None:
+    async def _listen(self) -> NoReturn:
         if not self._migrated:
             await self.migrate()
         async with open_pg_listener(self._dsn, CHANNEL, self._timeout_s) as listener:
@@ -185,7 +185,7 @@ class PostgresStore:
                     if schema == self._schema and version.isdigit():
                         self._advance(version)
 
-    async def _read_version(self, listener: Any) -> None:
+    async def _read_version(self, listener: PgListener) -> None:
         row = await listener.fetchrow(_VERSION, self._timeout_s)
         if row is not None:
             self.epoch = str(row["epoch"])

@@ -23,6 +23,16 @@ from ._evaluate import deny_globs_under, evaluate, tenant_mismatch
 from ._model import ALLOWED, DENIAL_CODES, Decision, DecisionInput
 from ._store import GrantStore
 
+
+class SharedDecisionCache(Protocol):
+    """The shared (Redis) tier of the decision cache: best effort, never raises, never waits long
+    (``aio.RedisBatcher``)."""
+
+    async def get(self, key: str) -> bytes | None: ...
+
+    def set_nowait(self, key: str, value: bytes, ttl_s: float) -> None: ...
+
+
 MAX_BATCH_CONCURRENCY = 64
 # ``denied_under`` for a caller of another tenant than the decision's: every key hidden (``decide`` denies
 # the subscription anyway; this keeps a caller that forgot to ask it on the safe side).
@@ -91,7 +101,7 @@ class Entitlements:
         *,
         lru_size: int,
         ttl: AdaptiveTtl,
-        redis: object | None = None,
+        redis: SharedDecisionCache | None = None,
         redis_prefix: str = "accessd:ent",
         metrics: EntitlementMetrics | None = None,
     ) -> None:
@@ -99,7 +109,7 @@ class Entitlements:
         self.lru: DecisionLru[Entry] = DecisionLru(lru_size)
         self.under_lru: DecisionLru[UnderEntry] = DecisionLru(lru_size)
         self._ttl = ttl
-        self._redis = redis  # aio.RedisBatcher: get(key) / set_nowait(key, value, ttl_s)
+        self._redis = redis
         self._prefix = redis_prefix
         self._metrics = metrics
         store.version.add_listener(self._clear)
@@ -198,7 +208,7 @@ class Entitlements:
 
         epoch = self.store.epoch
         if self._redis is not None and epoch is not None:
-            raw = await self._redis.get(self._redis_key(epoch, current, key))  # type: ignore[attr-defined]
+            raw = await self._redis.get(self._redis_key(epoch, current, key))
             if raw is not None and version.value == current:
                 decision = _decode(raw)
                 if decision is not None and (
@@ -222,9 +232,7 @@ class Entitlements:
             self.lru.put(key, Entry(decision, stored_version, time.monotonic() + ttl, hits))
             epoch = self.store.epoch  # read by the lookup, with the version
             if self._redis is not None and epoch is not None:
-                self._redis.set_nowait(  # type: ignore[attr-defined]
-                    self._redis_key(epoch, stored_version, key), _encode(decision), ttl
-                )
+                self._redis.set_nowait(self._redis_key(epoch, stored_version, key), _encode(decision), ttl)
         return decision, "store"
 
     def _redis_key(self, epoch: str, version: str, key: str) -> str:

@@ -49,8 +49,8 @@ class GrantStore(Protocol):
         """Delete one grant (only within ``tenant_id`` when given); the deleted grant, or None."""
         ...
 
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """The store's watcher (file poll, LISTEN): keeps ``version`` current."""
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> NoReturn:
+        """The store's watcher (file poll, LISTEN): keeps ``version`` current; never returns."""
         ...
 
 
