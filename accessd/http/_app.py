@@ -17,6 +17,7 @@ from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
 from ..nurseries import Health
+from ..primitives import DependencyState
 from ..telemetry import CONTENT_TYPE, Metrics, Tracing
 from ._errors import ApiError, handle_api_error, handle_http_exception, handle_unexpected
 from ._pipeline import ROUTE_KEY, RequestPipeline
@@ -62,7 +63,7 @@ def _ops_blueprint(ctx: AppContext) -> Blueprint:
     @ops.get("/health")
     async def health_report() -> Response:
         report = health.report()
-        return _json(report, 503 if report["status"] == "down" else 200)
+        return _json(report, 503 if report["status"] is DependencyState.DOWN else 200)
 
     @ops.get("/health/live")
     async def live() -> Response:

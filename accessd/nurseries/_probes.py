@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable, Collection
 from typing import NoReturn
 
 import trio
+from trio_util import periodic
 
 from .. import aio
 from ..primitives import DependencyState
@@ -45,6 +46,9 @@ def build_probes(settings: Settings, skip: Collection[str] = ()) -> dict[str, Pr
 
 
 class DependencyProbes:
+    """Probes every dependency nobody owns, once at start (ready after that round) and then every
+    ``interval_s`` (start to start). Errors: none escape (a failed probe is a "down" state)."""
+
     name = "probes"
 
     def __init__(self, probes: dict[str, Probe | None], health: Health, interval_s: float) -> None:
@@ -56,11 +60,13 @@ class DependencyProbes:
         for name, probe in self._probes.items():
             if probe is None:
                 self._health.set_dependency(name, DependencyState.EMBEDDED)
-        await self._probe_all()
-        task_status.started()
-        while True:
-            await trio.sleep(self._interval_s)
+        started = False
+        async for _ in periodic(self._interval_s):  # one round every interval_s, not drifting
             await self._probe_all()
+            if not started:
+                started = True
+                task_status.started()
+        raise AssertionError("periodic() never ends")
 
     async def _probe_all(self) -> None:
         async with trio.open_nursery() as nursery:

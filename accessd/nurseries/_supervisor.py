@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import random
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import trio
 
@@ -31,16 +31,20 @@ log = logging.getLogger("accessd.nurseries")
 
 RESTART_BACKOFF = Backoff(initial_s=0.5, max_s=30.0, stable_after_s=60.0)
 
+StartedT = TypeVar("StartedT")
+StartedT_co = TypeVar("StartedT_co", covariant=True)
 
-class Component(Protocol):
-    """What the Supervisor starts. ``run`` usually never returns (``-> NoReturn``); one that returns has
-    stopped cleanly. A component owning a backend also implements :class:`~accessd.primitives.ReportsHealth`.
+
+class Component(Protocol[StartedT_co]):
+    """What the Supervisor starts; ``StartedT_co`` is what ``run`` hands ``task_status.started()`` (bound
+    URLs, a handle, or None). ``run`` usually never returns (``-> NoReturn``); one that returns has stopped
+    cleanly. A component owning a backend also implements :class:`~accessd.primitives.ReportsHealth`.
     """
 
     @property
     def name(self) -> str: ...
 
-    async def run(self, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None: ...
+    async def run(self, *, task_status: trio.TaskStatus[StartedT_co] = trio.TASK_STATUS_IGNORED) -> None: ...
 
 
 @dataclass(kw_only=True)
@@ -48,7 +52,7 @@ class Runtime:
     """What a subsystem's ``build_*`` hands the daemon: its entry points (the subclass's fields, e.g.
     ``AuthRuntime.verify``) and ``components``, to start with the Supervisor in this order."""
 
-    components: list[Component] = field(default_factory=list)
+    components: list[Component[Any]] = field(default_factory=list)
 
 
 class Supervisor:
@@ -69,17 +73,19 @@ class Supervisor:
         self._backoff = backoff
         self._rng = rng or random.Random()
 
-    async def start(self, component: Component) -> Any:
+    async def start(self, component: Component[StartedT]) -> StartedT:
         """Start ``component`` under supervision; return what it passed to ``started()``."""
         return await self._nursery.start(self._supervise, component)
 
-    async def _start_once(self, nursery: trio.Nursery, component: Component) -> Any:
+    async def _start_once(self, nursery: trio.Nursery, component: Component[StartedT]) -> StartedT:
         with trio.move_on_after(self._start_timeout_s) as scope:
             return await nursery.start(component.run)
         assert scope.cancelled_caught
         raise StartupError(component.name, f"not ready within {self._start_timeout_s:g} s")
 
-    async def _supervise(self, component: Component, *, task_status: trio.TaskStatus[Any]) -> None:
+    async def _supervise(
+        self, component: Component[StartedT], *, task_status: trio.TaskStatus[StartedT]
+    ) -> None:
         name = component.name
         ever_started = False
         retries = Retries(self._backoff, self._rng)

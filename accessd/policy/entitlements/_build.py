@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ...nurseries import Component, Health, Runtime
 from ...primitives import ignore_state
@@ -68,7 +69,7 @@ def build_entitlements(settings: Settings, health: Health, metrics: Metrics) -> 
         remote = RemoteEntitlements(policy.entitlements_url, timeout_s=policy.entitlement_store_timeout_s)
         return EntitlementsRuntime(decider=remote, store=None, components=[remote])
     store = build_store(settings, health)
-    components: list[Component] = [store]
+    components: list[Component[Any]] = [store]
     redis = None
     if settings.backends.redis_url:
         from ...aio import RedisBatcher
