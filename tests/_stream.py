@@ -1,4 +1,6 @@
-"""An in-process streaming listener on a free port, for transport tests with real sockets and real clients.
+"""An in-process streaming listener on a free port, for transport tests with real sockets and real clients;
+or, with ``memory=True``, on no port at all: clients connect over in-memory streams (``Rig.open_ws``), so
+whole sessions run on Trio's virtual clock.
 
 Identity and entitlements are stand-ins here (a token table and a channel-name rule); the daemon tests
 exercise the real auth and entitlement wiring.
@@ -15,12 +17,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import trio
+import trio.testing
 from prometheus_client import CollectorRegistry
 
 from accessd.errors import BackendUnavailable
 from accessd.policy._identity import AuthFailure, Identity
 from accessd.settings import Binds, StreamSettings
 from accessd.stream import Access, EmbeddedBroker, Hub, StreamListener
+
+from ._memory import MemoryWs
 
 
 @dataclass
@@ -35,6 +40,8 @@ class Rig:
     verifier_down: bool = False  # verify raises BackendUnavailable (a delegated verifier that is away)
     faults: dict[str, Exception] = field(default_factory=dict)  # channel -> what authorize raises
     hidden: dict[str, set[str]] = field(default_factory=dict)  # channel -> keys denied to everyone
+    nursery: trio.Nursery | None = None
+    shutdown: trio.Event = field(default_factory=trio.Event)  # set: the listener drains
 
     @property
     def port(self) -> int:
@@ -54,10 +61,30 @@ class Rig:
     def sample(self, name: str, labels: dict[str, str] | None = None) -> float:
         return self.registry.get_sample_value(name, labels or {}) or 0.0
 
+    def connect(self, *, lockstep: bool = False) -> trio.abc.Stream:
+        """A client stream to the listener over memory: buffered both ways, or ``lockstep`` (the server's
+        writes wait until the client reads, as a full socket buffer makes them)."""
+        assert self.nursery is not None
+        pair = trio.testing.lockstep_stream_pair if lockstep else trio.testing.memory_stream_pair
+        client, server = pair()
+        self.nursery.start_soon(self.listener.serve_stream, server)
+        return client
+
+    @asynccontextmanager
+    async def open_ws(self, token: str, *, lockstep: bool = False) -> AsyncIterator[MemoryWs]:
+        """A WebSocket session over memory, after its ``welcome`` frame."""
+        stream = self.connect(lockstep=lockstep)
+        async with stream:
+            ws = MemoryWs(stream)
+            await ws.handshake(f"/ws/stream?token={token}")
+            assert (await ws.recv())["type"] == "welcome"
+            yield ws
+
 
 @asynccontextmanager
 async def stream_rig(
     *,
+    memory: bool = False,
     ring_size: int = 1000,
     max_channels: int = 10_000,
     trusted_proxies: tuple[Any, ...] = (),
@@ -95,7 +122,7 @@ async def stream_rig(
     shutdown = trio.Event()
     listener = StreamListener(
         settings,
-        Binds.parse("127.0.0.1:0"),
+        Binds(()) if memory else Binds.parse("127.0.0.1:0"),
         trusted_proxies,
         hub,
         verify,
@@ -105,8 +132,9 @@ async def stream_rig(
     )
     async with trio.open_nursery() as nursery:
         nursery.start_soon(hub.run)
-        (url,) = await nursery.start(listener.run)
-        rig = Rig(broker, hub, listener, url, {}, registry=registry)
+        urls = await nursery.start(listener.run)
+        url = urls[0] if urls else ""
+        rig = Rig(broker, hub, listener, url, {}, registry=registry, nursery=nursery, shutdown=shutdown)
         try:
             yield rig
         finally:

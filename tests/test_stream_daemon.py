@@ -14,6 +14,8 @@ import pytest
 import trio
 from trio_websocket import ConnectionClosed, open_websocket_url
 
+from ._wait import eventually
+
 GRANTS = """grants:
   - {{tenant_id: t1, subject: "role:trader", action: subscribe, resource: "channel:{channel}", effect: allow}}
   - {{tenant_id: t1, subject: "role:trader", action: subscribe, resource: "channel:{channel}/*", effect: allow}}
@@ -195,11 +197,12 @@ async def test_kafka_restart_mid_stream_keeps_subscribers(daemon_factory, tmp_pa
             assert (await recv(ws))["data"] == {"n": 1}
 
             first_broker.close()  # the broker goes away; the WebSocket session stays
-            with trio.fail_after(20):
-                while (await client.get(f"{daemon.internal_url}/health")).json()["dependencies"][
-                    "kafka"
-                ] != "down":
-                    await trio.sleep(0.2)
+
+            async def kafka_down() -> bool:
+                health = (await client.get(f"{daemon.internal_url}/health")).json()
+                return health["dependencies"]["kafka"] == "down"
+
+            await eventually(kafka_down, within=20, every=0.2)
             with tansu_broker(tmp_path, port), _logs_on_failure(daemon):
                 # Tansu keeps its log in memory: it comes back empty and reuses offsets. A record landing
                 # below the offset this daemon had already read cannot be told from one it delivered (real
@@ -427,15 +430,29 @@ async def test_raw_kafka_values_that_are_not_utf8_json_are_skipped(
         with trio.fail_after(20):
             async with client.stream("GET", url) as response:
                 assert response.status_code == 200
-                await trio.sleep(0.5)  # the subscription is live
+                lines = response.aiter_lines()
+                async with trio.open_nursery() as markers:  # until one arrives, the subscription is not live
+                    markers.start_soon(_produce_markers, kafka_bootstrap, channel)
+                    async for line in lines:
+                        if '"marker"' in line:
+                            markers.cancel_scope.cancel()
+                            break
                 bad = [json.dumps({"price": 1}).encode("utf-16"), b"\xff\xfe", b'{"price": NaN}']
                 await trio.to_thread.run_sync(_produce_raw, kafka_bootstrap, channel, [*bad, pretty])
                 data = []
-                async for line in response.aiter_lines():
-                    if line.startswith("data: "):
+                async for line in lines:
+                    if line.startswith("data: ") and '"marker"' not in line:
                         data.append(json.loads(line[6:]))
                     elif not line and data:
                         break
         assert [m["data"] for m in data] == [{"price": 2, "points": [1, 2]}]  # one event, one data line
         metrics = (await client.get(f"{daemon.edge_url}/metrics")).text
         assert f'accessd_stream_invalid_records_total{{channel="{channel}"}} 3.0' in metrics
+
+
+async def _produce_markers(bootstrap: str, channel: str) -> None:
+    """A marker record five times a second, until cancelled: the first one delivered shows a subscription
+    is live (an SSE stream has no ``subscribed`` frame)."""
+    while True:
+        await trio.to_thread.run_sync(_produce_raw, bootstrap, channel, [b'{"marker": true}'])
+        await trio.sleep(0.2)

@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 from trio_websocket import open_websocket_url
 
 from ._stream import UPGRADE_HEADERS, Rig, masked_frame, read_until_closed, stream_rig, upgrade_request
+from ._wait import eventually
 from .test_stream_transport import recv, subscribe
 
 EXAMPLES = int(os.environ.get("ACCESSD_FUZZ_EXAMPLES", "1000"))
@@ -215,9 +216,9 @@ async def _throw(rig: Rig, data: bytes) -> bytes:
 
 async def _settled(rig: Rig) -> None:
     """Nothing of the case is left: one session (the witness), one channel."""
-    with trio.fail_after(5):
-        while len(rig.listener.sessions) != 1 or rig.hub.channel_count() != 1:
-            await trio.sleep(0.001)
+    await eventually(
+        lambda: len(rig.listener.sessions) == 1 and rig.hub.channel_count() == 1, every=0.001, what="settled"
+    )
 
 
 def _errors(rig: Rig) -> float:

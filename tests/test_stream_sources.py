@@ -31,6 +31,7 @@ from accessd.stream._kafka import Gap, KafkaSource
 from accessd.stream._source import Record, decode_cursor, encode_cursor
 
 from ._services import tansu_broker
+from ._wait import eventually
 
 KINDS = ["embedded", "kafka"]
 _counter = itertools.count()
@@ -249,7 +250,6 @@ async def test_kafka_unknown_topic_is_followed_once_it_appears(request: pytest.F
         async with open_source("kafka", request) as source:
             channel = _topic("later")
             assert await source.follow(channel) == {0: 0}  # not created by following it
-            await trio.sleep(0.5)  # a few refreshes: still nothing to read
             await create_topic(bootstrap, channel, 3)
             # New partitions (here: of a new topic) are read from their beginning. Tansu does not implement
             # CreatePartitions, so growing an existing topic takes this same refresh path in production only.
@@ -257,14 +257,6 @@ async def test_kafka_unknown_topic_is_followed_once_it_appears(request: pytest.F
                 await produce_to(bootstrap, channel, partition, b'{"p": %d}' % partition)
             records = await collect(source, 3)
             assert sorted((r.partition, r.offset) for r in records) == [(0, 0), (1, 0), (2, 0)]
-
-
-async def eventually(predicate: Any) -> None:
-    """Poll state that has no event of its own (Health is plain state by design)."""
-    while True:
-        if predicate():
-            return
-        await trio.sleep(0.05)
 
 
 def _free_port() -> int:
@@ -283,7 +275,7 @@ async def test_kafka_broker_restart(tmp_path: Path) -> None:
         return await trio.to_thread.run_sync(broker.enter_context, tansu_broker(tmp_path, port))
 
     async def wait_for(state: str) -> None:
-        await eventually(lambda: health.dependencies.get("kafka") == state)
+        await eventually(lambda: health.dependencies.get("kafka") == state, within=30)
 
     bootstrap = await start_broker()
     try:
@@ -309,15 +301,16 @@ async def test_kafka_broker_restart(tmp_path: Path) -> None:
                     while True:
                         batches.extend(await source.next_batch())
 
-                nursery.start_soon(pump)  # waits through the outage, never raises
-                await trio.sleep(0.5)
+                nursery.start_soon(pump)  # waits through the outage (the broker's restart), never raises
                 await start_broker()  # memory storage: the restarted broker lost the log
                 await wait_for("ok")
                 await create_topic(bootstrap, channel, 1)
-                await eventually(lambda: any(isinstance(item, Gap) for item in batches))
+                await eventually(lambda: any(isinstance(item, Gap) for item in batches), within=30)
                 await source.publish(channel, "k", b'{"after": 1}')
                 after = b'{"after": 1}'
-                await eventually(lambda: any(isinstance(i, Record) and i.value == after for i in batches))
+                await eventually(
+                    lambda: any(isinstance(i, Record) and i.value == after for i in batches), within=30
+                )
                 gaps = [item for item in batches if isinstance(item, Gap)]
                 assert gaps == [Gap(channel, 0, 3, 0)]
                 nursery.cancel_scope.cancel()

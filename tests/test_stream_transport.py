@@ -10,7 +10,8 @@ import pytest
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket_url
 
-from ._stream import Rig, masked_frame, stream_rig
+from ._stream import Rig, stream_rig
+from ._wait import eventually
 
 CHANNEL = "pricing.curve.updates.v1"
 
@@ -217,22 +218,11 @@ async def test_huge_frame_closes_1008_and_others_keep_streaming() -> None:
             assert (await recv(good))["data"] == {"still": "flowing"}
 
 
-async def test_token_expiry_closes_4001_unless_refreshed() -> None:
+async def test_token_expiry_closes_4001() -> None:
     async with stream_rig() as rig:
         async with open_websocket_url(f"{rig.ws_url}?token={rig.token('short', ttl_s=1.5)}") as ws:
             await recv(ws)
             assert await closed_with(ws, within=5) == 4001
-        async with open_websocket_url(f"{rig.ws_url}?token={rig.token('renewed', ttl_s=1.5)}") as ws:
-            await recv(ws)
-            rig.tokens["renewed-2"] = rig.tokens["renewed"].__class__(
-                "renewed", "t1", frozenset(), rig.tokens["renewed"].exp + 3600, {}
-            )
-            await ws.send_message(json.dumps({"op": "refresh", "id": "r", "token": "renewed-2"}))
-            refreshed = await recv(ws)
-            assert refreshed["type"] == "refreshed" and refreshed["exp"] > rig.tokens["renewed"].exp
-            await trio.sleep(2)
-            await ws.send_message(json.dumps({"op": "ping", "id": "still-here"}))
-            assert (await recv(ws))["id"] == "still-here"
 
 
 async def test_revalidation_ends_revoked_subscriptions() -> None:
@@ -288,27 +278,6 @@ async def test_connect_rate_limit_per_ip_closes_4029() -> None:
             assert await closed_with(ws) == 4029
 
 
-async def test_slowloris_handshake_is_cut_and_does_not_disturb_others() -> None:
-    async with stream_rig(stream_handshake_timeout_s=1.0) as rig:
-        slow = trio.socket.socket()
-        await slow.connect(("127.0.0.1", int(rig.url.rsplit(":", 1)[1])))
-        async with open_websocket_url(f"{rig.ws_url}?token={rig.token('a')}") as ws:
-            await recv(ws)
-            await subscribe(ws)
-            with trio.fail_after(5):
-                for byte in b"GET /ws/stream HTTP/1.1\r\n":
-                    try:
-                        await slow.send(bytes([byte]))
-                    except OSError:
-                        break
-                    rig.publish(CHANNEL, {"tick": byte})
-                    assert (await recv(ws))["data"] == {"tick": byte}
-                    await trio.sleep(0.2)
-            with trio.fail_after(2):
-                assert await slow.recv(100) == b""  # the server hung up on the slow handshake
-        slow.close()
-
-
 def stalled_client(rig: Rig, token: str) -> socket.socket:
     """A WebSocket client that completes the handshake, subscribes, then never reads again."""
     sock = socket.socket()
@@ -337,7 +306,7 @@ async def test_stalled_client_does_not_delay_others_and_gets_its_policy(policy: 
             async with open_websocket_url(f"{rig.ws_url}?token={rig.token('fast')}") as ws:
                 await recv(ws)
                 await subscribe(ws)
-                await trio.sleep(0.2)  # the stalled client's subscription is in
+                await eventually(lambda: rig.hub.subscription_count() == 2, what="both subscriptions are in")
                 blob = "x" * 2000
                 for n in range(400):  # ~800 KB: far beyond both kernel buffers and the pending bound
                     rig.publish(CHANNEL, {"n": n, "blob": blob}, key=f"k{n % 4}")
@@ -361,7 +330,7 @@ async def test_conflated_delivery_carries_the_skipped_count() -> None:
             blob = "y" * 4000
             for n in range(300):  # nobody reads meanwhile: the kernel buffer fills, then conflation starts
                 rig.publish(CHANNEL, {"n": n, "blob": blob}, key="NG")
-            await trio.sleep(0.1)
+            await eventually(lambda: rig.hub.stats.messages == 300, what="the hub fanned out all 300")
             got = []
             with trio.fail_after(10):
                 while not got or got[-1]["data"]["n"] != 299:
@@ -378,7 +347,7 @@ async def test_abrupt_reset_mid_write_leaves_others_unharmed() -> None:
         async with open_websocket_url(f"{rig.ws_url}?token={rig.token('polite')}") as ws:
             await recv(ws)
             await subscribe(ws)
-            await trio.sleep(0.2)
+            await eventually(lambda: rig.hub.subscription_count() == 2, what="both subscriptions are in")
             blob = "z" * 4000
             for n in range(100):
                 rig.publish(CHANNEL, {"n": n, "blob": blob})
@@ -386,8 +355,7 @@ async def test_abrupt_reset_mid_write_leaves_others_unharmed() -> None:
                     rude.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
                     rude.close()
                 assert (await recv(ws))["data"]["n"] == n
-            await trio.sleep(0.2)
-            assert len(rig.listener.sessions) == 1
+            await eventually(lambda: len(rig.listener.sessions) == 1, what="the reset session is gone")
 
 
 async def test_thousand_websocket_clients() -> None:
@@ -425,36 +393,12 @@ async def test_shutdown_drains_with_1013_and_a_final_sse_event() -> None:
             url = f"{rig.url}/sse/stream?channel={CHANNEL}&token={rig.token('b')}"
             async with client.stream("GET", url) as response:
                 assert response.status_code == 200
-                rig.listener._shutdown.set()
+                rig.shutdown.set()
                 assert await closed_with(ws) == 1013
                 with trio.fail_after(5):
                     text = "".join([chunk async for chunk in response.aiter_text()])
         assert "event: close" in text and '"code": 1013' in text
         await rig.listener.stopped.wait()
-
-
-async def test_fragmented_frames_and_split_writes_are_reassembled() -> None:
-    async with stream_rig() as rig:
-        port = int(rig.url.rsplit(":", 1)[1])
-        stream = await trio.open_tcp_stream("127.0.0.1", port)
-        async with stream:
-            await stream.send_all(
-                f"GET /ws/stream?token={rig.token('frag')} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n".encode()
-                + b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-                + b"Sec-WebSocket-Version: 13\r\n\r\n"
-            )
-            op = json.dumps({"op": "ping", "id": "fragmented"}).encode()
-            # one message in three frames (text + continuation + final continuation), sent a few bytes at a time
-            wire = masked_frame(0x1, op[:5], fin=False) + masked_frame(0x0, op[5:12], fin=False)
-            wire += masked_frame(0x0, op[12:])
-            for i in range(0, len(wire), 3):
-                await stream.send_all(wire[i : i + 3])
-                await trio.sleep(0.01)
-            received = b""
-            with trio.fail_after(5):
-                while b'"fragmented"' not in received:
-                    received += await stream.receive_some(4096)
-        assert b'{"type":"pong","id":"fragmented"}' in received
 
 
 async def test_sse_heartbeats_and_nothing_left_behind() -> None:
@@ -470,9 +414,9 @@ async def test_sse_heartbeats_and_nothing_left_behind() -> None:
         async with open_websocket_url(f"{rig.ws_url}?token={rig.token('ws')}") as ws:
             await recv(ws)
             await subscribe(ws)
-        await trio.sleep(0.3)  # the server notices both clients are gone
-        assert not rig.listener.sessions and rig.hub.channel_count() == 0  # nothing held for them
-        assert rig.broker._followed == {}
+        await eventually(  # the server notices both clients are gone, and holds nothing for them
+            lambda: not rig.listener.sessions and rig.hub.channel_count() == 0 and not rig.broker.followed()
+        )
 
 
 async def test_sse_stream_ends_when_the_token_expires() -> None:

@@ -77,6 +77,10 @@ class EmbeddedBroker:
     ) -> Position:
         return self.publish_nowait(channel, key, value, headers)
 
+    def followed(self) -> set[str]:
+        """The channels the hub reads now."""
+        return set(self._followed)
+
     async def follow(self, channel: str) -> Position:
         ring = self._rings.get(channel)
         self._followed.setdefault(channel, ring.next_offset if ring is not None else 0)

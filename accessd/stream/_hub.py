@@ -357,3 +357,6 @@ class Hub:
 
     def channel_count(self) -> int:
         return len(self._channels)
+
+    def subscription_count(self) -> int:
+        return sum(len(ch) for ch in self._channels.values())
