@@ -27,7 +27,7 @@ from accessd.errors import BackendUnavailable
 from accessd.nurseries import Health
 from accessd.settings import StreamSettings
 from accessd.stream._embedded import EmbeddedBroker
-from accessd.stream._kafka import Gap, KafkaSource
+from accessd.stream._kafka import Gap, KafkaSource, reconcile
 from accessd.stream._source import Record, decode_cursor, encode_cursor
 
 from ._services import tansu_broker
@@ -320,16 +320,14 @@ async def test_kafka_broker_restart(tmp_path: Path) -> None:
 
 def test_kafka_positions_the_broker_no_longer_holds_become_gaps() -> None:
     """The retention case Tansu cannot produce: judged on the offsets a real Kafka would report."""
-    source = KafkaSource(("127.0.0.1:9",), Health(role="all"), StreamSettings())
     truncated, reset, moved, fine = ("a", 0), ("a", 1), ("a", 2), ("a", 3)
-    source._positions = {truncated: 5, reset: 9, moved: 50, fine: 4}
-    source._seen_end = {reset: 12}
+    positions = {truncated: 5, reset: 9, moved: 50, fine: 4}
+    seen_end = {reset: 12}
     before = {truncated: 5, reset: 9, moved: 40, fine: 4}  # "moved" was read while offsets were fetched
     begin = {truncated: 8, reset: 0, moved: 45, fine: 0}
     end = {truncated: 20, reset: 2, moved: 45, fine: 4}
-    source._reconcile(before, begin, end)
-    assert source._gaps == [Gap("a", 0, 3, 8), Gap("a", 1, 3, 0)]
-    assert source._positions == {truncated: 8, reset: 0, moved: 50, fine: 4}
+    assert reconcile(positions, seen_end, before, begin, end) == [Gap("a", 0, 3, 8), Gap("a", 1, 3, 0)]
+    assert positions == {truncated: 8, reset: 0, moved: 50, fine: 4}
 
 
 async def test_kafka_publish_answers_from_the_ack_and_never_fails_after_it(
@@ -347,7 +345,7 @@ async def test_kafka_publish_answers_from_the_ack_and_never_fails_after_it(
             held, release = trio.Event(), trio.Event()
 
             async def long_replay() -> None:  # what a replay does with the lookup consumer
-                async with source._lookup_lock:
+                async with source.lookup():
                     held.set()
                     await release.wait()
 

@@ -191,42 +191,28 @@ class KafkaSource:
                     self._channels[channel].add(partition)
                     self._positions[(channel, partition)] = 0
                     self._dirty = True
-            self._reconcile(before, begin, end)
+            gaps = reconcile(self._positions, self._seen_end, before, begin, end)
+            if gaps:
+                self._gaps.extend(gaps)
+                self._dirty = True
+                self._wakeup.set()
         if not was_up:
             log.info("kafka: broker reachable again, stream resumes")
             self._dirty = True
         self._set_up(True)
         return True
 
-    def _reconcile(self, before: dict[TP, int], begin: dict[TP, int], end: dict[TP, int]) -> None:
-        """Move positions the broker no longer holds to its oldest offset; queue a Gap for each loss.
-
-        Only partitions whose position did not move while the offsets were read are judged: one that moved
-        was just read from, so the broker holds it.
-        """
-        for tp, position in list(self._positions.items()):
-            if tp not in begin or tp not in end or before.get(tp) != position:
-                continue
-            self._seen_end[tp] = max(self._seen_end.get(tp, 0), end[tp])
-            if position < begin[tp]:  # retention (or a truncation) took records we had not delivered
-                lost, resume = begin[tp] - position, begin[tp]
-            elif position > end[tp]:  # the log was reset (a broker that lost its data): offsets restarted
-                lost, resume = max(0, self._seen_end[tp] - position), begin[tp]
-                self._seen_end[tp] = end[tp]
-            else:
-                continue
-            log.warning("kafka: %s[%d] lost %d records, resuming at offset %d", *tp, lost, resume)
-            self._positions[tp] = resume
-            self._dirty = True
-            # Also with lost == 0: the offsets moved back, and a reader deduplicating by offset must know.
-            self._gaps.append(Gap(tp[0], tp[1], lost, resume))
-            self._wakeup.set()
-
     def _set_up(self, up: bool) -> None:
         if up != self._up or self._health.dependencies.get("kafka") is None:
             self._health.set_dependency("kafka", OK if up else DOWN)
         self._up = up
         self._wakeup.set()
+
+    @asynccontextmanager
+    async def lookup(self) -> AsyncIterator[None]:
+        """Exclusive use of the lookup consumer (replays, and the partition ends a publish reads first)."""
+        async with self._lookup_lock:
+            yield
 
     @asynccontextmanager
     async def _consumer(self) -> AsyncIterator[None]:
@@ -348,7 +334,7 @@ class KafkaSource:
 
     async def replay(self, channel: str, since: Position, until: Position) -> Replay:
         link = self._require_link()
-        async with self._lookup_lock:
+        async with self.lookup():
             try:
                 with trio.fail_after(self._replay_timeout_s):
                     raw, dropped = await run_aio(
@@ -377,7 +363,7 @@ class KafkaSource:
                 found = (await run_aio(BACKEND, link.partitions, [channel]))[channel]
                 before: dict[int, int] = {}
                 if found:  # the end offsets of an unknown topic would wait for it forever
-                    async with self._lookup_lock:
+                    async with self.lookup():
                         before = await run_aio(BACKEND, link.ends, channel, found)
         except trio.TooSlowError as exc:
             problem = f"publish to {channel}: partition ends not read in time; nothing was published"
@@ -397,3 +383,35 @@ class KafkaSource:
         if channel in self._channels and not self._channels[channel]:
             self._refresh_now.set()  # a followed topic that did not exist does now
         return position
+
+
+def reconcile(
+    positions: dict[TP, int],
+    seen_end: dict[TP, int],
+    before: dict[TP, int],
+    begin: dict[TP, int],
+    end: dict[TP, int],
+) -> list[Gap]:
+    """Move ``positions`` the broker no longer holds to its oldest offset; a Gap for each loss.
+
+    ``before``: the positions when the offsets were read; only partitions that did not move since are judged
+    (one that moved was just read from, so the broker holds it). ``seen_end``: the highest end offset seen
+    per partition, to size a loss when a log is reset; updated here.
+    """
+    gaps = []
+    for tp, position in list(positions.items()):
+        if tp not in begin or tp not in end or before.get(tp) != position:
+            continue
+        seen_end[tp] = max(seen_end.get(tp, 0), end[tp])
+        if position < begin[tp]:  # retention (or a truncation) took records we had not delivered
+            lost, resume = begin[tp] - position, begin[tp]
+        elif position > end[tp]:  # the log was reset (a broker that lost its data): offsets restarted
+            lost, resume = max(0, seen_end[tp] - position), begin[tp]
+            seen_end[tp] = end[tp]
+        else:
+            continue
+        log.warning("kafka: %s[%d] lost %d records, resuming at offset %d", *tp, lost, resume)
+        positions[tp] = resume
+        # Also with lost == 0: the offsets moved back, and a reader deduplicating by offset must know.
+        gaps.append(Gap(tp[0], tp[1], lost, resume))
+    return gaps
