@@ -93,7 +93,7 @@ def kafka_source(
         kafka_metadata_refresh_s=metadata_refresh_s,
         kafka_request_timeout_s=request_timeout_s,
     )
-    return KafkaSource((bootstrap,), health, settings)
+    return KafkaSource((bootstrap,), settings, health.reporter(KafkaSource.health_dependency))
 
 
 @asynccontextmanager

@@ -34,9 +34,8 @@ class Health:
     started_at: float = field(default_factory=time.monotonic)
     drained: trio.Event = field(default_factory=trio.Event)
 
-    def set_dependency(self, name: str, state: DependencyState | str) -> None:
-        """Record ``name``'s state. (A plain ``"ok"``/``"down"`` string is still accepted, and checked.)"""
-        self.dependencies[name] = DependencyState(state)
+    def set_dependency(self, name: str, state: DependencyState) -> None:
+        self.dependencies[name] = state
 
     def reporter(self, name: str) -> DependencyReporter:
         """What a component owning dependency ``name`` reports its state through."""

@@ -7,15 +7,15 @@ import logging
 import math
 import random
 import time
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import NoReturn
 
 import trio
 
 from ..errors import BackendUnavailable
-from ..nurseries import Health
+from ..nurseries import Health, Runtime
 from ..policy import Identity, Verify
-from ..policy.entitlements import DENIED_BY_GRANT, Decider, DecisionInput, hidden_keys
+from ..policy.entitlements import DENIED_BY_GRANT, Decider, DecisionInput, PolicyVersion, hidden_keys
 from ..settings import Settings
 from ..telemetry import Metrics, Tracing
 from ._embedded import EmbeddedBroker
@@ -30,12 +30,13 @@ DEMO_CHANNEL = "pricing.curve.updates.v1"
 DEMO_CURVES = ("NG_2026", "NG_2027", "PW_DE_2026", "CO2_EUA_2026")
 
 
-@dataclass
-class StreamRuntime:
+@dataclass(kw_only=True)
+class StreamRuntime(Runtime):
+    """The broker source, the hub, and (edge and all roles) the listener; ``components`` in start order."""
+
     source: Source
     hub: Hub
-    listener: StreamListener | None
-    components: list[Any] = field(default_factory=list)
+    listener: StreamListener | None = None
 
 
 def entitlement_authorizer(decider: Decider) -> Authorize:
@@ -70,7 +71,7 @@ def build_source(settings: Settings, health: Health) -> Source:
         return EmbeddedBroker(ring_size=settings.stream.stream_ring_size)
     from ._kafka import KafkaSource
 
-    return KafkaSource(bootstrap, health, settings.stream)
+    return KafkaSource(bootstrap, settings.stream, health.reporter(KafkaSource.health_dependency))
 
 
 def build_stream(
@@ -80,7 +81,7 @@ def build_stream(
     verify: Verify,
     authorize: Authorize,
     shutdown: trio.Event,
-    policy_version: Any = None,
+    policy_version: PolicyVersion | None = None,
     tracing: Tracing | None = None,
 ) -> StreamRuntime:
     """Components in start order: source, hub, [demo feed], [revalidator], listener (edge and all roles)."""
@@ -89,7 +90,7 @@ def build_stream(
     hub = Hub(
         source, policies=s.stream_policies, backlog_limit=s.stream_max_pending_messages, tracing=tracing
     )
-    runtime = StreamRuntime(source, hub, None, [source, hub])
+    runtime = StreamRuntime(source=source, hub=hub, components=[source, hub])
     if settings.server.demo:
         runtime.components.append(DemoFeed(source))
     if settings.server.role == "internal":
@@ -117,19 +118,22 @@ class Revalidator:
 
     name = "stream-revalidator"
 
-    def __init__(self, listener: StreamListener, version: Any, interval_s: float) -> None:
+    def __init__(self, listener: StreamListener, version: PolicyVersion | None, interval_s: float) -> None:
         self._listener = listener
+        self._version = version
         self._interval_s = interval_s
-        self._changed = trio.Event()
-        if version is not None:
-            version.add_listener(lambda _value: self._changed.set())
 
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> NoReturn:
+        version = self._version
+        seen = version.value if version is not None else None
         task_status.started()
         while True:
             with trio.move_on_after(self._interval_s):
-                await self._changed.wait()
-            self._changed = trio.Event()
+                if version is None or seen is None:
+                    await trio.sleep_forever()
+                else:
+                    await version.wait_changed(seen)
+            seen = version.value if version is not None else None  # read first: a change meanwhile counts
             await self._listener.revalidate_all()
 
 
@@ -143,7 +147,7 @@ class DemoFeed:
         self._period_s = 1.0 / per_second
         self._rng = random.Random(254)
 
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> NoReturn:
         task_status.started()
         tick = 0
         while True:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 import time
 from collections import deque
+from typing import NoReturn
 
 import trio
 
@@ -48,7 +49,7 @@ class EmbeddedBroker:
         self._followed: dict[str, int] = {}  # channel -> next offset the hub reads
         self._wakeup = trio.Event()
 
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> NoReturn:
         """Nothing to connect to; a component only so that start order and health look like Kafka's."""
         task_status.started()
         await trio.sleep_forever()

@@ -20,7 +20,7 @@ Interface decisions (beyond :class:`~accessd.stream._source.Source`):
   we know were skipped (0 is possible after a reset: the offsets still moved back). The hub sets the
   channel's position for that partition to ``Gap.offset`` and sends a ``gap`` frame when ``dropped > 0``.
 * Outage: ``next_batch`` never raises for broker faults; it waits. The refresh loop doubles as the health
-  check: ``health.set_dependency("kafka", "down")`` when it fails, "ok" after, retrying with backoff. On
+  check: it reports ``kafka: down`` when it fails, ``ok`` after, retrying with backoff. On
   recovery positions are checked against what the broker holds, then reading resumes from them.
 
 Backpressure: ``next_batch`` is pulled; at most ``max_batch_records`` records are fetched per crossing and
@@ -35,7 +35,6 @@ source carries on. ``publish`` answers from the produce acknowledgement: once ac
 from __future__ import annotations
 
 import logging
-import random
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import NoReturn
@@ -44,15 +43,14 @@ import trio
 
 from ..aio import TP, KafkaLink, RawRecord, run_aio
 from ..errors import BackendUnavailable
-from ..nurseries import Health
+from ..primitives import Backoff, DependencyReporter, DependencyState, Retries
 from ..settings import StreamSettings
 from ._source import Gap, Position, Record, Replay
 
 log = logging.getLogger("accessd.stream")
 
 BACKEND = "kafka"
-BACKOFF_MAX_S = 5.0  # between reconnect attempts
-OK, DOWN = "ok", "down"
+RECONNECT = Backoff(initial_s=0.1, max_s=5.0, jitter=0.5, stable_after_s=None)
 UNKNOWN_TOPIC_POSITION: Position = {0: 0}
 
 
@@ -78,11 +76,11 @@ class KafkaSource:
     def __init__(
         self,
         bootstrap: Sequence[str],
-        health: Health,
         settings: StreamSettings,
+        report: DependencyReporter,
     ) -> None:
         self._bootstrap = tuple(bootstrap)
-        self._health = health
+        self._report = report
         self._refresh_s = settings.kafka_metadata_refresh_s
         self._fetch_max_wait_ms = settings.kafka_fetch_max_wait_ms
         self._max_batch = settings.kafka_max_batch_records
@@ -148,21 +146,17 @@ class KafkaSource:
         return True
 
     async def _maintain(self) -> NoReturn:
-        failures = 0
-        rng = random.Random()
+        retries = Retries(RECONNECT)
         while True:
             if self._up:
                 with trio.move_on_after(self._refresh_s):
                     await self._refresh_now.wait()
             else:
-                cap = min(BACKOFF_MAX_S, 0.1 * 2 ** min(failures, 10))
-                await trio.sleep(rng.uniform(cap / 2, cap))
+                await retries.wait()
             self._refresh_now = trio.Event()
             ok = await self._connect() if self._link is None else await self._refresh()
             if ok:
-                failures = 0
-            else:
-                failures += 1
+                retries.succeed()
 
     async def _refresh(self) -> bool:
         """Metadata of followed topics (new partitions), offsets held (lost data), and health."""
@@ -203,8 +197,8 @@ class KafkaSource:
         return True
 
     def _set_up(self, up: bool) -> None:
-        if up != self._up or self._health.dependencies.get("kafka") is None:
-            self._health.set_dependency("kafka", OK if up else DOWN)
+        if up != self._up:
+            self._report(DependencyState.OK if up else DependencyState.DOWN)
         self._up = up
         self._wakeup.set()
 

@@ -12,7 +12,9 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import NoReturn, Protocol
+
+import trio
 
 from ..errors import CursorError
 
@@ -75,6 +77,10 @@ class Source(Protocol):
     """
 
     name: str
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> NoReturn:
+        """The source as a supervised component: connected (or not: then reported down) when started."""
+        ...
 
     async def publish(
         self, channel: str, key: str | None, value: bytes, headers: tuple[tuple[str, bytes], ...] = ()
