@@ -15,6 +15,7 @@ Usage: python bench/auth.py [--seconds 10] [--conns 50] [--no-http]
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import signal
 import subprocess
@@ -45,6 +46,7 @@ from accessd.policy.auth import (  # noqa: E402
     StaticKeys,
     VerifiedTokenCache,
 )
+from accessd.settings import AuthSettings  # noqa: E402
 
 HERE = Path(__file__).parent
 FIRST_SEEN = 3000
@@ -62,7 +64,7 @@ def _private_key(alg: str) -> Any:
 
 def _authenticator(issuer: DevIssuer) -> Authenticator:
     source = StaticKeys("bench", issuer.keys())
-    policy = ClaimPolicy(issuer=issuer.issuer)
+    policy = claim_policy(issuer=issuer.issuer)
     return Authenticator(
         local=LocalVerifier({None: (source, policy)}),
         cache=VerifiedTokenCache(100_000),
@@ -259,3 +261,8 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def claim_policy(**fields: Any) -> ClaimPolicy:
+    """The claim policy of the default settings, with ``fields`` changed."""
+    return dataclasses.replace(ClaimPolicy.from_settings(AuthSettings()), **fields)

@@ -38,6 +38,7 @@ from accessd.policy.entitlements import (  # noqa: E402
     PostgresStore,
     parse_grant,
 )
+from accessd.settings import PolicySettings  # noqa: E402
 
 HERE = Path(__file__).parent
 GRANTS = 10_000
@@ -103,7 +104,7 @@ def new_entitlements(store: PostgresStore, redis: RedisBatcher | None, prefix: s
 async def in_process(dsn: str, redis_url: str, prefix: str) -> dict[str, dict[str, dict[str, float]]]:
     results: dict[str, dict[str, dict[str, float]]] = {}
     async with trio_asyncio.open_loop(), trio.open_nursery() as nursery:
-        store = PostgresStore(dsn)
+        store = PostgresStore(dsn, timeout_s=PolicySettings().entitlement_store_timeout_s)
         await nursery.start(store.run)
         grants = [
             parse_grant(

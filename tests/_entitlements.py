@@ -50,7 +50,7 @@ async def open_store(kind: str, *, postgres_dsn: str, tmp_path: Path) -> AsyncIt
         if kind == "file":
             store = FileStore(empty_policy(tmp_path), poll_s=0.05)
         else:
-            store = PostgresStore(await new_schema(postgres_dsn), keepalive_s=0.5)
+            store = PostgresStore(await new_schema(postgres_dsn), timeout_s=2.0, keepalive_s=0.5)
         await nursery.start(store.run)
         if isinstance(store, PostgresStore):
             while not store.listening:  # noqa: ASYNC110 - polling an outside system

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import time
@@ -23,10 +24,17 @@ from accessd.policy.auth import (
     parse_jwks,
 )
 from accessd.policy.auth._verify import inspect, verify_signed
+from accessd.settings import AuthSettings
 
 from ._auth import AUDIENCE, ISSUER, b64, claims, hs256_with_public_key, key, unsigned
 
-POLICY = ClaimPolicy(tenant_claim="tenant_id", issuer=ISSUER, audience=AUDIENCE, leeway_s=30)
+
+def claim_policy(**fields: Any) -> ClaimPolicy:
+    """The claim policy of the default settings, with ``fields`` changed."""
+    return dataclasses.replace(ClaimPolicy.from_settings(AuthSettings()), **fields)
+
+
+POLICY = claim_policy(tenant_claim="tenant_id", issuer=ISSUER, audience=AUDIENCE, leeway_s=30)
 ALGS = ["RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "EdDSA"]
 
 
@@ -94,7 +102,7 @@ def test_issuer_and_audience_when_configured() -> None:
     assert "audience" in check(signing.sign(claims(aud=None)), [signing]).message
     assert isinstance(check(signing.sign(claims(aud=["other", AUDIENCE])), [signing]), Identity)
     # Not configured: not checked (a Keycloak token carries aud "account" and that is fine).
-    loose = ClaimPolicy()
+    loose = claim_policy()
     assert isinstance(check(signing.sign(claims(aud="account", iss="x")), [signing], loose), Identity)
 
 
@@ -172,10 +180,12 @@ def test_tenant_claim_name_and_keycloak_shapes() -> None:
     signing = key("ES256")
     nested = claims(tenant_id=None, org={"tenant": "t9"}, roles=None, realm_access={"roles": ["a"]})
     token = signing.sign(nested)
-    result = check(token, [signing], ClaimPolicy(tenant_claim="org.tenant", issuer=ISSUER, audience=AUDIENCE))
+    result = check(
+        token, [signing], claim_policy(tenant_claim="org.tenant", issuer=ISSUER, audience=AUDIENCE)
+    )
     assert isinstance(result, Identity) and result.tenant_id == "t9" and result.roles == {"a"}
     token = signing.sign(claims(tenant=["t2"], roles=["x", 5, None], realm_access="nonsense"))
-    result = check(token, [signing], ClaimPolicy(tenant_claim="tenant", issuer=ISSUER, audience=AUDIENCE))
+    result = check(token, [signing], claim_policy(tenant_claim="tenant", issuer=ISSUER, audience=AUDIENCE))
     assert isinstance(result, Identity) and result.tenant_id == "t2" and result.roles == {"x"}
 
 
@@ -246,7 +256,7 @@ def _authenticator(keys: list[Any], registry: CollectorRegistry, **policy: Any) 
     source = StaticKeys("static", parse_jwks({"keys": [k.jwk for k in keys]}))
     policy = {"issuer": ISSUER, "audience": AUDIENCE, **policy}
     return Authenticator(
-        local=LocalVerifier({None: (source, ClaimPolicy(**policy))}),
+        local=LocalVerifier({None: (source, claim_policy(**policy))}),
         cache=VerifiedTokenCache(100),
         metrics=AuthMetrics(registry),
         max_token_bytes=8192,
@@ -279,11 +289,11 @@ async def test_multi_issuer_selects_the_key_set_by_iss_and_refuses_unknown_issue
     sources = {
         "https://idp/a": (
             StaticKeys("a", parse_jwks({"keys": [key_a.jwk]})),
-            ClaimPolicy(issuer="https://idp/a"),
+            claim_policy(issuer="https://idp/a"),
         ),
         "https://idp/b": (
             StaticKeys("b", parse_jwks({"keys": [key_b.jwk]})),
-            ClaimPolicy(issuer="https://idp/b"),
+            claim_policy(issuer="https://idp/b"),
         ),
     }
     authenticator = Authenticator(

@@ -2,6 +2,7 @@
 endpoint: auth (edge check, ``/auth/verify``, dev JWKS), entitlements (check, grants), stream publishing.
 Endpoints are blueprints built over the policy and stream objects the daemon hands in."""
 
+from ..errors import ApiError as ApiError
 from ._app import AppContext as AppContext
 from ._app import create_app as create_app
 from ._auth import edge_auth_routes as edge_auth_routes
@@ -9,7 +10,6 @@ from ._auth import identity_body as identity_body
 from ._auth import internal_auth_routes as internal_auth_routes
 from ._auth import require_identity as require_identity
 from ._entitlements import entitlements_blueprint as entitlements_blueprint
-from ..errors import ApiError as ApiError
 from ._errors import error_response as error_response
 from ._publish import publish_blueprint as publish_blueprint
 from ._server import HttpListener as HttpListener

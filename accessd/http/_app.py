@@ -16,10 +16,11 @@ from quart import Blueprint, Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
+from ..errors import ApiError
 from ..nurseries import Health
 from ..primitives import DependencyState
 from ..telemetry import CONTENT_TYPE, Metrics, Tracing
-from ._errors import ApiError, handle_api_error, handle_http_exception, handle_unexpected
+from ._errors import handle_api_error, handle_http_exception, handle_unexpected
 from ._pipeline import ROUTE_KEY, RequestPipeline
 
 

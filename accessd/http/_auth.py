@@ -18,10 +18,9 @@ from typing import Any
 
 from quart import Blueprint, Request, Response, g, request
 
-from ..errors import BackendUnavailable
+from ..errors import ApiError, BackendUnavailable
 from ..policy import AuthFailure, Identity, KeyedBudget, Network, Verify, bearer_token, client_ip
 from ..policy.auth import UNAUTHENTICATED, Authenticator, AuthRuntime, DevIssuer, VerifiedTokenCache
-from ._errors import ApiError
 
 PUBLIC_PATHS = frozenset({"/health", "/health/live", "/health/ready", "/metrics"})
 
@@ -72,7 +71,7 @@ async def _verified(verify: Verify, token: str) -> Identity:
             "UPSTREAM_UNAVAILABLE",
             f"token verification is unavailable ({exc.backend})",
             headers={"Retry-After": "1"},
-        ) from None
+        ) from exc
     if isinstance(result, AuthFailure):
         raise ApiError(401, result.code, result.message)
     return result
@@ -164,8 +163,8 @@ async def _token(*, allow_query: bool) -> str:
     if raw:
         try:
             body = json.loads(raw)
-        except ValueError:  # includes bytes that are not UTF-8
-            raise ApiError(400, "BAD_REQUEST", 'the body must be JSON: {"token": "..."}') from None
+        except ValueError as exc:  # includes bytes that are not UTF-8
+            raise ApiError(400, "BAD_REQUEST", 'the body must be JSON: {"token": "..."}') from exc
         value = body.get("token") if isinstance(body, dict) else None
         if value is not None and not isinstance(value, str):
             raise ApiError(400, "BAD_REQUEST", "'token' must be a string", {"field": "token"})

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 from quart import Blueprint, Response, request
 
-from ..errors import BackendUnavailable
+from ..errors import ApiError, BackendUnavailable
 from ..policy import Identity, Verify
 from ..policy.entitlements import (
     TENANT_MISMATCH,
@@ -32,7 +32,6 @@ from ..policy.entitlements import (
     tenant_mismatch,
 )
 from ._auth import require_identity
-from ._errors import ApiError
 
 MAX_BATCH = 1000
 T = TypeVar("T")
@@ -98,12 +97,12 @@ def entitlements_blueprint(decider: Decider, store: GrantStore | None, verify: V
                 raise InvalidInput("id", "assigned by the store; omit it")
             grant = parse_grant(body)
         except InvalidInput as exc:
-            raise ApiError(400, "BAD_REQUEST", str(exc), exc.details()) from None
+            raise ApiError(400, "BAD_REQUEST", str(exc), exc.details()) from exc
         _same_tenant(admin, grant.tenant_id)
         try:
             stored = await _unavailable_as_503(store.add(grant))
         except InvalidInput as exc:
-            raise ApiError(400, "BAD_REQUEST", str(exc), exc.details()) from None
+            raise ApiError(400, "BAD_REQUEST", str(exc), exc.details()) from exc
         return _json(stored.to_json(), 201)
 
     @bp.delete("/entitlements/grants/<grant_id>")
@@ -126,22 +125,22 @@ async def _unavailable_as_503(awaitable: Awaitable[T]) -> T:
             "UPSTREAM_UNAVAILABLE",
             f"entitlement store unavailable ({exc.backend})",
             headers={"Retry-After": "1"},
-        ) from None
+        ) from exc
 
 
 async def _json_body() -> Any:
     raw = await request.get_data()
     try:
         return json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise ApiError(400, "BAD_REQUEST", "body: expected JSON", {"field": "body"}) from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ApiError(400, "BAD_REQUEST", "body: expected JSON", {"field": "body"}) from exc
 
 
 def _parse_input(data: Any, where: str) -> DecisionInput:
     try:
         return parse_decision_input(data, where=where)
     except InvalidInput as exc:
-        raise ApiError(400, "BAD_REQUEST", str(exc), exc.details()) from None
+        raise ApiError(400, "BAD_REQUEST", str(exc), exc.details()) from exc
 
 
 async def _optional_identity(verify: Verify | None) -> Identity | None:

@@ -10,12 +10,11 @@ import json
 
 from quart import Blueprint, Response, request
 
-from ..errors import BackendUnavailable
+from ..errors import ApiError, BackendUnavailable
 from ..policy import Verify
 from ..stream import CHANNEL_NAME, MAX_KEY_CHARS, Source, encode_cursor
 from ..telemetry import traceparent_of
 from ._auth import require_identity
-from ._errors import ApiError
 from ._pipeline import span_var
 
 
@@ -45,7 +44,7 @@ def publish_blueprint(source: Source, verify: Verify, *, publish_role: str) -> B
         except BackendUnavailable as exc:
             raise ApiError(
                 503, "UPSTREAM_UNAVAILABLE", f"the broker did not take the message: {exc}"
-            ) from None
+            ) from exc
         return Response(json.dumps({"cursor": encode_cursor(position)}), 202, content_type="application/json")
 
     return api

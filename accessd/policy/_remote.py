@@ -41,11 +41,11 @@ class RemoteClient:
         try:
             with trio.fail_after(self._timeout_s):
                 response = await client.post(url, **kwargs)
-        except trio.TooSlowError:
+        except trio.TooSlowError as exc:
             problem = f"{url} did not answer within {self._timeout_s:g} s"
-            raise BackendUnavailable(self._backend, problem) from None
+            raise BackendUnavailable(self._backend, problem) from exc
         except httpx.HTTPError as exc:
-            raise BackendUnavailable(self._backend, f"{url}: {type(exc).__name__}") from None
+            raise BackendUnavailable(self._backend, f"{url}: {type(exc).__name__}") from exc
         try:
             return response.status_code, response.json()
         except ValueError:

@@ -149,13 +149,7 @@ def build_auth(settings: Settings, health: Health, metrics: Metrics) -> AuthRunt
     auth_metrics = AuthMetrics(metrics.registry)
     cache = VerifiedTokenCache(auth.token_cache_size)
     common: dict[str, Any] = dict(cache=cache, metrics=auth_metrics, max_token_bytes=auth.max_token_bytes)
-    policy = ClaimPolicy(
-        tenant_claim=auth.tenant_claim,
-        issuer=auth.jwt_issuer,
-        audience=auth.jwt_audience,
-        leeway_s=auth.jwt_leeway_s,
-        max_token_bytes=auth.max_token_bytes,
-    )
+    policy = ClaimPolicy.from_settings(auth)
 
     failures = KeyedBudget(auth.auth_failures_per_minute)
     proxies = settings.server.trusted_proxies

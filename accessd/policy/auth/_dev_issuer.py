@@ -110,11 +110,11 @@ def load_or_create_key(path: Path, setting: str) -> Any:
         data = path.read_bytes()
         key = serialization.load_pem_private_key(data, password=None)
     except (OSError, ValueError, TypeError) as exc:
-        raise ConfigError(setting, f"cannot load the dev issuer key {str(path)!r}: {exc}") from None
+        raise ConfigError(setting, f"cannot load the dev issuer key {str(path)!r}: {exc}") from exc
     try:
         _algorithm(key)
     except ValueError as exc:
-        raise ConfigError(setting, f"{str(path)!r}: {exc}") from None
+        raise ConfigError(setting, f"{str(path)!r}: {exc}") from exc
     if path.stat().st_mode & 0o077:
         log.warning("dev issuer key %s is readable by others; it should be mode 0600", path)
     return key
@@ -142,7 +142,7 @@ def _create_key(path: Path, setting: str) -> None:
             os.unlink(tmp)
     except OSError as exc:
         problem = f"cannot create the dev issuer key {str(path)!r}: {exc.strerror}"
-        raise ConfigError(setting, problem) from None
+        raise ConfigError(setting, problem) from exc
 
 
 def _algorithm(private_key: Any) -> str:

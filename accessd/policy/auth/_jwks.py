@@ -253,12 +253,12 @@ class JwksCache:
                         if len(body) > MAX_JWKS_BYTES:
                             raise BackendUnavailable("jwks", f"{self.url} answered more than 1 MiB")
             keys = parse_jwks(json.loads(body))
-        except trio.TooSlowError:
-            raise BackendUnavailable("jwks", f"{self.url} did not answer within {timeout_s:g} s") from None
+        except trio.TooSlowError as exc:
+            raise BackendUnavailable("jwks", f"{self.url} did not answer within {timeout_s:g} s") from exc
         except httpx.HTTPError as exc:
-            raise BackendUnavailable("jwks", f"{self.url}: {type(exc).__name__}: {exc}") from None
+            raise BackendUnavailable("jwks", f"{self.url}: {type(exc).__name__}: {exc}") from exc
         except ValueError as exc:  # JSON (and UTF-8) errors, a document without "keys"
-            raise BackendUnavailable("jwks", f"{self.url} answered a bad JWKS: {exc}") from None
+            raise BackendUnavailable("jwks", f"{self.url} answered a bad JWKS: {exc}") from exc
         if not keys:
             raise BackendUnavailable("jwks", f"{self.url} holds no usable signing key")
         return keys

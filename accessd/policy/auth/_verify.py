@@ -25,6 +25,7 @@ import jwt
 from jwt.api_jws import PyJWS
 from jwt.utils import base64url_decode
 
+from ...settings import AuthSettings
 from .._identity import AuthFailure, Identity
 
 log = logging.getLogger("accessd.policy.auth")
@@ -55,13 +56,24 @@ _JWS = PyJWS(options=_SIG_OPTIONS)
 
 @dataclass(frozen=True)
 class ClaimPolicy:
-    """What a verified token's claims must satisfy. ``issuer``/``audience`` None: not checked."""
+    """What a verified token's claims must satisfy. ``issuer``/``audience`` None: not checked. The rest comes
+    from the settings (``from_settings``), where their defaults live."""
 
-    tenant_claim: str = "tenant_id"
+    tenant_claim: str
+    leeway_s: float
+    max_token_bytes: int
     issuer: str | None = None
     audience: str | None = None
-    leeway_s: float = 30.0
-    max_token_bytes: int = 8192
+
+    @classmethod
+    def from_settings(cls, auth: AuthSettings) -> ClaimPolicy:
+        return cls(
+            tenant_claim=auth.tenant_claim,
+            leeway_s=auth.jwt_leeway_s,
+            max_token_bytes=auth.max_token_bytes,
+            issuer=auth.jwt_issuer,
+            audience=auth.jwt_audience,
+        )
 
 
 @dataclass(frozen=True)

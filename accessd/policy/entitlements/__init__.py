@@ -7,6 +7,7 @@ subscription, ``Decider.denied_under`` lists the deny globs under a channel and 
 them into a per-message-key filter.
 """
 
+from ...errors import InvalidInput as InvalidInput
 from ._build import EntitlementsRuntime as EntitlementsRuntime
 from ._build import build_entitlements as build_entitlements
 from ._build import build_store as build_store
@@ -30,7 +31,6 @@ from ._model import TENANT_MISMATCH as TENANT_MISMATCH
 from ._model import Decision as Decision
 from ._model import DecisionInput as DecisionInput
 from ._model import Grant as Grant
-from ._model import InvalidInput as InvalidInput
 from ._model import parse_decision_input as parse_decision_input
 from ._model import parse_grant as parse_grant
 from ._pg_store import PostgresStore as PostgresStore

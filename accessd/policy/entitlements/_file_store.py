@@ -48,7 +48,7 @@ def parse_policy(text: bytes) -> tuple[str, list[Grant], list[dict[str, Any]]]:
     try:
         data = yaml.load(text, Loader=_Loader)
     except yaml.YAMLError as exc:
-        raise InvalidInput("file", f"not valid YAML: {str(exc).splitlines()[0]}") from None
+        raise InvalidInput("file", f"not valid YAML: {str(exc).splitlines()[0]}") from exc
     if data is None:
         data = {"grants": []}
     if not isinstance(data, dict):
@@ -155,9 +155,9 @@ class FileStore:
         try:
             signature, version, grants = await trio.to_thread.run_sync(self._read)
         except InvalidInput as exc:
-            raise ConfigError(SETTING, f"{self.path}: {exc}") from None
+            raise ConfigError(SETTING, f"{self.path}: {exc}") from exc
         except OSError as exc:
-            raise ConfigError(SETTING, f"cannot read {self.path}: {exc.strerror or exc}") from None
+            raise ConfigError(SETTING, f"cannot read {self.path}: {exc.strerror or exc}") from exc
         self._install(signature, version, grants)
 
     def _read(self) -> tuple[tuple[int, int, int] | None, str, list[Grant]]:
@@ -246,7 +246,7 @@ class FileStore:
             except FileNotFoundError:
                 grants = []
             except InvalidInput as exc:
-                raise InvalidInput("file", f"{self.path} is malformed, fix it first ({exc})") from None
+                raise InvalidInput("file", f"{self.path} is malformed, fix it first ({exc})") from exc
             result = mutate(grants)
             text = yaml.dump({"grants": [_file_entry(g) for g in grants]}, Dumper=_Dumper, sort_keys=False)
             _atomic_write(self.path, text.encode())

@@ -14,6 +14,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from ...errors import InvalidInput
+
 ACTIONS = frozenset({"read", "write", "subscribe", "admin", "*"})
 EFFECTS = ("allow", "deny")
 GRANT_FIELDS = ("id", "tenant_id", "subject", "action", "resource", "effect", "expires_at")
@@ -27,18 +29,6 @@ _NAME = re.compile(r"[A-Za-z0-9_.@:/+=-]{1,128}")
 # is special. Brackets, braces, whitespace and `**` are refused so that a glob means the same everywhere.
 _GLOB = re.compile(r"[A-Za-z0-9_.@:/+=*?-]+")
 _RESOURCE = re.compile(r"[A-Za-z0-9_.@:/+=-]+")
-
-
-class InvalidInput(ValueError):
-    """Untrusted input that cannot be a grant or a decision input; ``field`` names the culprit."""
-
-    def __init__(self, field: str, problem: str) -> None:
-        super().__init__(f"{field}: {problem}")
-        self.field = field
-        self.problem = problem
-
-    def details(self) -> dict[str, str]:
-        return {"field": self.field, "problem": self.problem}
 
 
 @dataclass(frozen=True)
@@ -204,8 +194,8 @@ def parse_time(value: Any, field_name: str) -> float | None:
     if isinstance(value, str):
         try:
             value = dt.datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
-        except ValueError:
-            raise InvalidInput(field_name, f"{value!r} is not an ISO 8601 time") from None
+        except ValueError as exc:
+            raise InvalidInput(field_name, f"{value!r} is not an ISO 8601 time") from exc
     if isinstance(value, dt.datetime):
         if value.tzinfo is None:
             value = value.replace(tzinfo=dt.UTC)

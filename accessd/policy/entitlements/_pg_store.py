@@ -80,7 +80,7 @@ async def migrate(dsn: str, timeout_s: float) -> int:
     try:
         return await apply_migrations(dsn, COMPONENT, migrations(), timeout_s)
     except SchemaTooNew as exc:
-        raise ConfigError("ACCESS_POSTGRES_DSN", str(exc)) from None
+        raise ConfigError("ACCESS_POSTGRES_DSN", str(exc)) from exc
 
 
 def _timestamp(epoch: float | None) -> dt.datetime | None:
@@ -116,7 +116,7 @@ class PostgresStore:
         self,
         dsn: str,
         *,
-        timeout_s: float = 2.0,
+        timeout_s: float,
         keepalive_s: float = 2.0,
         report: DependencyReporter = ignore_state,
         pool_size: int = 4,
