@@ -148,6 +148,7 @@ def main() -> None:
         ACCESS_POLICY_FILE=str(policy),
         ACCESS_MAX_CONNECTIONS=str(args.conns + 100),
         ACCESS_STREAM_CONNECTS_PER_MINUTE="1000000",
+        ACCESS_STREAM_MAX_HANDSHAKES_PER_IP=str(args.conns + 100),  # every client is on one address
     )
     edge, stream, internal = ports["edge"], ports["stream"], ports["internal"]
     tansu = None
