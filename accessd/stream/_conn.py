@@ -118,7 +118,10 @@ class Connection:
         self._idle.set()
         self.closed = False  # a plain attribute: the hot path checks it on every offer
         self.outcome: Closed | None = None
-        self._waits: set[trio.CancelScope] = set()  # a receive or writable wait: closing ends it
+        # The reader's and the writer's waits on the transport: closing ends them (a lingering transport
+        # stays open, so nothing else would wake them). Two slots, not a set: 16 bytes per connection.
+        self._receiving: trio.CancelScope | None = None
+        self._writer_waiting: trio.CancelScope | None = None
         self._linger = False  # closed by us with a final frame: drain the client's input before closing
         self.on_slow: Callable[[str, int], None] = lambda reason, n: None  # metrics hook: (reason, count)
         self.gap_frame: Callable[[str, int, str | None], bytes] = lambda channel, n, cursor: b""
@@ -284,9 +287,9 @@ class Connection:
                 if self._head is not None:
                     assert self._behind_since is not None
                     with trio.move_on_at(self._behind_since + self._write_timeout_s) as waited:
-                        self._waits.add(waited)
+                        self._writer_waiting = waited
                         await self._transport.wait_writable()
-                    self._waits.discard(waited)
+                    self._writer_waiting = None
                     if self.closed:
                         return
                     if waited.cancelled_caught:  # not caught up for the whole write timeout
@@ -319,7 +322,7 @@ class Connection:
         data = b""
         if not self.closed:
             with trio.CancelScope() as waiting:
-                self._waits.add(waiting)
+                self._receiving = waiting
                 try:
                     data = await self._transport.receive_some(max_bytes)
                 except trio.ClosedResourceError:
@@ -327,7 +330,7 @@ class Connection:
                 except trio.BrokenResourceError as exc:
                     self.abort(str(exc))
                     raise
-            self._waits.discard(waiting)
+            self._receiving = None
         if self.closed:
             raise trio.ClosedResourceError(str(self.outcome))
         if not data:
@@ -363,8 +366,9 @@ class Connection:
         self.outcome = outcome
         self._head = None
         self._idle.set()
-        for waiting in self._waits:  # a lingering transport stays open: wake its waiters ourselves
-            waiting.cancel()
+        for waiting in (self._receiving, self._writer_waiting):
+            if waiting is not None:
+                waiting.cancel()
         if not self._linger:
             self._transport.close()
 
