@@ -1,4 +1,4 @@
-"""The README's settings table is generated from accessd/settings.py and must stay in step with it."""
+"""The README's settings table is generated from accessd/settings/ and must stay in step with it."""
 
 from __future__ import annotations
 
