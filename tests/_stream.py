@@ -21,7 +21,7 @@ import trio.testing
 from prometheus_client import CollectorRegistry
 
 from accessd.errors import BackendUnavailable
-from accessd.policy._identity import AuthFailure, Identity
+from accessd.policy import AuthFailure, Identity
 from accessd.settings import Binds, StreamSettings
 from accessd.stream import Access, EmbeddedBroker, Hub, StreamListener
 

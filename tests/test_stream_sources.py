@@ -26,9 +26,8 @@ import trio_asyncio
 from accessd.errors import BackendUnavailable
 from accessd.nurseries import Health
 from accessd.settings import StreamSettings
-from accessd.stream._embedded import EmbeddedBroker
-from accessd.stream._kafka import Gap, KafkaSource, reconcile
-from accessd.stream._source import Record, decode_cursor, encode_cursor
+from accessd.stream import EmbeddedBroker, Record, decode_cursor, encode_cursor
+from accessd.stream._kafka import Gap, KafkaSource, reconcile  # white-box: the Kafka source's own logic
 
 from ._services import tansu_broker
 from ._wait import eventually
