@@ -17,6 +17,7 @@ from accessd.nurseries import Health
 from accessd.policy.entitlements import AdaptiveTtl, Entitlements, FileStore, GrantStore, PostgresStore
 
 from ._services import execute_sql
+from ._wait import eventually
 
 
 async def run_sql(dsn: str, *statements: str) -> None:
@@ -53,8 +54,7 @@ async def open_store(kind: str, *, postgres_dsn: str, tmp_path: Path) -> AsyncIt
             store = PostgresStore(await new_schema(postgres_dsn), timeout_s=2.0, keepalive_s=0.5)
         await nursery.start(store.run)
         if isinstance(store, PostgresStore):
-            while not store.listening:  # noqa: ASYNC110 - polling an outside system
-                await trio.sleep(0.01)
+            await eventually(lambda: store.listening, what="the store LISTENs for grant changes")
         yield store
         nursery.cancel_scope.cancel()
 

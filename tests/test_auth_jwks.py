@@ -160,7 +160,7 @@ class FakeIdp:
 
     async def handler(self, request: httpx.Request) -> httpx.Response:
         self.hits += 1
-        await trio.sleep(0.05)
+        await trio.sleep(0.05)  # a fetch takes time (virtual: only the autojump tests use this IdP)
         if self.down:
             return httpx.Response(503, json={"error": "down"})
         return httpx.Response(200, json={"keys": self.keys})
@@ -217,7 +217,7 @@ async def test_random_kid_spray_costs_at_most_one_fetch_per_10_s(autojump_clock:
             before = trio.current_time()
             assert await cache.key_for(secrets.token_hex(6), "ES256") is None
             refused_instantly += trio.current_time() == before
-            await trio.sleep(0.01)
+            await trio.sleep(0.01)  # the spray's pace, in virtual time
         assert 5 <= idp.hits <= 8  # the start's fetch and about one per 10 s
         assert refused_instantly >= 6000 - 8
         nursery.cancel_scope.cancel()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from urllib.parse import urlsplit
 
@@ -26,6 +26,7 @@ from accessd.policy.entitlements import (
 )
 
 from ._entitlements import TcpProxy, entitlements, health, new_schema
+from ._wait import eventually
 
 ASK = DecisionInput("u1", "t1", "read", "curve:NG_2026", frozenset({"trader"}))
 GRANT = {
@@ -42,6 +43,9 @@ class Process:
 
     def __init__(self, ent: Entitlements, store: PostgresStore, registry: CollectorRegistry) -> None:
         self.ent, self.store, self.registry = ent, store, registry
+
+    async def allows(self, inp: DecisionInput = ASK) -> bool:
+        return (await self.ent.decide(None, inp)).allow
 
     def count(self, source: str, result: str = "allow") -> float:
         value = self.registry.get_sample_value(
@@ -72,10 +76,26 @@ async def open_process(
 
 
 async def wait_listening(*stores: PostgresStore) -> None:
-    with trio.fail_after(5):
-        for store in stores:
-            while not store.listening:  # noqa: ASYNC110 - polling an outside system
-                await trio.sleep(0.01)
+    await eventually(lambda: all(s.listening for s in stores), what="every store LISTENs for grant changes")
+
+
+async def wait_cached_in_redis(redis_url: str, prefix: str, epoch: str | None) -> None:
+    """Until the batcher has written a decision of the store ``epoch`` under ``prefix`` (keys are
+    ``<prefix>:d:<epoch>:<version>:<hash>``)."""
+    assert epoch
+    client = redis.Redis.from_url(redis_url)
+    try:
+
+        async def written() -> bool:
+            return bool(await trio.to_thread.run_sync(client.keys, f"{prefix}:d:{epoch}:*"))
+
+        await eventually(written, within=2, what=f"a decision cached in Redis under {prefix}:d:{epoch}")
+    finally:
+        client.close()
+
+
+async def _not(allowed: Awaitable[bool]) -> bool:
+    return not await allowed
 
 
 def cleanup_redis(redis_url: str, prefix: str) -> None:
@@ -101,11 +121,11 @@ async def test_redis_tier_is_shared_and_revocation_is_seen_by_every_process(
                 ):
                     await wait_listening(a.store, b.store)
                     grant = await a.store.add(parse_grant(GRANT))
-                    with trio.fail_after(1):
-                        while not (await a.ent.decide(None, ASK)).allow:  # noqa: ASYNC110 - polling an outside system
-                            await trio.sleep(0.01)
+                    await eventually(a.allows, within=1, what="the new grant allows in process A")
                     assert a.count("store") == 1
-                    await trio.sleep(0.05)  # the batcher writes to Redis within a tick
+                    await wait_cached_in_redis(redis_url, prefix, a.store.epoch)
+                    with trio.fail_after(1):  # B has heard of the grant too: it looks up A's Redis key
+                        await b.store.version.wait_for(a.store.version.value)
                     assert (await b.ent.decide(None, ASK)).allow
                     assert b.count("redis") == 1 and b.count("store") == 0
                     assert (await b.ent.decide(None, ASK)).allow
@@ -113,9 +133,9 @@ async def test_redis_tier_is_shared_and_revocation_is_seen_by_every_process(
                     # Revoke through process A: B's LRU and the shared Redis entry hold an allow.
                     await a.store.revoke(grant.id)
                     revoked_at = time.monotonic()
-                    with trio.fail_after(1):
-                        while (await b.ent.decide(None, ASK)).allow:  # noqa: ASYNC110 - polling an outside system
-                            await trio.sleep(0.005)
+                    await eventually(
+                        lambda: _not(b.allows()), within=1, every=0.005, what="B sees the revocation"
+                    )
                     assert time.monotonic() - revoked_at < 1.0
                     assert b.count("store", "deny") >= 1
                     nursery.cancel_scope.cancel()
@@ -131,9 +151,7 @@ async def test_redis_down_falls_back_to_the_store(postgres_dsn: str) -> None:
                 async with open_process(nursery, dsn, f"redis://127.0.0.1:{port}/0", "x") as p:
                     await wait_listening(p.store)
                     await p.store.add(parse_grant(GRANT))
-                    with trio.fail_after(2):
-                        while not (await p.ent.decide(None, ASK)).allow:  # noqa: ASYNC110 - polling an outside system
-                            await trio.sleep(0.01)
+                    await eventually(p.allows, within=2, what="the new grant allows")
                     assert p.count("redis") == 0 and p.count("store") >= 1
                     nursery.cancel_scope.cancel()
 
@@ -163,26 +181,25 @@ async def test_postgres_outage_serves_cached_decisions_and_503s_the_rest(postgre
                 async with open_process(nursery, proxied, None, "x") as p:
                     await wait_listening(p.store)
                     await p.store.add(parse_grant(GRANT))
-                    with trio.fail_after(2):
-                        while not (await p.ent.decide(None, ASK)).allow:  # noqa: ASYNC110 - polling an outside system
-                            await trio.sleep(0.01)
+                    await eventually(p.allows, within=2, what="the new grant allows")
                     proxy.cut()
-                    with trio.fail_after(3):
-                        while p.store.listening:  # noqa: ASYNC110 - polling an outside system
-                            await trio.sleep(0.01)
+                    await eventually(
+                        lambda: not p.store.listening, within=3, what="the store sees the outage"
+                    )
                     for _ in range(5):
                         assert (await p.ent.decide(None, ASK)).allow  # cached
                     other = DecisionInput("u2", "t1", "read", "curve:NG_2026", frozenset({"trader"}))
                     with pytest.raises(BackendUnavailable):
                         await p.ent.decide(None, other)  # never an allow without the store
                     proxy.restore()
-                    with trio.fail_after(10):
-                        while True:
-                            try:
-                                if (await p.ent.decide(None, other)).allow:
-                                    break
-                            except BackendUnavailable:
-                                await trio.sleep(0.05)
+
+                    async def served_again() -> bool:
+                        try:
+                            return await p.allows(other)
+                        except BackendUnavailable:
+                            return False
+
+                    await eventually(served_again, within=10, every=0.05, what="the store serves again")
                     nursery.cancel_scope.cancel()
     finally:
         proxy.stop()
@@ -209,7 +226,7 @@ async def test_two_databases_sharing_redis_and_prefix_never_read_each_others_dec
                         await a.store.version.wait_for("2")
                         await b.store.version.wait_for("2")
                     assert (await a.ent.decide(None, ASK)).allow
-                    await trio.sleep(0.05)  # the batcher writes to Redis within a tick
+                    await wait_cached_in_redis(redis_url, prefix, a.store.epoch)
                     decision = await b.ent.decide(None, ASK)
                     assert not decision.allow and decision.reason.startswith("denied by grant")
                     assert b.count("redis", "allow") == 0 and b.count("store", "deny") == 1

@@ -15,11 +15,12 @@ import redis
 import trio
 
 from accessd.errors import BackendUnavailable
-from accessd.policy._identity import Identity
+from accessd.policy import Identity
 from accessd.policy.entitlements import RemoteEntitlements, parse_decision_input
 
 from ._daemon import Daemon, base_env, free_port
 from ._entitlements import TcpProxy, new_schema, run_sql
+from ._wait import eventually
 
 CHECK = {
     "user_id": "u1",
@@ -63,6 +64,14 @@ def bearer(tok: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {tok}"}
 
 
+async def allows(client: httpx.AsyncClient, check_url: str) -> bool:
+    return (await client.post(check_url, json=CHECK)).json()["allow"]
+
+
+async def denies(client: httpx.AsyncClient, check_url: str) -> bool:
+    return not await allows(client, check_url)
+
+
 async def test_revocation_via_one_daemon_is_seen_by_another_within_a_second(
     daemon_factory, postgres_dsn: str, redis_url: str
 ) -> None:
@@ -85,9 +94,7 @@ async def test_revocation_via_one_daemon_is_seen_by_another_within_a_second(
                 assert created.status_code == 201, created.text
                 grant = created.json()
                 assert grant["id"] and grant["resource"] == "curve:*"
-                with trio.fail_after(1):
-                    while not (await client.post(b_check, json=CHECK)).json()["allow"]:  # noqa: ASYNC110
-                        await trio.sleep(0.01)
+                await eventually(lambda: allows(client, b_check), within=1, what="B allows after the grant")
                 answer = (await client.post(f"{b.internal_url}/entitlements/check", json=CHECK)).json()
                 assert answer == {"allow": True, "ttl_s": answer["ttl_s"], "reason": f"grant {grant['id']}"}
                 assert 30 <= answer["ttl_s"] <= 120
@@ -102,9 +109,9 @@ async def test_revocation_via_one_daemon_is_seen_by_another_within_a_second(
                 )
                 assert deleted.status_code == 204
                 revoked_at = time.monotonic()
-                with trio.fail_after(1):
-                    while (await client.post(b_check, json=CHECK)).json()["allow"]:  # noqa: ASYNC110
-                        await trio.sleep(0.01)
+                await eventually(
+                    lambda: denies(client, b_check), within=1, what="B denies after the revocation"
+                )
                 assert time.monotonic() - revoked_at < 1.0
                 metrics = (await client.get(f"{b.internal_url}/metrics")).text
                 assert 'accessd_entitlement_decisions_total{result="allow",source="lru"}' in metrics
@@ -187,9 +194,7 @@ async def test_policy_file_watch_reload_and_bad_edits(daemon_factory, tmp_path: 
             )
             assert added.returncode == 0, added.stderr
             changed_at = time.monotonic()
-            with trio.fail_after(1):
-                while not (await client.post(check, json=CHECK)).json()["allow"]:  # noqa: ASYNC110 - polling an outside system
-                    await trio.sleep(0.01)
+            await eventually(lambda: allows(client, check), within=1, what="the added grant allows")
             assert time.monotonic() - changed_at < 1.0
             good = policy.read_text()
             bad_cli = grants_cli(
@@ -197,13 +202,15 @@ async def test_policy_file_watch_reload_and_bad_edits(daemon_factory, tmp_path: 
             )
             assert bad_cli.returncode == 2 and "subject" in bad_cli.stderr
             policy.write_text("grants: [{tenant_id: t1, subject: 'role:trader', action: read}]\n")
-            await trio.sleep(0.8)
+            await eventually(
+                lambda: "rejected, keeping the last good grants" in daemon.logs,
+                within=2,
+                what="the watcher rejects the bad edit",
+            )
             assert (await client.post(check, json=CHECK)).json()["allow"]  # last good grants kept
-            assert "rejected, keeping the last good grants" in daemon.logs and "resource" in daemon.logs
+            assert "resource" in daemon.logs
             policy.write_text(good.replace("role:trader", "role:quant"))
-            with trio.fail_after(1):
-                while (await client.post(check, json=CHECK)).json()["allow"]:  # noqa: ASYNC110 - polling an outside system
-                    await trio.sleep(0.01)
+            await eventually(lambda: denies(client, check), within=1, what="the good edit is loaded")
 
 
 async def test_bad_start_configurations_exit_2(daemon_factory, tmp_path: Path, postgres_dsn: str) -> None:
@@ -220,10 +227,12 @@ async def test_bad_start_configurations_exit_2(daemon_factory, tmp_path: Path, p
         f"INSERT INTO {schema}.accessd_schema_migrations VALUES ('entitlements', 999, 'future')",
     )
     too_new = daemon_factory(role="internal", env={"ACCESS_POSTGRES_DSN": dsn}, wait_ready=False)
-    with trio.fail_after(30):
-        for daemon in (bad_file, too_new):
-            while daemon.process.poll() is None:  # noqa: ASYNC110 - polling an outside system
-                await trio.sleep(0.05)
+    await eventually(
+        lambda: bad_file.process.poll() is not None and too_new.process.poll() is not None,
+        within=30,
+        every=0.05,
+        what="both daemons exit",
+    )
     assert bad_file.process.returncode == 2
     assert "ACCESS_POLICY_FILE" in bad_file.logs and "grants[0].resource" in bad_file.logs
     assert too_new.process.returncode == 2
@@ -257,11 +266,14 @@ async def test_postgres_outage_cached_flow_uncached_503_and_recovery(
         other = {**CHECK, "user_id": "u2"}
         with trio.fail_after(30):
             async with httpx.AsyncClient(timeout=5) as client:
-                with trio.fail_after(2):
-                    while not (await client.post(check, json=CHECK)).json()["allow"]:  # noqa: ASYNC110 - polling an outside system
-                        await trio.sleep(0.01)
+                await eventually(lambda: allows(client, check), within=2, what="the grant allows")
                 proxy.cut()
-                await trio.sleep(0.3)
+
+                async def postgres_down() -> bool:
+                    health = (await client.get(f"{daemon.internal_url}/health")).json()
+                    return health["dependencies"]["postgres"] == "down"
+
+                await eventually(postgres_down, within=3, every=0.1, what="/health reports postgres down")
                 for _ in range(5):
                     cached = await client.post(check, json=CHECK)
                     assert cached.status_code == 200 and cached.json()["allow"]
@@ -269,15 +281,12 @@ async def test_postgres_outage_cached_flow_uncached_503_and_recovery(
                 assert down.status_code == 503 and down.json()["code"] == "UPSTREAM_UNAVAILABLE"
                 under = await client.post(f"{daemon.internal_url}/entitlements/denied-under", json=other)
                 assert under.status_code == 503 and under.json()["code"] == "UPSTREAM_UNAVAILABLE"
-                with trio.fail_after(3):
-                    while (await client.get(f"{daemon.internal_url}/health")).json()["dependencies"][  # noqa: ASYNC110 - polling an outside system
-                        "postgres"
-                    ] != "down":
-                        await trio.sleep(0.1)
                 proxy.restore()
-                with trio.fail_after(10):
-                    while (await client.post(check, json=other)).status_code != 200:  # noqa: ASYNC110 - polling an outside system
-                        await trio.sleep(0.1)
+
+                async def served_again() -> bool:
+                    return (await client.post(check, json=other)).status_code == 200
+
+                await eventually(served_again, within=10, every=0.1, what="uncached checks are served again")
                 assert (await client.post(check, json=other)).json()["allow"]
     finally:
         proxy.stop()

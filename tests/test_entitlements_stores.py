@@ -9,7 +9,7 @@ import pytest
 import trio
 
 from accessd.errors import BackendUnavailable
-from accessd.policy._identity import Identity
+from accessd.policy import Identity
 from accessd.policy.entitlements import (
     DecisionInput,
     Entitlements,
@@ -20,6 +20,7 @@ from accessd.policy.entitlements import (
 )
 
 from ._entitlements import entitlements, open_store
+from ._wait import eventually
 
 pytestmark = pytest.mark.parametrize("kind", ["file", "postgres"])
 
@@ -48,11 +49,9 @@ def ask(
 
 
 async def until(predicate, timeout_s: float = 1.0) -> float:  # type: ignore[no-untyped-def]
-    """Poll an async predicate; return how long it took to become true (fails after ``timeout_s``)."""
+    """Wait for an async predicate; return how long it took to become true (fails after ``timeout_s``)."""
     started = time.monotonic()
-    with trio.fail_after(timeout_s):
-        while not await predicate():  # noqa: ASYNC110 - polling an outside system
-            await trio.sleep(0.005)
+    await eventually(predicate, within=timeout_s, every=0.005)
     return time.monotonic() - started
 
 

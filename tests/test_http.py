@@ -23,7 +23,8 @@ def app_with(blueprint: Blueprint, *, max_body_bytes: int = 1024):
     return create_app("test", AppContext(health, Metrics(), max_body_bytes), [blueprint])
 
 
-def misbehaving() -> Blueprint:
+def misbehaving(slow_entered: trio.Event | None = None) -> Blueprint:
+    """Handlers that fail or dawdle; ``/slow`` sets ``slow_entered`` once a request is inside it."""
     bp = Blueprint("misbehaving", __name__)
 
     @bp.get("/boom")
@@ -40,7 +41,9 @@ def misbehaving() -> Blueprint:
 
     @bp.get("/slow")
     async def slow() -> str:
-        await trio.sleep(0.5)
+        if slow_entered is not None:
+            slow_entered.set()
+        await trio.sleep(0.5)  # a handler that takes its time
         return "done"
 
     return bp
@@ -65,8 +68,8 @@ async def test_oversized_body_is_a_413_error_body() -> None:
 
 
 async def test_shutdown_drains_in_flight_requests_and_stops_accepting() -> None:
-    shutdown = trio.Event()
-    listener = HttpListener("t", app_with(misbehaving()), LOOPBACK, shutdown, 5.0)
+    shutdown, in_flight = trio.Event(), trio.Event()
+    listener = HttpListener("t", app_with(misbehaving(in_flight)), LOOPBACK, shutdown, 5.0)
     with trio.fail_after(15):
         async with trio.open_nursery() as nursery:
             (url,) = await nursery.start(listener.run)
@@ -77,7 +80,7 @@ async def test_shutdown_drains_in_flight_requests_and_stops_accepting() -> None:
                     results["slow"] = await client.get(f"{url}/slow")
 
             nursery.start_soon(slow_request)
-            await trio.sleep(0.2)  # the slow request is in flight
+            await in_flight.wait()
             shutdown.set()
             await listener.stopped.wait()
             assert results["slow"].status_code == 200 and results["slow"].text == "done"
@@ -87,8 +90,8 @@ async def test_shutdown_drains_in_flight_requests_and_stops_accepting() -> None:
 
 
 async def test_drain_deadline_cuts_requests_that_overrun() -> None:
-    shutdown = trio.Event()
-    listener = HttpListener("t", app_with(misbehaving()), LOOPBACK, shutdown, 0.1)
+    shutdown, in_flight = trio.Event(), trio.Event()
+    listener = HttpListener("t", app_with(misbehaving(in_flight)), LOOPBACK, shutdown, 0.1)
     with trio.fail_after(15):
         async with trio.open_nursery() as nursery:
             (url,) = await nursery.start(listener.run)
@@ -99,7 +102,7 @@ async def test_drain_deadline_cuts_requests_that_overrun() -> None:
                         await client.get(f"{url}/slow")
 
             nursery.start_soon(slow_request)
-            await trio.sleep(0.1)
+            await in_flight.wait()
             started = trio.current_time()
             shutdown.set()
             await listener.stopped.wait()

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-import trio
 from trio_websocket import open_websocket_url
 
 from ._otlp import OtlpReceiver
+from ._wait import eventually
 
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 PUBLISH_TRACE = "0af7651916cd43dd8448eb211c80319c"
@@ -27,10 +27,9 @@ def otlp() -> Iterator[OtlpReceiver]:
 
 
 async def wait_for(receiver: OtlpReceiver, prefix: str) -> list[dict]:
-    with trio.fail_after(10):  # the batch processor exports about once a second
-        while not (spans := receiver.named(prefix)):
-            await trio.sleep(0.1)
-    return spans
+    # The batch processor exports about once a second.
+    await eventually(lambda: receiver.named(prefix), within=10, every=0.1, what=f"a span named {prefix!r}...")
+    return receiver.named(prefix)
 
 
 async def test_request_and_delivery_spans(daemon_factory, otlp: OtlpReceiver, tmp_path: Path) -> None:
