@@ -99,6 +99,10 @@ def _check_config(args: argparse.Namespace) -> int:
         from .policy.entitlements import check_policy_file
 
         checked += f", {len(check_policy_file(settings.policy.policy_file))} grants"
+    if settings.policy.routes_file is not None:
+        from .http import check_routes_file
+
+        checked += f", {len(check_routes_file(settings.policy.routes_file).routes)} routes"
     print(f"ok: role={settings.server.role} env={settings.server.env} ({checked} checked)")
     return EXIT_OK
 

@@ -14,8 +14,10 @@ import trio
 from . import aio
 from .http import (
     AppContext,
+    Gateway,
     HttpListener,
     create_app,
+    edge_auth,
     edge_auth_routes,
     entitlements_blueprint,
     internal_auth_routes,
@@ -89,12 +91,26 @@ async def _serve(
             if component is not stream.listener:  # the listeners start last, together
                 await supervisor.start(component)  # e.g. auth readiness waits for the first key set
 
+        gateway = None
+        if server.role in ("edge", "all") and settings.policy.routes_file is not None:
+            gateway = Gateway(
+                settings.policy.routes_file,
+                poll_s=settings.policy.policy_file_poll_s,
+                edge_auth=edge_auth(auth),
+                decider=entitlements.decider,
+                health=health,
+                registry=metrics.registry,
+                max_body_bytes=server.max_body_bytes,
+                drain_s=server.drain_timeout_s,
+            )
+            await supervisor.start(gateway)
+
         ctx = AppContext(
             health=health, metrics=metrics, max_body_bytes=server.max_body_bytes, tracing=tracing
         )
         listeners: list[HttpListener] = []
         if server.role in ("edge", "all"):
-            app = create_app("edge", ctx, edge_auth_routes(auth))
+            app = create_app("edge", ctx, edge_auth_routes(auth), gateway)
             listeners.append(
                 HttpListener("edge-http", app, server.edge_bind, shutdown, server.drain_timeout_s)
             )

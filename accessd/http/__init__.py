@@ -1,15 +1,19 @@
-"""REST listeners (Quart-trio on Hypercorn), the request pipeline, the uniform error body, and every REST
-endpoint: auth (edge check, ``/auth/verify``, dev JWKS), entitlements (check, grants), stream publishing.
-Endpoints are blueprints built over the policy and stream objects the daemon hands in."""
+"""REST listeners (Quart-trio on Hypercorn), the request pipeline, the uniform error body, every REST
+endpoint: auth (edge check, ``/auth/verify``, dev JWKS), entitlements (check, grants), stream publishing;
+and the gateway (``ACCESS_ROUTES_FILE`` routes proxied to upstreams). Endpoints are blueprints built over
+the policy and stream objects the daemon hands in."""
 
 from ..errors import ApiError as ApiError
 from ._app import AppContext as AppContext
 from ._app import create_app as create_app
+from ._auth import edge_auth as edge_auth
 from ._auth import edge_auth_routes as edge_auth_routes
 from ._auth import identity_body as identity_body
 from ._auth import internal_auth_routes as internal_auth_routes
 from ._auth import require_identity as require_identity
 from ._entitlements import entitlements_blueprint as entitlements_blueprint
 from ._errors import error_response as error_response
+from ._gateway import Gateway as Gateway
+from ._gateway import check_routes_file as check_routes_file
 from ._publish import publish_blueprint as publish_blueprint
 from ._server import HttpListener as HttpListener

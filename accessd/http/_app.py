@@ -21,6 +21,7 @@ from ..nurseries import Health
 from ..primitives import DependencyState
 from ..telemetry import CONTENT_TYPE, Metrics, Tracing
 from ._errors import handle_api_error, handle_http_exception, handle_unexpected
+from ._gateway import Gateway
 from ._pipeline import ROUTE_KEY, RequestPipeline
 
 
@@ -34,7 +35,10 @@ class AppContext:
     tracing: Tracing | None = None
 
 
-def create_app(name: str, ctx: AppContext, blueprints: Iterable[Blueprint] = ()) -> QuartTrio:
+def create_app(
+    name: str, ctx: AppContext, blueprints: Iterable[Blueprint] = (), gateway: Gateway | None = None
+) -> QuartTrio:
+    """``gateway``: its routes answer before Quart sees the request (everything else goes on to Quart)."""
     app = QuartTrio(f"accessd.{name}")
     app.config["MAX_CONTENT_LENGTH"] = ctx.max_body_bytes
     app.config["PROVIDE_AUTOMATIC_OPTIONS"] = False
@@ -47,7 +51,8 @@ def create_app(name: str, ctx: AppContext, blueprints: Iterable[Blueprint] = ())
         if request.url_rule is not None:  # the pipeline labels metrics and spans with it
             cast("dict[str, Any]", request.scope)[ROUTE_KEY] = request.url_rule.rule
 
-    app.asgi_app = RequestPipeline(app.asgi_app, ctx.metrics, ctx.tracing)  # type: ignore[method-assign]
+    inner = gateway.wrap(app.asgi_app) if gateway is not None else app.asgi_app
+    app.asgi_app = RequestPipeline(inner, ctx.metrics, ctx.tracing)  # type: ignore[method-assign]
 
     # Blueprint hooks (auth) run after ``_note_route``; ids and trace are set before Quart sees the request.
     app.register_blueprint(_ops_blueprint(ctx))

@@ -32,14 +32,16 @@ def edge_auth_routes(auth: AuthRuntime) -> list[Blueprint]:
     if auth.dev_issuer is not None:
         public.add("/.well-known/jwks.json")
         blueprints.append(dev_jwks_blueprint(auth.dev_issuer))
-    edge = edge_auth_blueprint(
+    return [edge_auth_blueprint(edge_auth(auth), frozenset(public)), *blueprints]
+
+
+def edge_auth(auth: AuthRuntime) -> EdgeAuth:
+    return EdgeAuth(
         auth.verify,
-        frozenset(public),
         known=auth.authenticator.cache,
         failures=auth.failures,
         trusted_proxies=auth.trusted_proxies,
     )
-    return [edge, *blueprints]
 
 
 def internal_auth_routes(auth: AuthRuntime) -> list[Blueprint]:
@@ -88,37 +90,57 @@ def identity_body(identity: Identity) -> dict[str, Any]:
     }
 
 
-def edge_auth_blueprint(
-    verify: Verify,
-    public_paths: frozenset[str],
-    *,
-    known: VerifiedTokenCache,
-    failures: KeyedBudget,
-    trusted_proxies: Sequence[Network] = (),
-) -> Blueprint:
+class EdgeAuth:
+    """The edge's token check, for the Quart hook and the gateway alike: the caller's identity, or ApiError
+    401 (spending one token of the address's failure budget), 429 (budget empty and the token not already
+    verified) or 503 (a delegated verifier that is away)."""
+
+    def __init__(
+        self,
+        verify: Verify,
+        *,
+        known: VerifiedTokenCache,
+        failures: KeyedBudget,
+        trusted_proxies: Sequence[Network] = (),
+    ) -> None:
+        self._verify = verify
+        self._known = known
+        self._failures = failures
+        self.trusted_proxies = trusted_proxies
+
+    async def identify(self, authorization: str | None, peer_ip: str, forwarded_for: str | None) -> Identity:
+        ip = client_ip(peer_ip, forwarded_for, self.trusted_proxies)
+        token = bearer_token(authorization)
+        retry_after = self._failures.retry_after(ip)
+        if retry_after and (token is None or self._known.get(token, time.time()) is None):
+            raise ApiError(
+                429,
+                "RATE_LIMITED",
+                "too many failed authentications from this address",
+                headers={"Retry-After": str(max(1, round(retry_after)))},
+            )
+        try:
+            if token is None:
+                raise ApiError(401, UNAUTHENTICATED, "a bearer token is required")
+            return await _verified(self._verify, token)
+        except ApiError as exc:
+            if exc.status == 401:
+                self._failures.take(ip)
+            raise
+
+
+def edge_auth_blueprint(edge_auth: EdgeAuth, public_paths: frozenset[str]) -> Blueprint:
     edge = Blueprint("auth_edge", __name__)
 
     @edge.before_app_request
     async def _authenticate() -> None:
         if request.path in public_paths:
             return
-        ip = client_ip(request.remote_addr or "", request.headers.get("X-Forwarded-For"), trusted_proxies)
-        retry_after = failures.retry_after(ip)
-        if retry_after:
-            token = bearer_token(request.headers.get("Authorization"))
-            if token is None or known.get(token, time.time()) is None:
-                raise ApiError(
-                    429,
-                    "RATE_LIMITED",
-                    "too many failed authentications from this address",
-                    headers={"Retry-After": str(max(1, round(retry_after)))},
-                )
-        try:
-            g.identity = await require_identity(verify, request)
-        except ApiError as exc:
-            if exc.status == 401:
-                failures.take(ip)
-            raise
+        g.identity = await edge_auth.identify(
+            request.headers.get("Authorization"),
+            request.remote_addr or "",
+            request.headers.get("X-Forwarded-For"),
+        )
 
     return edge
 

@@ -7,6 +7,8 @@ here does I/O; time is Trio's clock (``trio.current_time()``), so tests drive it
 
 from ._backoff import Backoff as Backoff
 from ._backoff import Retries as Retries
+from ._breaker import BreakerState as BreakerState
+from ._breaker import CircuitBreaker as CircuitBreaker
 from ._dependency import DependencyReporter as DependencyReporter
 from ._dependency import DependencyState as DependencyState
 from ._dependency import ReportsHealth as ReportsHealth

@@ -108,8 +108,8 @@ class AuthSettings:
 class PolicySettings:
     policy_file: Path | None = _setting(None, parse.file, "YAML grants file (embedded store)")
     entitlements_url: str | None = _setting(None, parse.url_of("http", "https"), "remote entitlements role")
-    routes_file: None = _setting(
-        None, parse.not_yet("the REST gateway"), "not supported yet (gateway routes)"
+    routes_file: Path | None = _setting(
+        None, parse.file, "gateway routes (YAML: upstreams and routes, CONTRACT §6); edge and all roles"
     )
     rate_limits_file: None = _setting(
         None, parse.not_yet("REST rate limiting"), "not supported yet (rate-limit tiers)"

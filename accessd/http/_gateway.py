@@ -1,0 +1,430 @@
+"""The REST gateway on the edge: ``ACCESS_ROUTES_FILE`` routes, in front of the edge's Quart app.
+
+Per request, in order (DESIGN.md "Layout"): route match (400 for paths that must not be forwarded, 405 with
+``Allow``; no match: the Quart app answers, so its 404 and the ops endpoints stay as they are) → the token,
+unless the route's tier is ``public`` (401/429/503, the edge's own check) → rate limit (the next issue's
+place) → the route's entitlement, decided by the cached decider (403; 503 when it cannot be decided, never
+an allow) → response cache (the next issue's place) → the upstream (``_proxy``), behind its circuit breaker
+(503 with ``Retry-After`` at once while it is open).
+
+A component: ``run`` reads the routes file (a bad one fails the start, naming the route and field), then
+watches it; a changed file that parses replaces the table at once, a bad edit keeps the last good table and
+logs why. A request in flight keeps the route it matched. Each upstream has one pooled ``httpx.AsyncClient``
+and one breaker, kept across reloads while its settings do not change; a client no longer in the table is
+closed after the drain deadline. The ASGI layer is plain ASGI (not Quart) for the hot path's sake.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NoReturn
+
+import httpx
+import trio
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from ..errors import ApiError, BackendUnavailable, BadRequest, ConfigError, InvalidInput
+from ..nurseries import Health
+from ..policy import Identity
+from ..policy.entitlements import Decider, DecisionInput
+from ..primitives import BreakerState, CircuitBreaker, DependencyState
+from ..telemetry import LATENCY_BUCKETS, trace_id_var
+from ._auth import EdgeAuth
+from ._pipeline import ROUTE_KEY
+from ._proxy import (
+    IDEMPOTENT,
+    BodyTooLarge,
+    RequestBody,
+    content_length,
+    has_body,
+    request_headers,
+    response_headers,
+    timeout_of,
+)
+from ._routes import Match, Route, RouteTable, Upstream, load_routes
+
+log = logging.getLogger("accessd.gateway")
+
+SETTING = "ACCESS_ROUTES_FILE"
+BREAKER_STATES = {
+    BreakerState.CLOSED: DependencyState.OK,
+    BreakerState.HALF_OPEN: DependencyState.DEGRADED,
+    BreakerState.OPEN: DependencyState.DOWN,
+}
+Signature = tuple[int, int, int]
+
+
+class GatewayMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.requests = Counter(
+            "accessd_upstream_requests",
+            "Gateway calls to upstreams, by upstream and outcome",
+            ("upstream", "outcome"),
+            registry=registry,
+        )
+        self.duration = Histogram(
+            "accessd_upstream_request_duration_seconds",
+            "Gateway call to an upstream until its response head",
+            ("upstream",),
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.circuit = Gauge(
+            "accessd_upstream_circuit_state",
+            "Circuit breaker per upstream: 0 closed, 1 half-open, 2 open",
+            ("upstream",),
+            registry=registry,
+        )
+
+
+class Gateway:
+    name = "gateway"
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        poll_s: float,
+        edge_auth: EdgeAuth,
+        decider: Decider,
+        health: Health,
+        registry: CollectorRegistry,
+        max_body_bytes: int,
+        drain_s: float,
+    ) -> None:
+        self._path = path
+        self._poll_s = poll_s
+        self._auth = edge_auth
+        self._decider = decider
+        self._health = health
+        self.metrics = GatewayMetrics(registry)
+        self._max_body = max_body_bytes
+        self._drain_s = drain_s
+        self.table: RouteTable | None = None
+        self._signature: Signature | None = None
+        self._clients: dict[Upstream, httpx.AsyncClient] = {}
+        self._breakers: dict[Upstream, CircuitBreaker] = {}
+        self._retired: list[httpx.AsyncClient] = []
+        self._retire_now = trio.Event()
+
+    # --- the component ---------------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> NoReturn:
+        signature = _signature(self._path)
+        self._install(signature, await trio.to_thread.run_sync(check_routes_file, self._path))
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._close_retired)
+                task_status.started()
+                await self._watch()
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(5):
+                for client in [*self._clients.values(), *self._retired]:
+                    await client.aclose()
+        raise AssertionError("unreachable")  # _watch never returns
+
+    async def _read(self) -> tuple[Signature | None, RouteTable]:
+        return await trio.to_thread.run_sync(lambda: (_signature(self._path), load_routes(self._path)))
+
+    async def _watch(self) -> NoReturn:
+        bad: Signature | None = None
+        while True:
+            await trio.sleep(self._poll_s)
+            signature = _signature(self._path)
+            if signature is None or signature in (self._signature, bad):
+                continue
+            try:
+                signature, table = await self._read()
+            except (InvalidInput, OSError) as exc:
+                bad = signature
+                log.error("routes file %s rejected, keeping the last good routes: %s", self._path, exc)
+                continue
+            self._install(signature, table)
+
+    def _install(self, signature: Signature | None, table: RouteTable) -> None:
+        wanted = set(table.upstreams.values())
+        for upstream in wanted - self._clients.keys():
+            self._clients[upstream] = httpx.AsyncClient(
+                limits=httpx.Limits(
+                    max_connections=upstream.pool_size, max_keepalive_connections=upstream.pool_size
+                ),
+                trust_env=False,
+                follow_redirects=False,
+            )
+            self._breakers[upstream] = CircuitBreaker(
+                open_s=upstream.circuit_open_s, on_change=self._reporter(upstream.name)
+            )
+            self._reporter(upstream.name)(BreakerState.CLOSED)
+        for upstream in self._clients.keys() - wanted:
+            self._retired.append(self._clients.pop(upstream))
+            del self._breakers[upstream]
+            if upstream.name not in {u.name for u in wanted}:
+                self._health.dependencies.pop(f"upstream:{upstream.name}", None)
+        self._retire_now.set()
+        self.table, self._signature = table, signature
+        log.info("routes file %s loaded: %d routes, %d upstreams", self._path, len(table.routes), len(wanted))
+
+    def _reporter(self, name: str) -> Any:
+        def report(state: BreakerState) -> None:
+            self.metrics.circuit.labels(name).set(state.value)
+            self._health.set_dependency(f"upstream:{name}", BREAKER_STATES[state])
+            if state is not BreakerState.CLOSED:
+                log.warning("upstream %s: circuit %s", name, state.name.lower().replace("_", "-"))
+
+        return report
+
+    async def _close_retired(self) -> NoReturn:
+        """Clients of upstreams a reload removed: closed once their in-flight requests had the drain time."""
+        while True:
+            await self._retire_now.wait()
+            self._retire_now = trio.Event()
+            retired, self._retired = self._retired, []
+            if retired:
+                await trio.sleep(self._drain_s)
+                for client in retired:
+                    await client.aclose()
+
+    # --- the ASGI layer --------------------------------------------------------------------------------
+
+    def wrap(self, app: Any) -> Any:
+        async def gateway_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+            table = self.table
+            if scope["type"] != "http" or table is None:
+                return await app(scope, receive, send)
+            raw_path = scope.get("raw_path") or scope["path"].encode()
+            try:
+                match = table.match(scope["method"], raw_path.decode("latin-1"))
+            except BadRequest as refusal:
+                return await _answer(send, refusal)
+            if match is None:
+                return await app(scope, receive, send)
+            scope[ROUTE_KEY] = match.template
+            try:
+                await self._handle(match, scope, receive, send)
+            except ApiError as refusal:
+                await _answer(send, refusal)
+
+        return gateway_app
+
+    async def _handle(self, match: Match, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        route = match.route
+        if route is None:
+            raise ApiError(
+                405,
+                "METHOD_NOT_ALLOWED",
+                "this path serves other methods",
+                headers={"Allow": ", ".join(sorted(match.allowed))},
+            )
+        identity = None
+        if not route.public:
+            headers = _header_map(scope)
+            peer = (scope.get("client") or ("", 0))[0]
+            identity = await self._auth.identify(
+                headers.get(b"authorization"), peer, headers.get(b"x-forwarded-for")
+            )
+        # (rate limit: by the route's tier)
+        if route.entitlement is not None:
+            assert identity is not None  # a public route has no entitlement (refused when the file is read)
+            await self._entitled(identity, route, match)
+        # (response cache: GET routes with cache_ttl_s)
+        await self._forward(route, match, identity, scope, receive, send)
+
+    async def _entitled(self, identity: Identity, route: Route, match: Match) -> None:
+        assert route.entitlement is not None
+        resource = route.resource(match.params)
+        assert resource is not None
+        inp = DecisionInput(
+            identity.sub, identity.tenant_id, route.entitlement.action, resource, identity.roles
+        )
+        try:
+            decision = await self._decider.decide(identity, inp)
+        except BackendUnavailable as exc:
+            raise ApiError(
+                503,
+                "UPSTREAM_UNAVAILABLE",
+                "entitlements are unavailable; retry",
+                headers={"Retry-After": "1"},
+            ) from exc
+        if not decision.allow:
+            raise ApiError(403, "ENTITLEMENT_DENIED", decision.reason)
+
+    async def _forward(
+        self,
+        route: Route,
+        match: Match,
+        identity: Identity | None,
+        scope: dict[str, Any],
+        receive: Any,
+        send: Any,
+    ) -> None:
+        upstream = route.upstream
+        limit = route.max_body_bytes if route.max_body_bytes is not None else self._max_body
+        length = content_length(scope)
+        if length is not None and length > limit:
+            raise BodyTooLarge(limit)
+        client, breaker = self._clients[upstream], self._breakers[upstream]
+        wait = breaker.allow()
+        if wait:
+            self._outcome(upstream, "open")
+            raise ApiError(
+                503,
+                "UPSTREAM_UNAVAILABLE",
+                f"upstream {upstream.name} is failing; retry later",
+                headers={"Retry-After": str(max(1, math.ceil(wait)))},
+            )
+        body = RequestBody(receive, limit) if has_body(scope) else None
+        url = route.target(match.raw_params, scope.get("query_string", b""))
+        headers = request_headers(scope, identity, self._auth.trusted_proxies)
+        error: ApiError | None = None
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(
+                _cancel_on_disconnect,
+                receive,
+                body,
+                nursery.cancel_scope,
+                lambda: self._outcome(upstream, "cancelled"),
+            )
+            try:
+                await self._exchange(client, breaker, route, scope["method"], url, headers, body, send)
+            except ApiError as exc:
+                error = exc
+            nursery.cancel_scope.cancel()
+        if error is not None:
+            raise error
+
+    async def _exchange(
+        self,
+        client: httpx.AsyncClient,
+        breaker: CircuitBreaker,
+        route: Route,
+        method: str,
+        url: str,
+        headers: list[tuple[bytes, bytes]],
+        body: RequestBody | None,
+        send: Any,
+    ) -> None:
+        upstream = route.upstream
+        started = trio.current_time()
+        try:
+            response = await self._open(client, route, method, url, headers, body)
+        except BodyTooLarge:
+            raise
+        except trio.BrokenResourceError:  # the client left while sending its body
+            self._outcome(upstream, "cancelled")
+            return
+        except ApiError:
+            breaker.record(False)
+            raise
+        self.metrics.duration.labels(upstream.name).observe(trio.current_time() - started)
+        breaker.record(response.status_code < 500)
+        self._outcome(upstream, "ok" if response.status_code < 500 else "error")
+        try:
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": response.status_code,
+                    "headers": response_headers(response.headers.raw),
+                }
+            )
+            async for chunk in response.aiter_raw():
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b""})
+        except httpx.TransportError as exc:  # the response has started: all that is left is to cut it short
+            self._outcome(upstream, "broken")
+            log.warning("upstream %s broke off a response to %s: %r", upstream.name, url, exc)
+            raise
+        finally:
+            await response.aclose()
+
+    async def _open(
+        self,
+        client: httpx.AsyncClient,
+        route: Route,
+        method: str,
+        url: str,
+        headers: list[tuple[bytes, bytes]],
+        body: RequestBody | None,
+    ) -> httpx.Response:
+        """Send the request, until the response head. One retry when the connection failed before anything
+        was sent and the method is idempotent."""
+        upstream = route.upstream
+        try:
+            with trio.fail_after(upstream.timeout_s):
+                for attempt in (1, 2):
+                    request = httpx.Request(
+                        method, url, headers=headers, content=body, extensions={"timeout": timeout_of(route)}
+                    )
+                    try:
+                        return await client.send(request, stream=True)
+                    except (httpx.ConnectError, httpx.ConnectTimeout):
+                        if attempt == 2 or method not in IDEMPOTENT or (body is not None and body.started):
+                            raise
+                        log.info(
+                            "upstream %s: connection failed, retrying %s %s once", upstream.name, method, url
+                        )
+        except (trio.TooSlowError, httpx.TimeoutException) as exc:
+            self._outcome(upstream, "timeout")
+            raise ApiError(
+                504,
+                "UPSTREAM_TIMEOUT",
+                f"upstream {upstream.name} did not answer within {upstream.timeout_s:g} s",
+            ) from exc
+        except httpx.TransportError as exc:
+            self._outcome(upstream, "unavailable")
+            raise ApiError(
+                502, "UPSTREAM_UNAVAILABLE", f"upstream {upstream.name}: {type(exc).__name__}"
+            ) from exc
+        raise AssertionError("unreachable")
+
+    def _outcome(self, upstream: Upstream, outcome: str) -> None:
+        self.metrics.requests.labels(upstream.name, outcome).inc()
+
+
+async def _cancel_on_disconnect(
+    receive: Any, body: RequestBody | None, scope: trio.CancelScope, cancelled: Callable[[], None]
+) -> None:
+    """Once the request body is read, the next ASGI message can only be the client leaving: that cancels
+    the upstream call (and whatever of the response is still being written)."""
+    if body is not None:
+        await body.done.wait()
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            cancelled()
+            scope.cancel()
+            return
+
+
+async def _answer(send: Any, error: ApiError) -> None:
+    body = error.body(trace_id_var.get())
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    headers += [(name.lower().encode(), value.encode("latin-1")) for name, value in error.headers.items()]
+    if error.status == 401:
+        headers.append((b"www-authenticate", b"Bearer"))
+    await send({"type": "http.response.start", "status": error.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+def check_routes_file(path: Path) -> RouteTable:
+    """The table in the routes file; ConfigError naming ACCESS_ROUTES_FILE, the route and the field."""
+    try:
+        return load_routes(path)
+    except InvalidInput as exc:
+        raise ConfigError(SETTING, f"{path}: {exc}") from exc
+    except OSError as exc:
+        raise ConfigError(SETTING, f"cannot read {path}: {exc.strerror or exc}") from exc
+
+
+def _header_map(scope: dict[str, Any]) -> dict[bytes, str]:
+    return {name.lower(): value.decode("latin-1") for name, value in scope["headers"]}
+
+
+def _signature(path: Path) -> Signature | None:
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return (stat.st_mtime_ns, stat.st_size, stat.st_ino)

@@ -1,0 +1,162 @@
+"""Forwarding one request to an upstream with httpx, bodies streamed both ways (CONTRACT §6).
+
+Request headers: hop-by-hop headers (and those ``Connection`` names) are dropped, and so are inbound
+``X-User-ID``/``X-Tenant-ID`` in any spelling; the verified identity's, ``X-Request-ID``, ``traceparent``,
+``X-Forwarded-For`` (appended to a trusted proxy's, else the peer alone) and ``X-Forwarded-Proto`` are set.
+Response headers lose their hop-by-hop headers; everything else (status, ``ETag``, ``Content-Encoding``,
+``X-Total-Count``, the raw body bytes) reaches the client as the upstream sent it.
+
+Bodies are never held whole: the request body is read from ASGI as httpx sends it, counted against the
+route's limit (a ``Content-Length`` over it is a 413 before the upstream is called; a chunked body that
+grows over it ends the call and answers 413), and the response body is written chunk by chunk.
+Cancellation: the client going away (``http.disconnect``) cancels the upstream call.
+Errors: a response head not there within ``timeout_s`` → 504 ``UPSTREAM_TIMEOUT``; refused, reset or broken
+→ 502 ``UPSTREAM_UNAVAILABLE``; an idempotent request whose connection failed before it was sent is retried
+once. Once the response has started, a failure can only cut the connection short.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import httpx
+import trio
+
+from ..errors import ApiError
+from ..policy import Identity, Network, is_trusted
+from ..telemetry import req_id_var, trace_id_var
+from ._routes import Route
+
+log = logging.getLogger("accessd.gateway")
+
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"trailers",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+IDENTITY_HEADERS = frozenset({b"x-user-id", b"x-tenant-id"})
+IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
+
+Headers = list[tuple[bytes, bytes]]
+
+
+class BodyTooLarge(ApiError):
+    """The request body grew past the route's limit while it was being sent upstream."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, "PAYLOAD_TOO_LARGE", f"the request body is over {limit} bytes")
+
+
+def _dropped(headers: Sequence[tuple[bytes, bytes]]) -> frozenset[bytes]:
+    named = {
+        token.strip().lower()
+        for name, value in headers
+        if name.lower() == b"connection"
+        for token in value.split(b",")
+    }
+    return HOP_BY_HOP | named
+
+
+def request_headers(
+    scope: dict[str, Any], identity: Identity | None, trusted_proxies: Sequence[Network]
+) -> Headers:
+    inbound: Sequence[tuple[bytes, bytes]] = scope["headers"]
+    drop = _dropped(inbound) | IDENTITY_HEADERS | {b"host", b"x-request-id", b"traceparent"}
+    out: Headers = []
+    forwarded_for = forwarded_proto = None
+    for name, value in inbound:
+        name = name.lower()
+        if name in drop:
+            continue
+        if name == b"x-forwarded-for":
+            forwarded_for = value if forwarded_for is None else forwarded_for + b", " + value
+            continue
+        if name == b"x-forwarded-proto":
+            forwarded_proto = value
+            continue
+        out.append((name, value))
+    peer = (scope.get("client") or ("", 0))[0]
+    trusted = is_trusted(peer, trusted_proxies)
+    chain = forwarded_for + b", " + peer.encode() if trusted and forwarded_for else peer.encode()
+    out.append((b"x-forwarded-for", chain))
+    proto = forwarded_proto if trusted and forwarded_proto else scope.get("scheme", "http").encode()
+    out.append((b"x-forwarded-proto", proto))
+    out.append((b"x-request-id", (req_id_var.get() or "").encode()))
+    out.append((b"traceparent", f"00-{trace_id_var.get()}-{secrets.token_hex(8)}-01".encode()))
+    if identity is not None:
+        out.append((b"x-user-id", identity.sub.encode()))
+        out.append((b"x-tenant-id", identity.tenant_id.encode()))
+    return out
+
+
+def response_headers(headers: Sequence[tuple[bytes, bytes]]) -> Headers:
+    drop = _dropped(headers)
+    return [(name.lower(), value) for name, value in headers if name.lower() not in drop]
+
+
+class RequestBody:
+    """The ASGI request body as an async iterator for httpx, bounded by ``limit`` bytes. ``done`` is set
+    once the client's last chunk was read (then it is safe to watch ``receive`` for a disconnect)."""
+
+    def __init__(self, receive: Any, limit: int) -> None:
+        self._receive = receive
+        self._limit = limit
+        self.size = 0
+        self.started = False
+        self.done = trio.Event()
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        self.started = True
+        while not self.done.is_set():
+            message = await self._receive()
+            if message["type"] == "http.disconnect":
+                self.done.set()
+                raise trio.BrokenResourceError("the client left while sending its body")
+            chunk = message.get("body", b"")
+            self.size += len(chunk)
+            if self.size > self._limit:
+                raise BodyTooLarge(self._limit)
+            if not message.get("more_body", False):
+                self.done.set()
+            if chunk:
+                yield chunk
+
+
+def content_length(scope: dict[str, Any]) -> int | None:
+    for name, value in scope["headers"]:
+        if name.lower() == b"content-length":
+            try:
+                return int(value)
+            except ValueError as exc:
+                raise ApiError(400, "BAD_REQUEST", "Content-Length is not a number") from exc
+    return None
+
+
+def has_body(scope: dict[str, Any]) -> bool:
+    for name, value in scope["headers"]:
+        name = name.lower()
+        if name == b"transfer-encoding" or (name == b"content-length" and value.strip() != b"0"):
+            return True
+    return False
+
+
+def timeout_of(route: Route) -> dict[str, float | None]:
+    up = route.upstream
+    return httpx.Timeout(
+        connect=up.connect_timeout_s,
+        read=up.read_timeout_s,
+        write=up.read_timeout_s,
+        pool=up.connect_timeout_s,
+    ).as_dict()
