@@ -13,15 +13,18 @@ import trio
 
 from . import aio
 from .http import (
+    DEMO_BIND,
     AppContext,
     Gateway,
     HttpListener,
     create_app,
+    demo_upstream_app,
     edge_auth,
     edge_auth_routes,
     entitlements_blueprint,
     internal_auth_routes,
     publish_blueprint,
+    write_demo_routes,
 )
 from .nurseries import DependencyProbes, Health, Phase, Supervisor, build_probes
 from .policy.auth import build_auth
@@ -92,9 +95,15 @@ async def _serve(
                 await supervisor.start(component)  # e.g. auth readiness waits for the first key set
 
         gateway = None
-        if server.role in ("edge", "all") and settings.policy.routes_file is not None:
+        routes_file = settings.policy.routes_file
+        if server.role in ("edge", "all") and routes_file is None and server.demo:
+            # The demo upstream keeps serving while the edge drains (its own trigger is never set).
+            demo = HttpListener("demo-upstream", demo_upstream_app(), DEMO_BIND, trio.Event(), 1.0)
+            (demo_url,) = await supervisor.start(demo)
+            routes_file = write_demo_routes(server.state_dir, demo_url)
+        if server.role in ("edge", "all") and routes_file is not None:
             gateway = Gateway(
-                settings.policy.routes_file,
+                routes_file,
                 poll_s=settings.policy.policy_file_poll_s,
                 edge_auth=edge_auth(auth),
                 decider=entitlements.decider,

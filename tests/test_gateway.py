@@ -349,3 +349,18 @@ def test_check_config_names_the_route_and_field(tmp_path: Path) -> None:
     assert done.returncode == 2
     assert done.stderr.count("\n") == 1 and "ACCESS_ROUTES_FILE" in done.stderr
     assert "routes[0].upstream: unknown upstream 'nowhere'" in done.stderr
+
+
+async def test_the_demo_upstream_shows_the_gateway_at_work(daemon_factory, tmp_path: Path) -> None:
+    daemon = daemon_factory(role="all", args=["--demo"])
+    async with httpx.AsyncClient(timeout=10, base_url=f"{daemon.edge_url}/api/v1/demo") as client:
+        demo = {"Authorization": f"Bearer {token(daemon, 'me', tenant='demo')}"}
+        page = await client.get("/curves?page=2&limit=2", headers=demo)
+        assert page.status_code == 200 and page.headers["x-total-count"] == "5"
+        assert page.json()["items"] == ["PW_DE_2026", "CO2_EUA_2026"]
+        assert (await client.get("/curves/NG_2026", headers=demo)).json()["curve"] == "NG_2026"
+        assert (await client.get("/curves/NG_2026")).status_code == 401
+        assert (await client.get("/curves/ACME_PRIVATE_2026", headers=demo)).status_code == 403
+        assert (await client.get("/slow", headers=demo)).status_code == 504
+        codes = [(await client.get("/failing", headers=demo)).status_code for _ in range(6)]
+        assert codes[-1] == 503 and (await client.get("/failing", headers=demo)).headers["retry-after"]

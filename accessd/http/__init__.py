@@ -11,6 +11,9 @@ from ._auth import edge_auth_routes as edge_auth_routes
 from ._auth import identity_body as identity_body
 from ._auth import internal_auth_routes as internal_auth_routes
 from ._auth import require_identity as require_identity
+from ._demo import DEMO_BIND as DEMO_BIND
+from ._demo import demo_upstream_app as demo_upstream_app
+from ._demo import write_demo_routes as write_demo_routes
 from ._entitlements import entitlements_blueprint as entitlements_blueprint
 from ._errors import error_response as error_response
 from ._gateway import Gateway as Gateway

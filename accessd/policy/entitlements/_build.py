@@ -51,6 +51,7 @@ grants:
     resource: "channel:pricing.curve.updates.v1"
     effect: allow
   - {tenant_id: demo, subject: "*", action: read, resource: "curve:*", effect: allow}
+  - {tenant_id: demo, subject: "*", action: read, resource: "curve:ACME_*", effect: deny}  # tenant acme's
 """
 
 
