@@ -2,7 +2,10 @@
 
 Raw sockets and a minimal response parser keep the client's CPU per request far below the server's, which
 matters on a 2-core machine where load generator and server share the cores. Prints one JSON line.
-Usage: python bench/_load.py URL [--conns 32] [--seconds 10] [--method GET] [--body JSON] [--header K:V]
+With ``--rate R`` the load is open-loop: R requests/s in all, spread over the connections, and latency is
+counted from when a request was due (a server that falls behind is not hidden by a client that waits).
+Usage: python bench/_load.py URL [--conns 32] [--seconds 10] [--rate R] [--method GET] [--body JSON]
+       [--header K:V]
 """
 
 from __future__ import annotations
@@ -24,20 +27,30 @@ def build_request(url: str, method: str, body: bytes, headers: list[str]) -> tup
     return parts.hostname or "127.0.0.1", parts.port or 80, ("\r\n".join(lines) + "\r\n\r\n").encode() + body
 
 
-async def one_connection(host: str, port: int, request: bytes, stop_at: float, out: dict) -> None:
+async def one_connection(
+    host: str, port: int, request: bytes, stop_at: float, out: dict, interval: float | None = None
+) -> None:
     while time.monotonic() < stop_at:  # servers close keep-alive connections now and then: reconnect
         try:
-            await _requests(host, port, request, stop_at, out)
+            await _requests(host, port, request, stop_at, out, interval)
         except ConnectionError:
             out["reconnects"] = out.get("reconnects", 0) + 1
 
 
-async def _requests(host: str, port: int, request: bytes, stop_at: float, out: dict) -> None:
+async def _requests(
+    host: str, port: int, request: bytes, stop_at: float, out: dict, interval: float | None
+) -> None:
     stream = await trio.open_tcp_stream(host, port)
     buf = b""
+    due = time.perf_counter()
     async with stream:
         while time.monotonic() < stop_at:
-            started = time.perf_counter()
+            if interval is not None:
+                due += interval
+                await trio.sleep(max(0.0, due - time.perf_counter()))
+                started = due
+            else:
+                started = time.perf_counter()
             try:
                 await stream.send_all(request)
             except trio.BrokenResourceError:
@@ -68,13 +81,22 @@ async def _requests(host: str, port: int, request: bytes, stop_at: float, out: d
             out["statuses"][status] = out["statuses"].get(status, 0) + 1
 
 
-async def run(url: str, conns: int, seconds: float, method: str, body: bytes, headers: list[str]) -> dict:
+async def run(
+    url: str,
+    conns: int,
+    seconds: float,
+    method: str,
+    body: bytes,
+    headers: list[str],
+    rate: float | None = None,
+) -> dict:
     host, port, request = build_request(url, method, body, headers)
     out: dict = {"latencies": [], "statuses": {}}
     started = time.monotonic()
+    interval = conns / rate if rate else None
     async with trio.open_nursery() as nursery:
         for _ in range(conns):
-            nursery.start_soon(one_connection, host, port, request, started + seconds, out)
+            nursery.start_soon(one_connection, host, port, request, started + seconds, out, interval)
     elapsed = time.monotonic() - started
     lat = sorted(out["latencies"])
 
@@ -100,8 +122,11 @@ def main() -> None:
     parser.add_argument("--method", default="GET")
     parser.add_argument("--body", default="")
     parser.add_argument("--header", action="append", default=[])
+    parser.add_argument("--rate", type=float, help="open-loop: requests per second in all")
     args = parser.parse_args()
-    result = trio.run(run, args.url, args.conns, args.seconds, args.method, args.body.encode(), args.header)
+    result = trio.run(
+        run, args.url, args.conns, args.seconds, args.method, args.body.encode(), args.header, args.rate
+    )
     print(json.dumps(result))
 
 

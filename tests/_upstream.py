@@ -101,6 +101,8 @@ def _app(state: Upstream) -> Any:
         elif path == "/gzip":
             body = gzip.compress(b'{"zipped": true}')
             await answer(200, body, [(b"content-encoding", b"gzip")])
+        elif path == "/cookie":
+            await answer(200, b"{}", [(b"set-cookie", b"session=upstream-secret; Path=/")])
         elif path == "/hop":
             await answer(
                 200, b"{}", [(b"connection", b"x-secret"), (b"x-secret", b"1"), (b"keep-alive", b"5")]

@@ -9,9 +9,11 @@ an allow) → response cache (the next issue's place) → the upstream (``_proxy
 
 A component: ``run`` reads the routes file (a bad one fails the start, naming the route and field), then
 watches it; a changed file that parses replaces the table at once, a bad edit keeps the last good table and
-logs why. A request in flight keeps the route it matched. Each upstream has one pooled ``httpx.AsyncClient``
-and one breaker, kept across reloads while its settings do not change; a client no longer in the table is
-closed after the drain deadline. The ASGI layer is plain ASGI (not Quart) for the hot path's sake.
+logs why. A request in flight keeps the route it matched. Each upstream has one pooled httpx transport
+(``httpx.AsyncHTTPTransport``: the connection pool, without a client's cookie jar, which would carry one
+caller's cookies to the next, or its redirect and auth handling) and one breaker, kept across reloads while
+its settings do not change; a transport no longer in the table is closed after the drain deadline. The
+ASGI layer is plain ASGI (not Quart) for the hot path's sake.
 """
 
 from __future__ import annotations
@@ -105,9 +107,9 @@ class Gateway:
         self._drain_s = drain_s
         self.table: RouteTable | None = None
         self._signature: Signature | None = None
-        self._clients: dict[Upstream, httpx.AsyncClient] = {}
+        self._clients: dict[Upstream, httpx.AsyncHTTPTransport] = {}
         self._breakers: dict[Upstream, CircuitBreaker] = {}
-        self._retired: list[httpx.AsyncClient] = []
+        self._retired: list[httpx.AsyncHTTPTransport] = []
         self._retire_now = trio.Event()
 
     # --- the component ---------------------------------------------------------------------------------
@@ -147,12 +149,10 @@ class Gateway:
     def _install(self, signature: Signature | None, table: RouteTable) -> None:
         wanted = set(table.upstreams.values())
         for upstream in wanted - self._clients.keys():
-            self._clients[upstream] = httpx.AsyncClient(
+            self._clients[upstream] = httpx.AsyncHTTPTransport(
                 limits=httpx.Limits(
                     max_connections=upstream.pool_size, max_keepalive_connections=upstream.pool_size
-                ),
-                trust_env=False,
-                follow_redirects=False,
+                )
             )
             self._breakers[upstream] = CircuitBreaker(
                 open_s=upstream.circuit_open_s, on_change=self._reporter(upstream.name)
@@ -297,7 +297,7 @@ class Gateway:
 
     async def _exchange(
         self,
-        client: httpx.AsyncClient,
+        client: httpx.AsyncHTTPTransport,
         breaker: CircuitBreaker,
         route: Route,
         method: str,
@@ -341,7 +341,7 @@ class Gateway:
 
     async def _open(
         self,
-        client: httpx.AsyncClient,
+        client: httpx.AsyncHTTPTransport,
         route: Route,
         method: str,
         url: str,
@@ -358,7 +358,7 @@ class Gateway:
                         method, url, headers=headers, content=body, extensions={"timeout": timeout_of(route)}
                     )
                     try:
-                        return await client.send(request, stream=True)
+                        return await client.handle_async_request(request)
                     except (httpx.ConnectError, httpx.ConnectTimeout):
                         if attempt == 2 or method not in IDEMPOTENT or (body is not None and body.started):
                             raise

@@ -1,0 +1,186 @@
+"""The REST gateway's cost: GET through the whole pipeline vs a bare Hypercorn-trio app, and route matching.
+
+One invocation, back to back on the same machine and load generator (bench/_load.py in its own process):
+1. bare: a Hypercorn-trio ASGI app (bench/bare_asgi.py) answering a small JSON body directly;
+2. gateway: accessd's edge with a routes file, token and entitlement cached, proxying to an upstream that
+   serves the same body (nginx with a static file when installed — ``apt-get install nginx-light`` — else
+   another bare Hypercorn app, and the table says so).
+Each is measured closed-loop at a fixed concurrency (requests/s, P50/P95/P99), then the gateway open-loop at
+80 % of its measured maximum (P95 there is the latency target). Route matching is timed in-process with 10
+and with 500 routes. Figures are printed and appended to bench/RESULTS.md.
+Usage: python bench/gateway.py [--seconds 10] [--conns 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from _common import PYTHON, append_results, cpu_seconds, daemon_env, free_port, machine, spawn, wait_http
+
+sys.path.insert(0, str(Path(__file__).parents[1]))
+from accessd.http._routes import parse_routes  # noqa: E402
+
+HERE = Path(__file__).parent
+BODY = b'{"status": "live"}'  # bare_asgi.py's body, served by nginx as a file too
+NGINX_CONF = """worker_processes 1;
+daemon off;
+pid {work}/nginx.pid;
+error_log {work}/nginx-error.log;
+events {{ worker_connections 1024; }}
+http {{
+  access_log off;
+  client_body_temp_path {work}/body; proxy_temp_path {work}/proxy; fastcgi_temp_path {work}/fcgi;
+  uwsgi_temp_path {work}/uwsgi; scgi_temp_path {work}/scgi;
+  server {{
+    listen 127.0.0.1:{port};
+    keepalive_requests 1000000;
+    location / {{ root {work}/www; default_type application/json; try_files /curve.json =404; }}
+  }}
+}}
+"""
+
+
+def load(url: str, seconds: float, conns: int, headers: list[str], rate: float | None = None) -> dict:
+    command = [PYTHON, str(HERE / "_load.py"), url, "--seconds", str(seconds), "--conns", str(conns)]
+    for header in headers:
+        command += ["--header", header]
+    if rate:
+        command += ["--rate", str(rate)]
+    return json.loads(subprocess.run(command, capture_output=True, text=True, check=True).stdout)
+
+
+def measure(
+    pid: int, url: str, seconds: float, conns: int, headers: list[str], rate: float | None = None
+) -> dict:
+    before = cpu_seconds(pid)
+    result = load(url, seconds, conns, headers, rate)
+    result["server_cpu_us_per_req"] = round((cpu_seconds(pid) - before) / max(1, result["requests"]) * 1e6, 1)
+    return result
+
+
+def upstream(work: Path) -> tuple[subprocess.Popen, str, str]:
+    port = free_port()
+    if shutil.which("nginx"):
+        work.chmod(0o755)  # nginx's workers run as another user when started as root
+        (work / "www").mkdir(mode=0o755)
+        (work / "www" / "curve.json").write_bytes(BODY)
+        conf = work / "nginx.conf"
+        conf.write_text(NGINX_CONF.format(work=work, port=port))
+        process = spawn(["nginx", "-c", str(conf), "-p", str(work)])
+        kind = "nginx (static file)"
+    else:
+        process = spawn([PYTHON, str(HERE / "bare_asgi.py"), str(port)])
+        kind = "Hypercorn bare ASGI (nginx not installed)"
+    url = f"http://127.0.0.1:{port}"
+    wait_http(f"{url}/health/live")
+    return process, url, kind
+
+
+def match_cost(routes: int) -> float:
+    """ns per match over paths spread across the first ten routes."""
+    table = parse_routes(
+        {
+            "upstreams": {"u": {"url": "http://127.0.0.1:9"}},
+            "routes": [
+                {"path": f"/api/v1/r{i}/{{id}}/items/{{item}}", "upstream": "u"} for i in range(routes)
+            ],
+        }
+    )
+    paths = [f"/api/v1/r{i % 10}/x{i}/items/y" for i in range(1000)]
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        for _ in range(20):
+            for path in paths:
+                table.match("GET", path)
+        best = min(best, (time.perf_counter() - start) / 20_000 * 1e9)
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--conns", type=int, default=32)
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="accessd-gateway-"))
+    up, up_url, up_kind = upstream(work)
+    bare_port = free_port()
+    bare = spawn([PYTHON, str(HERE / "bare_asgi.py"), str(bare_port)])
+    daemon = None
+    try:
+        wait_http(f"http://127.0.0.1:{bare_port}/health/live")
+        grants = work / "grants.yaml"
+        grants.write_text(
+            "grants:\n  - {tenant_id: bench, subject: '*', action: read, resource: 'curve:*', effect: allow}\n"
+        )
+        routes = work / "routes.yaml"
+        routes.write_text(
+            f'upstreams:\n  bench: {{url: "{up_url}", timeout_s: 5}}\nroutes:\n'
+            '  - path: "/api/v1/curves/{curve_id}"\n    upstream: bench\n    upstream_path: "/curve.json"\n'
+            '    entitlement: {action: read, resource: "curve:{curve_id}"}\n'
+        )
+        env, ports = daemon_env(
+            work / "state", ACCESS_POLICY_FILE=str(grants), ACCESS_ROUTES_FILE=str(routes)
+        )
+        daemon = subprocess.Popen([PYTHON, "-m", "accessd", "run", "--role", "all"], env=env)
+        edge = f"http://127.0.0.1:{ports['edge']}"
+        wait_http(f"http://127.0.0.1:{ports['internal']}/health/ready")
+        token = subprocess.run(
+            [PYTHON, "-m", "accessd", "token", "--sub", "bench", "--tenant", "bench", "--ttl", "86400"],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        auth = [f"Authorization: Bearer {token}"]
+        url = f"{edge}/api/v1/curves/NG_2026"
+        load(url, 2, args.conns, auth)  # warm-up: token and decision cached, upstream pool filled
+        base = measure(bare.pid, f"http://127.0.0.1:{bare_port}/curve.json", args.seconds, args.conns, [])
+        full = measure(daemon.pid, url, args.seconds, args.conns, auth)
+        eighty = measure(daemon.pid, url, args.seconds, args.conns, auth, rate=0.8 * full["rps"])
+    finally:
+        for process in (daemon, bare, up):
+            if process is not None:
+                process.terminate()
+                process.wait(30)
+    small, large = match_cost(10), match_cost(500)
+    ratio = full["rps"] / base["rps"]
+
+    def row(name: str, r: dict) -> str:
+        codes = ", ".join(f"{k}: {v}" for k, v in sorted(r["statuses"].items()))
+        return (
+            f"| {name} | {r['rps']:,.0f} | {r['p50_ms']} / {r['p95_ms']} / {r['p99_ms']} | "
+            f"{r['server_cpu_us_per_req']} | {codes} |"
+        )
+
+    body = "\n".join(
+        [
+            f"Upstream: {up_kind}. Load: bench/_load.py, {args.conns} keep-alive connections, {args.seconds:g} s "
+            "each; the 80 % run is open-loop at 0.8 × the gateway's closed-loop requests/s.",
+            "",
+            "| server | requests/s | P50 / P95 / P99 ms | server CPU µs/request | statuses |",
+            "|---|---|---|---|---|",
+            row("bare Hypercorn-trio app", base),
+            row("gateway: auth + entitlement + proxy", full),
+            row(f"gateway at 80 % ({eighty['rps']:,.0f}/s)", eighty),
+            "",
+            f"Gateway / bare requests/s: **{ratio:.2f}** (target ≥ 0.60). P95 at 80 %: **{eighty['p95_ms']} ms** "
+            "(target < 15 ms).",
+            f"Route matching: {small:,.0f} ns with 10 routes, {large:,.0f} ns with 500 "
+            f"(**{large / small:.2f}×**, target within 1.10×).",
+        ]
+    )
+    print(body)
+    append_results("REST gateway vs a bare Hypercorn-trio app", "python bench/gateway.py", body)
+    print(machine(), file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
