@@ -22,4 +22,8 @@ lint:
 # benchmarks; each appends its figures to bench/RESULTS.md
 bench:
     python bench/health.py
-    for script in bench/auth.py bench/entitlements.py; do [ -f "$script" ] && python "$script"; done
+    for script in bench/auth.py bench/entitlements.py bench/gateway.py; do [ -f "$script" ] && python "$script"; done
+
+# the REST load scenario with locust against a running `accessd run --demo` (HOST: its edge)
+locust HOST="http://127.0.0.1:8000" USERS="50" TIME="30s":
+    locust -f bench/locustfile.py --headless -u {{USERS}} -r 10 -t {{TIME}} --host {{HOST}}
