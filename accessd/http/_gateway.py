@@ -132,7 +132,8 @@ class Gateway:
         self._signature: Signature | None = None
         self._clients: dict[Upstream, UpstreamPool] = {}
         self._breakers: dict[Upstream, CircuitBreaker] = {}
-        self._retired: list[UpstreamPool] = []
+        # Upstreams a reload removed, still usable by requests that matched before it, until closed.
+        self._retired: dict[Upstream, tuple[UpstreamPool, CircuitBreaker]] = {}
         self._retire_now = trio.Event()
 
     # --- the component ---------------------------------------------------------------------------------
@@ -147,7 +148,7 @@ class Gateway:
                 await self._watch()
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(5):
-                for client in [*self._clients.values(), *self._retired]:
+                for client in [*self._clients.values(), *(pool for pool, _ in self._retired.values())]:
                     await client.aclose()
         raise AssertionError("unreachable")  # _watch never returns
 
@@ -178,8 +179,7 @@ class Gateway:
             )
             self._reporter(upstream.name)(BreakerState.CLOSED)
         for upstream in self._clients.keys() - wanted:
-            self._retired.append(self._clients.pop(upstream))
-            del self._breakers[upstream]
+            self._retired[upstream] = (self._clients.pop(upstream), self._breakers.pop(upstream))
             if upstream.name not in {u.name for u in wanted}:
                 self._health.dependencies.pop(f"upstream:{upstream.name}", None)
         self._retire_now.set()
@@ -200,11 +200,12 @@ class Gateway:
         while True:
             await self._retire_now.wait()
             self._retire_now = trio.Event()
-            retired, self._retired = self._retired, []
+            retired = list(self._retired)
             if retired:
                 await trio.sleep(self._drain_s)
-                for client in retired:
-                    await client.aclose()
+                for upstream in retired:
+                    pool, _ = self._retired.pop(upstream)
+                    await pool.aclose()
 
     # --- the ASGI layer --------------------------------------------------------------------------------
 
@@ -284,7 +285,18 @@ class Gateway:
         length = content_length(scope)
         if length is not None and length > limit:
             raise BodyTooLarge(limit)
-        client, breaker = self._clients[upstream].pick(), self._breakers[upstream]
+        if upstream in self._clients:
+            pool, breaker = self._clients[upstream], self._breakers[upstream]
+        elif upstream in self._retired:  # matched before a reload replaced this upstream's settings
+            pool, breaker = self._retired[upstream]
+        else:
+            raise ApiError(
+                503,
+                "UPSTREAM_UNAVAILABLE",
+                "the routes changed meanwhile; retry",
+                headers={"Retry-After": "1"},
+            )
+        client = pool.pick()
         wait = breaker.allow()
         if wait:
             self._outcome(upstream, "open")
