@@ -14,6 +14,7 @@ adapter edge with ``raise ... from exc``, so the cause stays in the traceback.
      └── ApiError               a request refused with the uniform error body (CONTRACT §4)
           ├── BadRequest        400: a malformed request head, upgrade or body
           │    └── CursorError  a cursor this server did not issue
+          ├── BodyTooLarge      413: a request body over the gateway route's limit              (http)
           └── SubscribeError    a subscribe op refused (WebSocket ``error`` frame, SSE status)
 
 How a streaming connection ended is not an exception but a value (``stream.Closed``); Trio's
