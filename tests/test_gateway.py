@@ -182,8 +182,8 @@ async def test_bodies_stream_both_ways_and_the_body_limit_holds(daemon_factory, 
         )
         assert small.status_code == 413 and small.json()["code"] == "PAYLOAD_TOO_LARGE"
         assert len(upstream.seen) == calls  # refused from Content-Length: the upstream never called
-        # A chunked body that grows over the limit: 413 while the client is still sending (read while sending,
-        # as curl does; httpx reads an answer only once it has sent everything).
+        # A chunked body that grows over the limit: the upstream call ends at the limit, the rest of the body
+        # is read and dropped (bounded), then the 413 (read while sending, as curl does).
         port = int(daemon.edge_url.rsplit(":", 1)[1])
         head = (
             f"POST /api/v1/small-upload HTTP/1.1\r\nHost: x\r\nAuthorization: {alice['Authorization']}\r\n"
@@ -198,6 +198,7 @@ async def test_bodies_stream_both_ways_and_the_body_limit_holds(daemon_factory, 
                     await stream.send_all(head.encode())
                     for _ in range(32):  # 2 MiB, over the 1 MiB default
                         await stream.send_all(chunk)
+                    await stream.send_all(b"0\r\n\r\n")
 
             nursery.start_soon(send)
             with trio.fail_after(10):

@@ -52,6 +52,9 @@ from ._routes import Match, Route, RouteTable, Upstream, load_routes
 log = logging.getLogger("accessd.gateway")
 
 SETTING = "ACCESS_ROUTES_FILE"
+# A body over the limit is read on (and dropped) for at most this much before the 413: HTTP/1.1 has no way to
+# stop a client mid-body but to read it or close, and Hypercorn only closes once the request was read.
+DISCARD_MAX_BYTES, DISCARD_S = 16 << 20, 5.0
 BREAKER_STATES = {
     BreakerState.CLOSED: DependencyState.OK,
     BreakerState.HALF_OPEN: DependencyState.DEGRADED,
@@ -342,6 +345,8 @@ class Gateway:
         try:
             response = await self._open(client, route, method, url, headers, body)
         except BodyTooLarge:
+            assert body is not None
+            await body.discard_rest(DISCARD_MAX_BYTES, DISCARD_S)
             raise
         except trio.BrokenResourceError:  # the client left while sending its body
             self._outcome(upstream, "cancelled")

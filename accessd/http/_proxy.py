@@ -133,6 +133,16 @@ class RequestBody:
             if chunk:
                 yield chunk
 
+    async def discard_rest(self, max_bytes: int, within_s: float) -> None:
+        """After a 413 mid-body: read and drop what the client still sends (bounded), so that the server
+        can answer and close cleanly; a client still sending past the bounds gets the answer regardless."""
+        with trio.move_on_after(within_s):
+            while max_bytes > 0:
+                message = await self._receive()
+                max_bytes -= len(message.get("body", b""))
+                if message["type"] == "http.disconnect" or not message.get("more_body", False):
+                    return
+
 
 def content_length(scope: dict[str, Any]) -> int | None:
     for name, value in scope["headers"]:
