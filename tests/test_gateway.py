@@ -291,6 +291,7 @@ async def test_a_client_that_leaves_cancels_the_upstream_call(daemon_factory, tm
             await upstream.cancelled.wait()
         metrics = (await client.get(f"{daemon.edge_url}/metrics")).text
         assert 'accessd_upstream_requests_total{outcome="cancelled",upstream="patient"} 1.0' in metrics
+        assert 'accessd_http_requests_total{method="GET",route="/api/v1/hang",status="499"} 1.0' in metrics
 
 
 async def test_reloads_lose_no_request_and_a_bad_edit_keeps_the_last_good_table(

@@ -35,6 +35,7 @@ log = logging.getLogger("accessd.http")
 
 ROUTE_KEY = "accessd.route"
 UNMATCHED = "unmatched"
+CLIENT_GONE = 499  # nginx's status for a request whose client closed the connection before the answer
 CLOSE_TIMEOUT_S = 5.0  # bound on the shielded last send of a response that closes the connection
 span_var: contextvars.ContextVar[Span | None] = contextvars.ContextVar("span", default=None)
 
@@ -71,7 +72,8 @@ class RequestPipeline:
         request_id = request_id_from(client_request_id)
         trace_id_var.set(trace_id)
         req_id_var.set(request_id)
-        status = 500
+        status = 500  # until the app answers; an app that raises leaves it so
+        answered = False
         request_id_header = (b"x-request-id", request_id.encode())
         closing = False
 
@@ -83,8 +85,9 @@ class RequestPipeline:
             return message
 
         async def send_with_id(message: dict[str, Any]) -> None:
-            nonlocal status, closing
+            nonlocal status, closing, answered
             if message["type"] == "http.response.start":
+                answered = True
                 status = message["status"]
                 headers = [*message.get("headers", ()), request_id_header]
                 if body_pending:  # answered before the body was read: it cannot be reused
@@ -100,6 +103,8 @@ class RequestPipeline:
 
         try:
             await self._app(scope, receive_body if body_pending else receive, send_with_id)
+            if status == 500 and not answered:
+                status = CLIENT_GONE  # returned without an answer: the client left (the gateway stops then)
         finally:
             route = scope.get(ROUTE_KEY, UNMATCHED)
             elapsed = time.perf_counter() - started
