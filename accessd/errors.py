@@ -93,6 +93,18 @@ class ApiError(AccessdError):
         document = {"trace_id": trace_id, "code": self.code, "message": self.message, "details": self.details}
         return json.dumps(document).encode()
 
+    def answer(self, trace_id: str | None) -> tuple[bytes, list[tuple[str, str]]]:
+        """The body and every header that goes with it (type, length, ``headers``, the 401 challenge)."""
+        body = self.body(trace_id)
+        fields = [
+            ("Content-Type", "application/json"),
+            ("Content-Length", str(len(body))),
+            *self.headers.items(),
+        ]
+        if self.status == 401:
+            fields.append(("WWW-Authenticate", "Bearer"))
+        return body, fields
+
 
 class BadRequest(ApiError):
     def __init__(self, message: str, details: dict[str, Any] | None = None) -> None:

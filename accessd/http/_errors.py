@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 
 from quart import Response
+from werkzeug.datastructures import Headers
 from werkzeug.exceptions import HTTPException
 
 from ..errors import ApiError
@@ -33,12 +34,8 @@ CODES_BY_STATUS = {
 
 
 def error_response(error: ApiError) -> Response:
-    response = Response(error.body(trace_id_var.get()), status=error.status, content_type="application/json")
-    if error.status == 401:
-        response.headers["WWW-Authenticate"] = "Bearer"
-    for name, value in error.headers.items():
-        response.headers[name] = value
-    return response
+    body, fields = error.answer(trace_id_var.get())
+    return Response(body, status=error.status, headers=Headers(fields))
 
 
 async def handle_api_error(error: ApiError) -> Response:

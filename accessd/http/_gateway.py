@@ -435,11 +435,8 @@ async def _cancel_on_disconnect(
 
 
 async def _answer(send: Any, error: ApiError) -> None:
-    body = error.body(trace_id_var.get())
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    headers += [(name.lower().encode(), value.encode("latin-1")) for name, value in error.headers.items()]
-    if error.status == 401:
-        headers.append((b"www-authenticate", b"Bearer"))
+    body, fields = error.answer(trace_id_var.get())
+    headers = [(name.lower().encode(), value.encode("latin-1")) for name, value in fields]
     await send({"type": "http.response.start", "status": error.status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 

@@ -73,16 +73,8 @@ def response_head(status: int, headers: list[tuple[str, str]]) -> bytes:
 
 def error_bytes(error: ApiError, trace_id: str) -> bytes:
     """The whole response for a refused request: the uniform error body (``ApiError.body``) and its head."""
-    body = error.body(trace_id)
-    head = [
-        ("Content-Type", "application/json"),
-        ("Content-Length", str(len(body))),
-        ("Connection", "close"),
-        *error.headers.items(),
-    ]
-    if error.status == 401:
-        head.append(("WWW-Authenticate", "Bearer"))
-    return response_head(error.status, head) + body
+    body, fields = error.answer(trace_id)
+    return response_head(error.status, [*fields, ("Connection", "close")]) + body
 
 
 def json_response(status: int, body: object) -> bytes:
