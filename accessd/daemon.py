@@ -95,6 +95,7 @@ async def _serve(
                 await supervisor.start(component)  # e.g. auth readiness waits for the first key set
 
         gateway = None
+        edge_check = edge_auth(auth)  # one failure budget for the Quart endpoints and the gateway
         routes_file = settings.policy.routes_file
         if server.role in ("edge", "all") and routes_file is None and server.demo:
             # The demo upstream keeps serving while the edge drains (its own trigger is never set).
@@ -105,7 +106,7 @@ async def _serve(
             gateway = Gateway(
                 routes_file,
                 poll_s=settings.policy.policy_file_poll_s,
-                edge_auth=edge_auth(auth),
+                edge_auth=edge_check,
                 decider=entitlements.decider,
                 health=health,
                 registry=metrics.registry,
@@ -119,7 +120,7 @@ async def _serve(
         )
         listeners: list[HttpListener] = []
         if server.role in ("edge", "all"):
-            app = create_app("edge", ctx, edge_auth_routes(auth), gateway)
+            app = create_app("edge", ctx, edge_auth_routes(auth, edge_check), gateway)
             listeners.append(
                 HttpListener("edge-http", app, server.edge_bind, shutdown, server.drain_timeout_s)
             )

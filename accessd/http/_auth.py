@@ -25,14 +25,15 @@ from ..policy.auth import UNAUTHENTICATED, Authenticator, AuthRuntime, DevIssuer
 PUBLIC_PATHS = frozenset({"/health", "/health/live", "/health/ready", "/metrics"})
 
 
-def edge_auth_routes(auth: AuthRuntime) -> list[Blueprint]:
-    """The edge's token check on every non-public path (first), and the dev issuer's JWKS when active."""
+def edge_auth_routes(auth: AuthRuntime, check: EdgeAuth) -> list[Blueprint]:
+    """The edge's token check (``check``, shared with the gateway) on every non-public path, first; and the
+    dev issuer's JWKS when active."""
     public = set(PUBLIC_PATHS)
     blueprints = []
     if auth.dev_issuer is not None:
         public.add("/.well-known/jwks.json")
         blueprints.append(dev_jwks_blueprint(auth.dev_issuer))
-    return [edge_auth_blueprint(edge_auth(auth), frozenset(public)), *blueprints]
+    return [edge_auth_blueprint(check, frozenset(public)), *blueprints]
 
 
 def edge_auth(auth: AuthRuntime) -> EdgeAuth:

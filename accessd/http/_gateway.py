@@ -40,9 +40,9 @@ from ._pipeline import ROUTE_KEY
 from ._proxy import (
     IDEMPOTENT,
     BodyTooLarge,
+    Inbound,
     RequestBody,
-    content_length,
-    has_body,
+    read_inbound,
     request_headers,
     response_headers,
     timeout_of,
@@ -241,19 +241,18 @@ class Gateway:
                 "this path serves other methods",
                 headers={"Allow": ", ".join(sorted(match.allowed))},
             )
+        head = read_inbound(scope)
         identity = None
         if not route.public:
-            headers = _header_map(scope)
             peer = (scope.get("client") or ("", 0))[0]
-            identity = await self._auth.identify(
-                headers.get(b"authorization"), peer, headers.get(b"x-forwarded-for")
-            )
+            forwarded_for = head.forwarded_for.decode("latin-1") if head.forwarded_for else None
+            identity = await self._auth.identify(head.authorization, peer, forwarded_for)
         # (rate limit: by the route's tier)
         if route.entitlement is not None:
             assert identity is not None  # a public route has no entitlement (refused when the file is read)
             await self._entitled(identity, route, match)
         # (response cache: GET routes with cache_ttl_s)
-        await self._forward(route, match, identity, scope, receive, send)
+        await self._forward(route, match, head, identity, scope, receive, send)
 
     async def _entitled(self, identity: Identity, route: Route, match: Match) -> None:
         assert route.entitlement is not None
@@ -278,6 +277,7 @@ class Gateway:
         self,
         route: Route,
         match: Match,
+        head: Inbound,
         identity: Identity | None,
         scope: dict[str, Any],
         receive: Any,
@@ -285,8 +285,7 @@ class Gateway:
     ) -> None:
         upstream = route.upstream
         limit = route.max_body_bytes if route.max_body_bytes is not None else self._max_body
-        length = content_length(scope)
-        if length is not None and length > limit:
+        if head.content_length is not None and head.content_length > limit:
             raise BodyTooLarge(limit)
         if upstream in self._clients:
             pool, breaker = self._clients[upstream], self._breakers[upstream]
@@ -309,9 +308,9 @@ class Gateway:
                 f"upstream {upstream.name} is failing; retry later",
                 headers={"Retry-After": str(max(1, math.ceil(wait)))},
             )
-        body = RequestBody(receive, limit) if has_body(scope) else None
+        body = RequestBody(receive, limit) if head.has_body else None
         url = route.target(match.raw_params, scope.get("query_string", b""))
-        headers = request_headers(scope, identity, self._auth.trusted_proxies)
+        headers = request_headers(head, scope, identity, self._auth.trusted_proxies)
         error: ApiError | None = None
         async with trio.open_nursery() as nursery:
             nursery.start_soon(
@@ -449,10 +448,6 @@ def check_routes_file(path: Path) -> RouteTable:
         raise ConfigError(SETTING, f"{path}: {exc}") from exc
     except OSError as exc:
         raise ConfigError(SETTING, f"cannot read {path}: {exc.strerror or exc}") from exc
-
-
-def _header_map(scope: dict[str, Any]) -> dict[bytes, str]:
-    return {name.lower(): value.decode("latin-1") for name, value in scope["headers"]}
 
 
 def _signature(path: Path) -> Signature | None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import secrets
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -69,29 +70,57 @@ def _dropped(headers: Sequence[tuple[bytes, bytes]]) -> frozenset[bytes]:
     return HOP_BY_HOP | named
 
 
-def request_headers(
-    scope: dict[str, Any], identity: Identity | None, trusted_proxies: Sequence[Network]
-) -> Headers:
-    inbound: Sequence[tuple[bytes, bytes]] = scope["headers"]
-    drop = _dropped(inbound) | IDENTITY_HEADERS | {b"host", b"x-request-id", b"traceparent"}
-    out: Headers = []
-    forwarded_for = forwarded_proto = None
-    for name, value in inbound:
+@dataclass(slots=True)
+class Inbound:
+    """The request head, read once: what is forwarded as it is, and what the gateway decides on."""
+
+    kept: Headers
+    authorization: str | None = None
+    forwarded_for: bytes | None = None
+    forwarded_proto: bytes | None = None
+    content_length: int | None = None
+    has_body: bool = False
+
+
+def read_inbound(scope: dict[str, Any]) -> Inbound:
+    """One pass over the request's headers. ApiError 400 for a ``Content-Length`` that is not a number."""
+    headers: Sequence[tuple[bytes, bytes]] = scope["headers"]
+    drop = _dropped(headers) | IDENTITY_HEADERS | {b"host", b"x-request-id", b"traceparent"}
+    head = Inbound([])
+    for name, value in headers:
         name = name.lower()
+        if name == b"authorization":
+            head.authorization = value.decode("latin-1")
+        elif name == b"content-length":
+            try:
+                head.content_length = int(value)
+            except ValueError as exc:
+                raise ApiError(400, "BAD_REQUEST", "Content-Length is not a number") from exc
+            head.has_body = head.has_body or head.content_length > 0
+        elif name == b"transfer-encoding":
+            head.has_body = True
         if name in drop:
             continue
         if name == b"x-forwarded-for":
-            forwarded_for = value if forwarded_for is None else forwarded_for + b", " + value
-            continue
-        if name == b"x-forwarded-proto":
-            forwarded_proto = value
-            continue
-        out.append((name, value))
+            head.forwarded_for = value if head.forwarded_for is None else head.forwarded_for + b", " + value
+        elif name == b"x-forwarded-proto":
+            head.forwarded_proto = value
+        else:
+            head.kept.append((name, value))
+    return head
+
+
+def request_headers(
+    head: Inbound, scope: dict[str, Any], identity: Identity | None, trusted_proxies: Sequence[Network]
+) -> Headers:
+    """The head that goes upstream: the kept headers, and those the gateway sets."""
+    out = list(head.kept)
     peer = (scope.get("client") or ("", 0))[0]
     trusted = is_trusted(peer, trusted_proxies)
+    forwarded_for = head.forwarded_for
     chain = forwarded_for + b", " + peer.encode() if trusted and forwarded_for else peer.encode()
     out.append((b"x-forwarded-for", chain))
-    proto = forwarded_proto if trusted and forwarded_proto else scope.get("scheme", "http").encode()
+    proto = head.forwarded_proto if trusted and head.forwarded_proto else scope.get("scheme", "http").encode()
     out.append((b"x-forwarded-proto", proto))
     out.append((b"x-request-id", (req_id_var.get() or "").encode()))
     out.append((b"traceparent", f"00-{trace_id_var.get()}-{secrets.token_hex(8)}-01".encode()))
@@ -142,24 +171,6 @@ class RequestBody:
                 max_bytes -= len(message.get("body", b""))
                 if message["type"] == "http.disconnect" or not message.get("more_body", False):
                     return
-
-
-def content_length(scope: dict[str, Any]) -> int | None:
-    for name, value in scope["headers"]:
-        if name.lower() == b"content-length":
-            try:
-                return int(value)
-            except ValueError as exc:
-                raise ApiError(400, "BAD_REQUEST", "Content-Length is not a number") from exc
-    return None
-
-
-def has_body(scope: dict[str, Any]) -> bool:
-    for name, value in scope["headers"]:
-        name = name.lower()
-        if name == b"transfer-encoding" or (name == b"content-length" and value.strip() != b"0"):
-            return True
-    return False
 
 
 def timeout_of(route: Route) -> dict[str, float | None]:
