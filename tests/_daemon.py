@@ -108,3 +108,29 @@ def wait_until_ready(daemon: Daemon, base_url: str, timeout_s: float = READY_TIM
         time.sleep(0.05)
     daemon.stop(signal.SIGKILL)
     raise AssertionError(f"accessd not ready within {timeout_s}s:\n{daemon.logs[-4000:]}")
+
+
+def token(daemon: Daemon, sub: str, tenant: str = "t1", roles: str = "trader", ttl: int = 3600) -> str:
+    """A token from the daemon's dev issuer: ``accessd token`` run with the daemon's environment."""
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "accessd",
+            "token",
+            "--sub",
+            sub,
+            "--tenant",
+            tenant,
+            "--roles",
+            roles,
+            "--ttl",
+            str(ttl),
+        ],
+        env=daemon.env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()

@@ -14,7 +14,14 @@ import trio
 import trio_asyncio
 
 from accessd.nurseries import Health
-from accessd.policy.entitlements import AdaptiveTtl, Entitlements, FileStore, GrantStore, PostgresStore
+from accessd.policy.entitlements import (
+    AdaptiveTtl,
+    DecisionInput,
+    Entitlements,
+    FileStore,
+    GrantStore,
+    PostgresStore,
+)
 
 from ._services import execute_sql
 from ._wait import eventually
@@ -138,3 +145,24 @@ class TcpProxy:
 
     def stop(self) -> None:
         self.cut()
+
+
+# A grant (as the REST API takes it) letting t1's traders read every curve.
+GRANT = {
+    "tenant_id": "t1",
+    "subject": "role:trader",
+    "action": "read",
+    "resource": "curve:*",
+    "effect": "allow",
+}
+
+
+def ask(
+    resource: str = "curve:NG_2026",
+    action: str = "read",
+    *,
+    user: str = "u1",
+    tenant: str = "t1",
+    roles: tuple[str, ...] = ("trader",),
+) -> DecisionInput:
+    return DecisionInput(user, tenant, action, resource, frozenset(roles))

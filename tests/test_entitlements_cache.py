@@ -25,17 +25,10 @@ from accessd.policy.entitlements import (
     parse_grant,
 )
 
-from ._entitlements import TcpProxy, entitlements, health, new_schema
+from ._entitlements import GRANT, TcpProxy, entitlements, health, new_schema
 from ._wait import eventually
 
 ASK = DecisionInput("u1", "t1", "read", "curve:NG_2026", frozenset({"trader"}))
-GRANT = {
-    "tenant_id": "t1",
-    "subject": "role:trader",
-    "action": "read",
-    "resource": "curve:*",
-    "effect": "allow",
-}
 
 
 class Process:

@@ -18,8 +18,8 @@ from accessd.errors import BackendUnavailable
 from accessd.policy import Identity
 from accessd.policy.entitlements import RemoteEntitlements, parse_decision_input
 
-from ._daemon import Daemon, base_env, free_port
-from ._entitlements import TcpProxy, new_schema, run_sql
+from ._daemon import base_env, free_port, token
+from ._entitlements import GRANT, TcpProxy, new_schema, run_sql
 from ._wait import eventually
 
 CHECK = {
@@ -29,25 +29,6 @@ CHECK = {
     "resource": "curve:NG_2026",
     "roles": ["trader"],
 }
-GRANT = {
-    "tenant_id": "t1",
-    "subject": "role:trader",
-    "action": "read",
-    "resource": "curve:*",
-    "effect": "allow",
-}
-
-
-def token(daemon: Daemon, sub: str = "admin1", tenant: str = "t1", roles: str = "admin") -> str:
-    out = subprocess.run(
-        [sys.executable, "-m", "accessd", "token", "--sub", sub, "--tenant", tenant, "--roles", roles],
-        env=daemon.env,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-    assert out.returncode == 0, out.stderr
-    return out.stdout.strip()
 
 
 def grants_cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
@@ -58,6 +39,20 @@ def grants_cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[s
         text=True,
         timeout=30,
     )
+
+
+# `accessd grants add` arguments for GRANT
+ADD_TRADER_GRANT = (
+    "add",
+    "--tenant",
+    "t1",
+    "--subject",
+    "role:trader",
+    "--action",
+    "read",
+    "--resource",
+    "curve:*",
+)
 
 
 def bearer(tok: str) -> dict[str, str]:
@@ -83,7 +78,7 @@ async def test_revocation_via_one_daemon_is_seen_by_another_within_a_second(
     }
     a = daemon_factory(role="internal", env=env)
     b = daemon_factory(role="internal", env=env)
-    admin = token(a)
+    admin = token(a, "admin1", roles="admin")
     b_check = f"{b.internal_url}/entitlements/check"
     try:
         with trio.fail_after(30):
@@ -129,7 +124,7 @@ async def test_grants_api_validates_and_stays_in_its_tenant(daemon_factory, tmp_
     policy = tmp_path / "policy.yaml"
     policy.write_text("grants: [{tenant_id: t2, subject: '*', action: read, resource: 'x:*', effect: allow}]")
     daemon = daemon_factory(role="internal", env={"ACCESS_POLICY_FILE": str(policy)})
-    admin, trader = token(daemon), token(daemon, sub="u1", roles="trader")
+    admin, trader = token(daemon, "admin1", roles="admin"), token(daemon, "u1")
     url = f"{daemon.internal_url}/entitlements/grants"
     with trio.fail_after(30):
         async with httpx.AsyncClient(timeout=5) as client:
@@ -180,18 +175,7 @@ async def test_policy_file_watch_reload_and_bad_edits(daemon_factory, tmp_path: 
     with trio.fail_after(30):
         async with httpx.AsyncClient(timeout=5) as client:
             assert not (await client.post(check, json=CHECK)).json()["allow"]
-            added = grants_cli(
-                daemon.env,
-                "add",
-                "--tenant",
-                "t1",
-                "--subject",
-                "role:trader",
-                "--action",
-                "read",
-                "--resource",
-                "curve:*",
-            )
+            added = grants_cli(daemon.env, *ADD_TRADER_GRANT)
             assert added.returncode == 0, added.stderr
             changed_at = time.monotonic()
             await eventually(lambda: allows(client, check), within=1, what="the added grant allows")
@@ -249,18 +233,7 @@ async def test_postgres_outage_cached_flow_uncached_503_and_recovery(
     try:
         env = {"ACCESS_POSTGRES_DSN": proxied, "ACCESS_PROBE_INTERVAL_S": "0.5"}
         daemon = daemon_factory(role="internal", env=env)
-        cli = grants_cli(
-            {**daemon.env, "ACCESS_POSTGRES_DSN": dsn},
-            "add",
-            "--tenant",
-            "t1",
-            "--subject",
-            "role:trader",
-            "--action",
-            "read",
-            "--resource",
-            "curve:*",
-        )
+        cli = grants_cli({**daemon.env, "ACCESS_POSTGRES_DSN": dsn}, *ADD_TRADER_GRANT)
         assert cli.returncode == 0, cli.stderr
         check = f"{daemon.internal_url}/entitlements/check"
         other = {**CHECK, "user_id": "u2"}

@@ -7,7 +7,6 @@ import pytest
 from accessd.policy.entitlements import (
     NO_MATCHING_GRANT,
     Decision,
-    DecisionInput,
     Grant,
     GrantIndex,
     InvalidInput,
@@ -20,6 +19,8 @@ from accessd.policy.entitlements import (
     resource_matches,
 )
 from accessd.policy.entitlements._evaluate import HIDDEN_KEYS_MEMO
+
+from ._entitlements import ask
 
 NOW = 1_800_000_000.0
 
@@ -35,17 +36,6 @@ def grant(
     expires_at: float | None = None,
 ) -> Grant:
     return Grant(gid, tenant, subject, action, resource, effect, expires_at)
-
-
-def ask(
-    resource: str = "curve:NG_2026",
-    action: str = "read",
-    *,
-    user: str = "u1",
-    tenant: str = "t1",
-    roles: tuple[str, ...] = ("trader",),
-) -> DecisionInput:
-    return DecisionInput(user, tenant, action, resource, frozenset(roles))
 
 
 def test_default_deny() -> None:

@@ -19,7 +19,7 @@ from accessd.policy.entitlements import (
     parse_grant,
 )
 
-from ._entitlements import entitlements, open_store
+from ._entitlements import ask, entitlements, open_store
 from ._wait import eventually
 
 pytestmark = pytest.mark.parametrize("kind", ["file", "postgres"])
@@ -36,16 +36,6 @@ def g(subject: str, action: str, resource: str, effect: str = "allow", tenant: s
             **extra,
         }
     )
-
-
-def ask(
-    resource: str = "curve:NG_2026",
-    action: str = "read",
-    user: str = "u1",
-    tenant: str = "t1",
-    roles: tuple[str, ...] = ("trader",),
-) -> DecisionInput:
-    return DecisionInput(user, tenant, action, resource, frozenset(roles))
 
 
 async def until(predicate, timeout_s: float = 1.0) -> float:  # type: ignore[no-untyped-def]

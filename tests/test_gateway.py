@@ -16,7 +16,7 @@ import httpx
 import pytest
 import trio
 
-from ._daemon import Daemon, free_port
+from ._daemon import Daemon, free_port, token
 from ._upstream import Upstream, upstream_server
 from ._wait import eventually
 
@@ -49,18 +49,6 @@ routes:
   - {{path: "/api/v1/dead", upstream: dead, upstream_path: "/x"}}
   - {{path: "/api/v1/dead-post", methods: [POST], upstream: dead, upstream_path: "/x"}}
 {extra}"""
-
-
-def token(daemon: Daemon, sub: str, tenant: str = "t1", roles: str = "trader") -> str:
-    done = subprocess.run(
-        [sys.executable, "-m", "accessd", "token", "--sub", sub, "--tenant", tenant, "--roles", roles],
-        env=daemon.env,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=True,
-    )
-    return done.stdout.strip()
 
 
 def rss_mib(pid: int) -> float:

@@ -14,6 +14,7 @@ import pytest
 import trio
 from trio_websocket import ConnectionClosed, open_websocket_url
 
+from ._daemon import token
 from ._wait import eventually
 
 GRANTS = """grants:
@@ -29,10 +30,6 @@ def cli(daemon, *args: str) -> str:
     )
     assert result.returncode == 0, result.stderr
     return result.stdout.strip()
-
-
-def token(daemon, sub: str, roles: str = "trader", tenant: str = "t1", ttl: int = 3600) -> str:
-    return cli(daemon, "token", "--sub", sub, "--tenant", tenant, "--roles", roles, "--ttl", str(ttl))
 
 
 async def recv(ws, within: float = 10) -> dict:

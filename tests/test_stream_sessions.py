@@ -23,10 +23,14 @@ CHANNEL = "pricing.curve.updates.v1"
 MockClock = trio.testing.MockClock
 
 
+async def subscribed(ws: MemoryWs, channel: str = CHANNEL) -> None:
+    await ws.send({"op": "subscribe", "channel": channel})
+    assert (await ws.recv())["type"] == "subscribed"
+
+
 async def test_subscribe_and_receive_in_order(autojump_clock: MockClock) -> None:
     async with stream_rig(memory=True) as rig, rig.open_ws(rig.token("alice")) as ws:
-        await ws.send({"op": "subscribe", "id": "s1", "channel": CHANNEL})
-        assert (await ws.recv())["type"] == "subscribed"
+        await subscribed(ws)
         for n in range(5):
             rig.publish(CHANNEL, {"n": n}, key="NG_2026")
         got = [await ws.recv() for _ in range(5)]
@@ -37,8 +41,7 @@ async def test_subscribe_and_receive_in_order(autojump_clock: MockClock) -> None
 async def test_heartbeats_go_out_every_period(autojump_clock: MockClock) -> None:
     async with stream_rig(memory=True, stream_heartbeat_s=15) as rig, rig.open_ws(rig.token("hb")) as ws:
         start = trio.current_time()
-        await ws.send({"op": "subscribe", "channel": CHANNEL})
-        await ws.recv()
+        await subscribed(ws)
         with trio.move_on_after(46):
             await ws.recv()  # nothing else to read: only the pings arrive (answered by the client)
         assert ws.pings == 3 and trio.current_time() - start >= 45
@@ -55,13 +58,8 @@ async def test_a_client_that_reads_nothing_is_closed_by_the_write_timeout(autoju
     """Lockstep streams: the server's writes wait until the client reads, as a full socket buffer makes
     them. Nothing is read, so the client never catches up: closed after the write timeout, counted."""
     async with stream_rig(memory=True, stream_write_timeout_s=30, stream_send_buffer_bytes=4096) as rig:
-        stream = rig.connect(lockstep=True)
-        ws = MemoryWs(stream)
-        async with stream:
-            await ws.handshake(f"/ws/stream?token={rig.token('stuck')}")
-            await ws.recv()
-            await ws.send({"op": "subscribe", "channel": CHANNEL})
-            await ws.recv()
+        async with rig.open_ws(rig.token("stuck"), lockstep=True) as ws:
+            await subscribed(ws)
             start = trio.current_time()
             for n in range(200):
                 rig.publish(CHANNEL, {"n": n, "blob": "x" * 1000})
@@ -73,13 +71,8 @@ async def test_a_client_that_reads_nothing_is_closed_by_the_write_timeout(autoju
 async def test_a_slow_reader_gets_a_gap_for_what_was_dropped(autojump_clock: MockClock) -> None:
     limits = {"stream_max_pending_messages": 10, "stream_send_buffer_bytes": 4096}
     async with stream_rig(memory=True, **limits) as rig:
-        stream = rig.connect(lockstep=True)
-        ws = MemoryWs(stream)
-        async with stream:
-            await ws.handshake(f"/ws/stream?token={rig.token('slow')}")
-            await ws.recv()
-            await ws.send({"op": "subscribe", "channel": CHANNEL})
-            await ws.recv()
+        async with rig.open_ws(rig.token("slow"), lockstep=True) as ws:
+            await subscribed(ws)
             for n in range(300):
                 rig.publish(CHANNEL, {"n": n})
             await trio.testing.wait_all_tasks_blocked()  # the hub has fanned all 300 out
@@ -146,8 +139,7 @@ async def test_how_a_session_ended_is_logged_as_its_outcome(
             await ws.stream.send_all(ws.ws.send(CloseConnection(code=1000)))
             assert await ws.closed_with() == 1000  # the server answers the close frame
         async with rig.open_ws(rig.token("denied")) as ws:
-            await ws.send({"op": "subscribe", "channel": CHANNEL})
-            await ws.recv()
+            await subscribed(ws)
             rig.denied.add(CHANNEL)
             await rig.listener.revalidate_all()
             assert (await ws.recv())["code"] == "ENTITLEMENT_DENIED"
@@ -188,8 +180,7 @@ async def test_a_slowloris_handshake_is_cut_and_others_go_on(autojump_clock: Moc
         stream_rig(memory=True, stream_handshake_timeout_s=10) as rig,
         rig.open_ws(rig.token("a")) as ws,
     ):
-        await ws.send({"op": "subscribe", "channel": CHANNEL})
-        await ws.recv()
+        await subscribed(ws)
         slow = rig.connect()
         start = trio.current_time()
         with pytest.raises(trio.BrokenResourceError):  # the server hangs up at 10 s (virtual)
@@ -218,19 +209,14 @@ async def test_a_trickle_reader_is_closed_by_the_write_timeout(autojump_clock: M
     """The write timeout measures catching up, not any byte read: a client reading a little now and then
     while far behind used to stay open for ever."""
     async with stream_rig(memory=True, stream_write_timeout_s=30, stream_send_buffer_bytes=4096) as rig:
-        stream = rig.connect(lockstep=True)
-        ws = MemoryWs(stream)
-        async with stream:
-            await ws.handshake(f"/ws/stream?token={rig.token('trickle')}")
-            await ws.recv()
-            await ws.send({"op": "subscribe", "channel": CHANNEL})
-            await ws.recv()
+        async with rig.open_ws(rig.token("trickle"), lockstep=True) as ws:
+            await subscribed(ws)
             start = trio.current_time()
             timed_out = "accessd_stream_dropped_total", {"reason": "write_timeout"}
             while not rig.sample(*timed_out):  # far behind, reading 512 bytes a second
                 for _ in range(5):
                     rig.publish(CHANNEL, {"blob": "t" * 1000})
-                await stream.receive_some(512)
+                await ws.stream.receive_some(512)
                 await trio.sleep(1)
             assert 30 <= trio.current_time() - start <= 32
             await eventually(lambda: not rig.listener.sessions)
