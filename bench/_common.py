@@ -86,3 +86,13 @@ def append_results(title: str, command: str, body: str) -> None:
 
 
 PYTHON = sys.executable
+
+
+def mint_token(
+    env: dict[str, str], tenant: str, roles: str = "", sub: str = "bench", ttl: int = 86400
+) -> str:
+    """A token from the dev issuer of the daemon that ``env`` configures (``accessd token``)."""
+    command = [PYTHON, "-m", "accessd", "token", "--sub", sub, "--tenant", tenant, "--ttl", str(ttl)]
+    if roles:
+        command += ["--roles", roles]
+    return subprocess.run(command, env=env, capture_output=True, text=True, check=True).stdout.strip()

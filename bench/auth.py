@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _load  # noqa: E402
-from _common import PYTHON, append_results, cpu_seconds, daemon_env, wait_http  # noqa: E402
+from _common import PYTHON, append_results, cpu_seconds, daemon_env, mint_token, wait_http  # noqa: E402
 
 from accessd.policy.auth import (  # noqa: E402
     Authenticator,
@@ -60,6 +60,11 @@ def _private_key(alg: str) -> Any:
     if alg == "ES256":
         return ec.generate_private_key(ec.SECP256R1())
     return ed25519.Ed25519PrivateKey.generate()
+
+
+def claim_policy(**fields: Any) -> ClaimPolicy:
+    """The claim policy of the default settings, with ``fields`` changed."""
+    return dataclasses.replace(ClaimPolicy.from_settings(AuthSettings()), **fields)
 
 
 def _authenticator(issuer: DevIssuer) -> Authenticator:
@@ -95,37 +100,8 @@ async def in_process(alg: str) -> dict[str, float]:
 
 
 async def drive(url: str, conns: int, seconds: float, header: str) -> dict[str, Any]:
-    """bench/_load.py's connections, reopened when Hypercorn closes one (keep_alive_max_requests: 1000)."""
-    host, port, request = _load.build_request(url, "POST", b"", [header])
-    out: dict[str, Any] = {"latencies": [], "statuses": {}}
-    started = time.monotonic()
-    stop_at = started + seconds
-
-    async def connection() -> None:
-        while time.monotonic() < stop_at:
-            try:
-                await _load.one_connection(host, port, request, stop_at, out)
-            except (ConnectionError, trio.BrokenResourceError):
-                out["reconnects"] = out.get("reconnects", 0) + 1
-
-    async with trio.open_nursery() as nursery:
-        for _ in range(conns):
-            nursery.start_soon(connection)
-    elapsed = time.monotonic() - started
-    lat = sorted(out["latencies"])
-
-    def pct(p: float) -> float:
-        return round(lat[min(len(lat) - 1, int(p * len(lat)))] * 1e3, 3) if lat else 0.0
-
-    return {
-        "requests": len(lat),
-        "rps": round(len(lat) / elapsed, 1),
-        "p50_ms": pct(0.50),
-        "p95_ms": pct(0.95),
-        "p99_ms": pct(0.99),
-        "statuses": out["statuses"],
-        "reconnects": out.get("reconnects", 0),
-    }
+    """bench/_load.py's keep-alive connections, POSTing (reconnecting when Hypercorn closes one)."""
+    return await _load.run(url, conns, seconds, "POST", b"", [header])
 
 
 def _write_key(path: Path, alg: str) -> None:
@@ -144,13 +120,7 @@ def http_load(alg: str, cache: bool, seconds: float, conns: int) -> dict[str, An
             tmp, ACCESS_DEV_KEY_FILE=str(key_file), ACCESS_TOKEN_CACHE_SIZE="10000" if cache else "0"
         )
         port = ports["internal"]
-        token = subprocess.run(
-            [PYTHON, "-m", "accessd", "token", "--sub", "bench", "--tenant", "t1", "--roles", "trader"],
-            env=env,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
+        token = mint_token(env, "t1", "trader")
         daemon = subprocess.Popen(
             [PYTHON, "-m", "accessd", "run", "--role", "internal"],
             env=env,
@@ -261,8 +231,3 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-
-
-def claim_policy(**fields: Any) -> ClaimPolicy:
-    """The claim policy of the default settings, with ``fields`` changed."""
-    return dataclasses.replace(ClaimPolicy.from_settings(AuthSettings()), **fields)

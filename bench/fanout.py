@@ -27,6 +27,7 @@ from _common import (  # noqa: E402
     append_results,
     cpu_seconds,
     daemon_env,
+    mint_token,
     rss_mib,
     wait_http,
 )
@@ -171,26 +172,7 @@ def main() -> None:
     clients: list[subprocess.Popen] = []
     try:
         wait_http(f"http://127.0.0.1:{internal}/health/ready")
-        token = subprocess.run(
-            [
-                PYTHON,
-                "-m",
-                "accessd",
-                "token",
-                "--sub",
-                "bench",
-                "--tenant",
-                "bench",
-                "--roles",
-                "publisher",  # ACCESS_PUBLISH_ROLE's default: this token also publishes
-                "--ttl",
-                "86400",
-            ],
-            env=env,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
+        token = mint_token(env, "bench", "publisher")  # ACCESS_PUBLISH_ROLE's default: it publishes too
         ws_url = f"ws://127.0.0.1:{stream}/ws/stream?token={token}"
         per = [
             args.conns // args.procs + (1 if i < args.conns % args.procs else 0) for i in range(args.procs)

@@ -22,7 +22,17 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import PYTHON, append_results, cpu_seconds, daemon_env, free_port, machine, spawn, wait_http
+from _common import (
+    PYTHON,
+    append_results,
+    cpu_seconds,
+    daemon_env,
+    free_port,
+    machine,
+    mint_token,
+    spawn,
+    wait_http,
+)
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
 from accessd.http._routes import parse_routes  # noqa: E402
@@ -132,13 +142,7 @@ def main() -> None:
         daemon = subprocess.Popen([PYTHON, "-m", "accessd", "run", "--role", "all"], env=env)
         edge = f"http://127.0.0.1:{ports['edge']}"
         wait_http(f"http://127.0.0.1:{ports['internal']}/health/ready")
-        token = subprocess.run(
-            [PYTHON, "-m", "accessd", "token", "--sub", "bench", "--tenant", "bench", "--ttl", "86400"],
-            env=env,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
+        token = mint_token(env, "bench")
         auth = [f"Authorization: Bearer {token}"]
         url = f"{edge}/api/v1/curves/NG_2026"
         load(url, 2, args.conns, auth)  # warm-up: token and decision cached, upstream pool filled

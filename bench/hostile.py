@@ -34,7 +34,7 @@ from pathlib import Path
 import httpx
 import trio
 import trio.lowlevel
-from _common import PYTHON, append_results, cpu_seconds, daemon_env, rss_mib, wait_http
+from _common import PYTHON, append_results, cpu_seconds, daemon_env, mint_token, rss_mib, wait_http
 from trio_websocket import open_websocket_url
 
 HERE = Path(__file__).parent
@@ -71,14 +71,7 @@ class Daemon:
         wait_http(f"http://127.0.0.1:{self.ports['edge']}/health/ready")
 
     def token(self, roles: str) -> str:
-        out = subprocess.run(
-            [PYTHON, "-m", "accessd", "token", "--sub", "bench", "--tenant", "t1", "--roles", roles],
-            env=self.env,
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        return out.stdout.strip()
+        return mint_token(self.env, "t1", roles)
 
     def fds(self) -> int:
         return len(os.listdir(f"/proc/{self.process.pid}/fd"))
