@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import socket
 import subprocess
@@ -179,21 +178,25 @@ async def test_bodies_stream_both_ways_and_the_body_limit_holds(daemon_factory, 
         )
         chunk = b"%x\r\n" % (64 << 10) + b"c" * (64 << 10) + b"\r\n"
         answer = b""
-        async with await trio.open_tcp_stream("127.0.0.1", port) as stream, trio.open_nursery() as nursery:
+        async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+            with trio.fail_after(10):  # the server takes the whole body (it used to stop reading mid-body)
+                async with trio.open_nursery() as nursery:
 
-            async def send() -> None:
-                with contextlib.suppress(trio.BrokenResourceError):
-                    await stream.send_all(head.encode())
-                    for _ in range(32):  # 2 MiB, over the 1 MiB default
-                        await stream.send_all(chunk)
-                    await stream.send_all(b"0\r\n\r\n")
+                    async def send() -> None:
+                        await stream.send_all(head.encode())
+                        for _ in range(32):  # 2 MiB, over the 1 MiB default
+                            await stream.send_all(chunk)
+                        await stream.send_all(b"0\r\n\r\n")
 
-            nursery.start_soon(send)
-            with trio.fail_after(10):
-                while b"\r\n\r\n" not in answer:
+                    nursery.start_soon(send)
+                    while b"\r\n\r\n" not in answer:
+                        answer += await stream.receive_some(65536)
+                assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+                # ... and the connection is still good for the next request
+                await stream.send_all(b"GET /health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+                answer = answer[answer.index(b"\r\n\r\n") + 4 :]
+                while b"HTTP/1.1 200" not in answer:
                     answer += await stream.receive_some(65536)
-            nursery.cancel_scope.cancel()
-        assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
         # The upstream got the first MiB, then the call was cut (it notes the call once it sees the cut).
         await eventually(lambda: len(upstream.seen) == calls + 1, what="the cut call reached the upstream")
         assert upstream.last["size"] <= 1 << 20  # never the whole body
@@ -254,8 +257,10 @@ async def test_the_breaker_half_opens_and_closes_when_the_upstream_is_back(
             await client.get(url, headers=alice)
         assert (await client.get(url, headers=alice)).status_code == 503
         async with upstream_server(port=port):
-            await trio.sleep(1)  # the breaker's open time (circuit_open_s) must pass
-            assert (await client.get(url, headers=alice)).status_code == 200  # the probe
+            # 503 at once while open; after circuit_open_s (1 s) one call is the probe, and it succeeds
+            await eventually(
+                lambda: _status(client, url, alice, {200}), every=0.1, what="the probe went through"
+            )
             health = (await client.get(f"{daemon.internal_url}/health")).json()
             assert health["dependencies"]["upstream:flaky"] == "ok"
 
