@@ -9,11 +9,11 @@ an allow) → response cache (the next issue's place) → the upstream (``_proxy
 
 A component: ``run`` reads the routes file (a bad one fails the start, naming the route and field), then
 watches it; a changed file that parses replaces the table at once, a bad edit keeps the last good table and
-logs why. A request in flight keeps the route it matched. Each upstream has one pooled httpx transport
-(``httpx.AsyncHTTPTransport``: the connection pool, without a client's cookie jar, which would carry one
-caller's cookies to the next, or its redirect and auth handling) and one breaker, kept across reloads while
-its settings do not change; a transport no longer in the table is closed after the drain deadline. The
-ASGI layer is plain ASGI (not Quart) for the hot path's sake.
+logs why. A request in flight keeps the route it matched. Each upstream has a pool of httpx transports
+(``UpstreamPool``: connection pools without a client's layers, whose cookie jar would keep every
+``Set-Cookie`` any upstream ever sent, and whose redirect and auth handling cost time per request) and one
+breaker, kept across reloads while its settings do not change; a pool no longer in the table is closed after
+the drain deadline. The ASGI layer is plain ASGI (not Quart) for the hot path's sake.
 """
 
 from __future__ import annotations
