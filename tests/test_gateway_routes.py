@@ -109,10 +109,7 @@ def test_rewrites_keep_the_raw_segment_and_the_query() -> None:
     )
     m = t.match("GET", "/api/v1/curves/NG%20X")
     assert m is not None and m.route is not None
-    assert (
-        m.route.target(m.raw_params, b"page=2&filters=a%2Cb")
-        == "http://127.0.0.1:9001/curves/NG%20X?page=2&filters=a%2Cb"
-    )
+    assert m.route.target(m.raw_params, b"page=2&filters=a%2Cb") == "/curves/NG%20X?page=2&filters=a%2Cb"
     assert m.route.resource(m.params) == "curve:NG X"
 
 

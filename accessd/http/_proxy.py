@@ -1,4 +1,4 @@
-"""Forwarding one request to an upstream with httpx, bodies streamed both ways (CONTRACT §6).
+"""Forwarding one request to an upstream, bodies streamed both ways (CONTRACT §6).
 
 Request headers: hop-by-hop headers (and those ``Connection`` names) are dropped, and so are inbound
 ``X-User-ID``/``X-Tenant-ID`` in any spelling; the verified identity's, ``X-Request-ID``, ``traceparent``,
@@ -6,7 +6,7 @@ Request headers: hop-by-hop headers (and those ``Connection`` names) are dropped
 Response headers lose their hop-by-hop headers; everything else (status, ``ETag``, ``Content-Encoding``,
 ``X-Total-Count``, the raw body bytes) reaches the client as the upstream sent it.
 
-Bodies are never held whole: the request body is read from ASGI as httpx sends it, counted against the
+Bodies are never held whole: the request body is read from ASGI as it is sent upstream, counted against the
 route's limit (a ``Content-Length`` over it is a 413 before the upstream is called; a chunked body that
 grows over it ends the call and answers 413), and the response body is written chunk by chunk.
 Cancellation: the client going away (``http.disconnect``) cancels the upstream call.
@@ -18,18 +18,16 @@ once. Once the response has started, a failure can only cut the connection short
 from __future__ import annotations
 
 import logging
-import secrets
+import random
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
 import trio
 
 from ..errors import ApiError
 from ..policy import Identity, Network, is_trusted
 from ..telemetry import req_id_var, trace_id_var
-from ._routes import Route
 
 log = logging.getLogger("accessd.gateway")
 
@@ -123,7 +121,7 @@ def request_headers(
     proto = head.forwarded_proto if trusted and head.forwarded_proto else scope.get("scheme", "http").encode()
     out.append((b"x-forwarded-proto", proto))
     out.append((b"x-request-id", (req_id_var.get() or "").encode()))
-    out.append((b"traceparent", f"00-{trace_id_var.get()}-{secrets.token_hex(8)}-01".encode()))
+    out.append((b"traceparent", f"00-{trace_id_var.get()}-{random.getrandbits(64) or 1:016x}-01".encode()))
     if identity is not None:
         out.append((b"x-user-id", identity.sub.encode()))
         out.append((b"x-tenant-id", identity.tenant_id.encode()))
@@ -136,8 +134,9 @@ def response_headers(headers: Sequence[tuple[bytes, bytes]]) -> Headers:
 
 
 class RequestBody:
-    """The ASGI request body as an async iterator for httpx, bounded by ``limit`` bytes. ``done`` is set
-    once the client's last chunk was read (then it is safe to watch ``receive`` for a disconnect)."""
+    """The ASGI request body as an async iterator for the upstream client, bounded by ``limit`` bytes.
+    ``done`` is set once the client's last chunk was read (then it is safe to watch ``receive`` for a
+    disconnect)."""
 
     def __init__(self, receive: Any, limit: int) -> None:
         self._receive = receive
@@ -171,13 +170,3 @@ class RequestBody:
                 max_bytes -= len(message.get("body", b""))
                 if message["type"] == "http.disconnect" or not message.get("more_body", False):
                     return
-
-
-def timeout_of(route: Route) -> dict[str, float | None]:
-    up = route.upstream
-    return httpx.Timeout(
-        connect=up.connect_timeout_s,
-        read=up.read_timeout_s,
-        write=up.read_timeout_s,
-        pool=up.connect_timeout_s,
-    ).as_dict()

@@ -79,10 +79,10 @@ class Route:
         return self.tier == "public"
 
     def target(self, raw_params: Mapping[str, str], query: bytes) -> str:
-        """The upstream URL: ``upstream_path`` with the raw (still encoded) placeholder values, and the query
-        string untouched."""
+        """The request target below the upstream's base path: ``upstream_path`` with the raw (still encoded)
+        placeholder values, and the query string untouched."""
         path = _PLACEHOLDER.sub(lambda m: raw_params[m.group(1)], self.upstream_path)
-        return self.upstream.url + path + (("?" + query.decode("latin-1")) if query else "")
+        return path + (("?" + query.decode("latin-1")) if query else "")
 
     def resource(self, params: Mapping[str, str]) -> str | None:
         if self.entitlement is None:
