@@ -3,7 +3,8 @@
 Raw sockets and a minimal response parser keep the client's CPU per request far below the server's, which
 matters on a 2-core machine where load generator and server share the cores. Prints one JSON line.
 With ``--rate R`` the load is open-loop: R requests/s in all, spread over the connections, and latency is
-counted from when a request was due (a server that falls behind is not hidden by a client that waits).
+counted from when a request was due (a server that falls behind is not hidden by a client that waits); the
+connections' schedules are staggered, so requests arrive evenly spaced rather than in bursts of N at once.
 Usage: python bench/_load.py URL [--conns 32] [--seconds 10] [--rate R] [--method GET] [--body JSON]
        [--header K:V]
 """
@@ -28,21 +29,27 @@ def build_request(url: str, method: str, body: bytes, headers: list[str]) -> tup
 
 
 async def one_connection(
-    host: str, port: int, request: bytes, stop_at: float, out: dict, interval: float | None = None
+    host: str,
+    port: int,
+    request: bytes,
+    stop_at: float,
+    out: dict,
+    interval: float | None = None,
+    offset: float = 0.0,
 ) -> None:
     while time.monotonic() < stop_at:  # servers close keep-alive connections now and then: reconnect
         try:
-            await _requests(host, port, request, stop_at, out, interval)
+            await _requests(host, port, request, stop_at, out, interval, offset)
         except ConnectionError:
             out["reconnects"] = out.get("reconnects", 0) + 1
 
 
 async def _requests(
-    host: str, port: int, request: bytes, stop_at: float, out: dict, interval: float | None
+    host: str, port: int, request: bytes, stop_at: float, out: dict, interval: float | None, offset: float
 ) -> None:
     stream = await trio.open_tcp_stream(host, port)
     buf = b""
-    due = time.perf_counter()
+    due = time.perf_counter() + offset
     async with stream:
         while time.monotonic() < stop_at:
             if interval is not None:
@@ -95,8 +102,9 @@ async def run(
     started = time.monotonic()
     interval = conns / rate if rate else None
     async with trio.open_nursery() as nursery:
-        for _ in range(conns):
-            nursery.start_soon(one_connection, host, port, request, started + seconds, out, interval)
+        for i in range(conns):
+            offset = i * interval / conns if interval else 0.0
+            nursery.start_soon(one_connection, host, port, request, started + seconds, out, interval, offset)
     elapsed = time.monotonic() - started
     lat = sorted(out["latencies"])
 
