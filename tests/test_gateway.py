@@ -16,6 +16,7 @@ import pytest
 import trio
 
 from ._daemon import Daemon, free_port, token
+from ._otlp import OtlpReceiver
 from ._upstream import Upstream, upstream_server
 from ._wait import eventually
 
@@ -416,3 +417,29 @@ async def test_an_undecidable_entitlement_is_503_never_an_allow(daemon_factory, 
         assert undecided.status_code == 503 and undecided.json()["code"] == "UPSTREAM_UNAVAILABLE"
         assert not upstream.seen
         assert (await client.get(f"{daemon.edge_url}/api/v1/gzip", headers=alice)).status_code == 200
+
+
+async def test_upstream_traceparent_is_a_child_of_the_request_span(daemon_factory, tmp_path: Path) -> None:
+    receiver = OtlpReceiver()
+    caller = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    try:
+        async with (
+            gateway(
+                daemon_factory, tmp_path, ACCESS_ENABLE_TRACING="true", ACCESS_OTEL_EXPORTER=receiver.url
+            ) as (daemon, upstream, _),
+            httpx.AsyncClient(timeout=10) as client,
+        ):
+            answer = await client.get(
+                f"{daemon.edge_url}/api/v1/curves/NG_2026",
+                headers={"Authorization": f"Bearer {token(daemon, 'alice')}", "traceparent": caller},
+            )
+            assert answer.status_code == 200
+            _, trace_id, parent_id, _ = upstream.last["headers"]["traceparent"].split("-")
+            assert trace_id == caller.split("-")[1]
+            await eventually(
+                lambda: receiver.named("GET /api/v1/curves/"), within=10, what="the request span"
+            )
+            (span,) = receiver.named("GET /api/v1/curves/")
+            assert (span["trace_id"], span["span_id"]) == (trace_id, parent_id)
+    finally:
+        receiver.stop()
