@@ -38,6 +38,7 @@ _LAZY = {
     "open_pg_listener": "_postgres",
     "open_pg_pool": "_postgres",
     "RedisBatcher": "_redis",
+    "RedisScript": "_redis",
 }
 
 
@@ -59,3 +60,4 @@ if TYPE_CHECKING:
     from ._postgres import open_pg_listener as open_pg_listener
     from ._postgres import open_pg_pool as open_pg_pool
     from ._redis import RedisBatcher as RedisBatcher
+    from ._redis import RedisScript as RedisScript

@@ -2,16 +2,22 @@
 
 Crossing the trio-asyncio boundary costs ~0.2-0.3 ms, so requests never cross one by one: they hand a small
 operation to :class:`RedisBatcher` over a bounded memory channel and await its answer; the batcher drains
-whatever is queued and sends it as one pipeline (one crossing per tick).
+whatever is queued and sends it as one pipeline (one crossing per tick). Lua scripts (:class:`RedisScript`)
+go by SHA (``EVALSHA``); a Redis that does not know one (first use, a restart, ``SCRIPT FLUSH``) answers
+NOSCRIPT, and those operations go again in a second round trip that loads the script first.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
 import redis.asyncio as aioredis
 import trio
+from redis.exceptions import NoScriptError
 
 from ..errors import BackendUnavailable
 from ..primitives import Backoff, DependencyReporter, DependencyState, Retries, ignore_state
@@ -21,31 +27,55 @@ from ._loop import run_aio
 log = logging.getLogger("accessd.aio")
 
 BACKEND = "redis"
-_GET, _SET = 0, 1
+_GET, _SET, _EVAL = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class RedisScript:
+    """A Lua script, called by its SHA1."""
+
+    source: str
+    sha: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sha", hashlib.sha1(self.source.encode()).hexdigest())
 
 
 class _Op:
-    __slots__ = ("kind", "key", "value", "ttl_ms", "done", "result")
+    __slots__ = ("kind", "key", "value", "ttl_ms", "script", "args", "done", "result", "abandoned")
 
-    def __init__(self, kind: int, key: str, value: bytes | None = None, ttl_ms: int = 0) -> None:
+    def __init__(
+        self,
+        kind: int,
+        key: str,
+        value: bytes | None = None,
+        ttl_ms: int = 0,
+        script: RedisScript | None = None,
+        args: Sequence[int | str] = (),
+    ) -> None:
         self.kind = kind
         self.key = key
         self.value = value
         self.ttl_ms = ttl_ms
-        self.done: trio.Event | None = trio.Event() if kind == _GET else None
-        self.result: bytes | None = None
+        self.script = script
+        self.args = args
+        self.done: trio.Event | None = trio.Event() if kind != _SET else None
+        self.result: Any = None
+        self.abandoned = False  # its caller stopped waiting: not sent if still queued
 
 
 class RedisBatcher:
-    """Coalesced GET / SET-with-expiry against one Redis, for caches.
+    """Coalesced GET / SET-with-expiry / EVALSHA against one Redis, for caches and the rate limiter.
 
-    Backpressure: a bounded channel of ``queue_size`` operations; when it is full a lookup is answered as a
-    miss and a write is dropped (drop newest): a cache is never a reason to wait or to fail.
-    Errors: a pipeline that fails or exceeds ``timeout_s`` answers its lookups as misses; a connection
-    error reports the backend down through ``report`` and every lookup is a miss at once, with no crossing,
-    until a background ping (:class:`~accessd.primitives.Backoff` from 0.25 s to ``backoff_max_s``)
-    succeeds again. Nothing raises into a request.
-    Cancellation: ``run`` closes the client on the way out.
+    Backpressure: a bounded channel of ``queue_size`` operations; when it is full a lookup or a script call
+    is answered with None and a write is dropped (drop newest): Redis is never a reason to wait or to fail.
+    Errors: a pipeline that fails or exceeds ``timeout_s`` answers its operations with None (so does an
+    operation Redis answered with an error); a connection error reports the backend down through ``report``
+    and every operation is answered at once, with no crossing, until a background ping
+    (:class:`~accessd.primitives.Backoff` from 0.25 s to ``backoff_max_s``) succeeds again. Nothing raises
+    into a request.
+    Cancellation: ``run`` closes the client on the way out; a caller that stops waiting leaves its
+    operation behind, and a queued one is then not sent.
     """
 
     name = "redis-cache"
@@ -71,6 +101,7 @@ class RedisBatcher:
         self._recovering = False
         self.available = False
         self.batches = 0  # statistics: pipelines sent
+        self.round_trips = 0  # statistics: pipelines, NOSCRIPT retries included
 
     # --- request side ---
 
@@ -83,9 +114,29 @@ class RedisBatcher:
             self._send.send_nowait(op)
         except trio.WouldBlock:
             return None
+        return await self._answer(op, self._timeout_s * 2)
+
+    async def evalsha(
+        self, script: RedisScript, key: str, args: Sequence[int | str], *, timeout_s: float
+    ) -> Any:
+        """The script's answer for one key, or None (Redis down, queue full, an error, or no answer within
+        ``timeout_s``)."""
+        if not self.available:
+            return None
+        op = _Op(_EVAL, key, script=script, args=args)
+        try:
+            self._send.send_nowait(op)
+        except trio.WouldBlock:
+            return None
+        return await self._answer(op, timeout_s)
+
+    @staticmethod
+    async def _answer(op: _Op, timeout_s: float) -> Any:
         assert op.done is not None
-        with trio.move_on_after(self._timeout_s * 2):
+        with trio.move_on_after(timeout_s):
             await op.done.wait()
+        if not op.done.is_set():
+            op.abandoned = True
         return op.result
 
     def set_nowait(self, key: str, value: bytes, ttl_s: float) -> None:
@@ -101,6 +152,7 @@ class RedisBatcher:
         return {
             "queued": self._send.statistics().current_buffer_used,
             "batches": self.batches,
+            "round_trips": self.round_trips,
             "available": self.available,
         }
 
@@ -136,21 +188,32 @@ class RedisBatcher:
                     pass
 
     async def _flush(self, batch: list[_Op], nursery: trio.Nursery) -> None:
+        batch = [op for op in batch if not op.abandoned]
         results: list[Any] = []
-        if self.available:
+        if self.available and batch:
             self.batches += 1
+            self.round_trips += 1
             with trio.move_on_after(self._timeout_s):
                 try:
-                    results = await run_aio(BACKEND, _pipeline, self._client, batch)
+                    results, retried = await run_aio(BACKEND, _pipeline, self._client, batch)
+                    self.round_trips += int(retried)
                 except BackendUnavailable as exc:
-                    log.warning("redis cache unavailable, serving from memory and the store: %s", exc)
+                    log.warning("redis unavailable, serving from memory and the store: %s", exc)
                     self._mark(False)
                     nursery.start_soon(self._recover)
+        error: Exception | None = None
         for i, op in enumerate(batch):
             if op.done is not None:
                 value = results[i] if i < len(results) else None
-                op.result = value if isinstance(value, bytes) else None
+                if op.kind == _GET:
+                    op.result = value if isinstance(value, bytes) else None
+                elif isinstance(value, Exception):
+                    error = value
+                else:
+                    op.result = value
                 op.done.set()
+        if error is not None:
+            log.warning("redis answered a script call with an error: %s", error)
 
     async def _ping(self) -> bool:
         with trio.move_on_after(max(self._timeout_s, 1.0)):
@@ -193,13 +256,31 @@ async def _ping(client: Any) -> None:
     await client.ping()
 
 
-async def _pipeline(client: Any, batch: list[_Op]) -> list[Any]:
+async def _pipeline(client: Any, batch: list[_Op]) -> tuple[list[Any], bool]:
+    """The answers in batch order, and whether a NOSCRIPT retry took a second round trip."""
+    results = await _execute(client, batch)
+    missing = [i for i, result in enumerate(results) if isinstance(result, NoScriptError)]
+    if missing:
+        again = [batch[i] for i in missing]
+        scripts = list({op.script.sha: op.script for op in again if op.script is not None}.values())
+        answers = (await _execute(client, again, scripts))[len(scripts) :]
+        for i, answer in zip(missing, answers, strict=True):
+            results[i] = answer
+    return results, bool(missing)
+
+
+async def _execute(client: Any, ops: list[_Op], load: Sequence[RedisScript] = ()) -> list[Any]:
     pipe = client.pipeline(transaction=False)
-    for op in batch:
+    for script in load:
+        pipe.script_load(script.source)
+    for op in ops:
         if op.kind == _GET:
             pipe.get(op.key)
-        else:
+        elif op.kind == _SET:
             pipe.set(op.key, op.value, px=op.ttl_ms)
+        else:
+            assert op.script is not None
+            pipe.evalsha(op.script.sha, 1, op.key, *op.args)
     try:
         return await pipe.execute(raise_on_error=False)
     finally:
