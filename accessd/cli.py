@@ -103,6 +103,10 @@ def _check_config(args: argparse.Namespace) -> int:
         from .http import check_routes_file
 
         checked += f", {len(check_routes_file(settings.policy.routes_file).routes)} routes"
+    if settings.policy.rate_limits_file is not None:
+        from .policy import load_tiers
+
+        checked += f", {len(load_tiers(settings))} rate-limit tiers"
     print(f"ok: role={settings.server.role} env={settings.server.env} ({checked} checked)")
     return EXIT_OK
 

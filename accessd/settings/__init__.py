@@ -111,8 +111,24 @@ class PolicySettings:
     routes_file: Path | None = _setting(
         None, parse.file, "gateway routes (YAML: upstreams and routes, CONTRACT §6); edge and all roles"
     )
-    rate_limits_file: None = _setting(
-        None, parse.not_yet("REST rate limiting"), "not supported yet (rate-limit tiers)"
+    rate_limits_file: Path | None = _setting(
+        None, parse.file, "rate-limit tiers (YAML: tiers with limit, period_s, burst, key; CONTRACT §7)"
+    )
+    rate_limit_redis_deadline_ms: float = _setting(
+        5.0,
+        parse.number(float, 0.1, 10_000),
+        "a rate-limit decision Redis has not answered by then is made locally (ACCESS_REDIS_URL only)",
+    )
+    rate_limit_processes: int = _setting(
+        1,
+        parse.number(int, 1, 10_000),
+        "processes sharing the limits through Redis; while Redis is unavailable each allows 1/N of a tier",
+    )
+    rate_limit_queue_size: int = _setting(
+        4096, parse.number(int, 1, 1_000_000), "rate-limit decisions waiting for Redis"
+    )
+    rate_limit_redis_prefix: str = _setting(
+        "accessd:rl", parse.string, "Redis key prefix of the rate limits (processes sharing it share limits)"
     )
     policy_file_poll_s: float = _setting(
         0.25, parse.number(float, 0.05, 60), "policy file change check period"
@@ -158,7 +174,9 @@ class StreamSettings:
     stream_heartbeat_s: float = _setting(15.0, parse.number(float, 0.1, 3600), "WS ping / SSE comment period")
     stream_handshake_timeout_s: float = _setting(10.0, parse.number(float, 0.1, 600), "request head deadline")
     stream_connects_per_minute: int = _setting(
-        30, parse.number(int, 1, 1_000_000), "streaming_connect tier, per IP (failed attempts count too)"
+        30,
+        parse.number(int, 1, 1_000_000),
+        "streaming_connect tier's limit per IP and minute, a shorthand (failed attempts count too)",
     )
     stream_max_handshakes: int = _setting(
         1000, parse.number(int, 1, 1_000_000), "request heads read at once (excess connections closed)"
