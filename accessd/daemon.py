@@ -27,6 +27,7 @@ from .http import (
     write_demo_routes,
 )
 from .nurseries import DependencyProbes, Health, Phase, Supervisor, build_probes
+from .policy import RateLimiter, build_rate_limiter
 from .policy.auth import build_auth
 from .policy.entitlements import build_entitlements
 from .primitives import ReportsHealth
@@ -75,6 +76,11 @@ async def _serve(
         # Built first (no I/O beyond local files), started in dependency order below.
         auth = build_auth(settings, health, metrics)  # dev issuer key, or JWKS caches, or delegation
         entitlements = build_entitlements(settings, health, metrics)  # store (+ watcher), Redis tier
+        # One limiter per process (edge roles): the stream's connect budget and the gateway's tiers.
+        limiter: RateLimiter | None = None
+        if server.role in ("edge", "all"):
+            report = health.reporter(RateLimiter.health_dependency)
+            limiter = build_rate_limiter(settings, report, metrics.registry)
         stream = build_stream(
             settings,
             health,
@@ -84,8 +90,14 @@ async def _serve(
             shutdown,
             entitlements.store.version if entitlements.store is not None else None,
             tracing,
+            limiter,
         )
-        components = [*auth.components, *entitlements.components, *stream.components]
+        components = [
+            *auth.components,
+            *entitlements.components,
+            *([limiter] if limiter is not None else []),
+            *stream.components,
+        ]
         # A backend whose client component reports its own state needs no separate probe.
         owned = {c.health_dependency for c in components if isinstance(c, ReportsHealth)}
         probes = build_probes(settings, skip=owned)

@@ -1,8 +1,9 @@
 """Who may open a streaming session, cheapest check first (see ``_listener`` for the order as a whole).
 
 :class:`HandshakeSlots` bounds the request heads being read, in all and per peer address, before a byte is
-read. :class:`Admission` then decides on a parsed request: the ``streaming_connect`` budget per client IP
-(charged before the token is looked at, so failed attempts spend it too), the token, and capacity. A refusal
+read. :class:`Admission` then decides on a parsed request: the ``streaming_connect`` tier of the rate limiter
+per client IP (charged before the token is looked at, so failed attempts spend it too; shared by every
+process when the limiter uses Redis), the token, and capacity. A refusal
 is an :class:`~accessd.errors.ApiError`; the listener answers it as an HTTP error or, after a valid
 WebSocket upgrade, as a close code (``WS_CLOSE``) that browsers can see.
 """
@@ -10,10 +11,22 @@ WebSocket upgrade, as a close code (``WS_CLOSE``) that browsers can see.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 
 from ..errors import ApiError, BackendUnavailable
-from ..policy import AuthFailure, Identity, KeyedBudget, Network, Verify, bearer_token, client_ip, is_trusted
+from ..policy import (
+    STREAMING_CONNECT,
+    AuthFailure,
+    Identity,
+    Network,
+    RateLimiter,
+    Verify,
+    bearer_token,
+    builtin_tiers,
+    client_ip,
+    is_trusted,
+)
 from ..settings import StreamSettings
 from ._frames import CLOSE_AGAIN, CLOSE_INTERNAL, CLOSE_RATE
 from ._http11 import Request
@@ -66,7 +79,9 @@ class HandshakeSlot:
 
 
 class Admission:
-    """The per-request checks; ``refused(reason)`` counts each refusal by reason."""
+    """The per-request checks; ``refused(reason)`` counts each refusal by reason. ``limiter``: the daemon's
+    (its ``streaming_connect`` tier); without one, a limiter of this process alone with the tier of
+    ``settings``."""
 
     def __init__(
         self,
@@ -74,19 +89,20 @@ class Admission:
         trusted_proxies: tuple[Network, ...],
         verify: Verify,
         refused: Callable[[str], None],
+        limiter: RateLimiter | None = None,
     ) -> None:
         self._trusted_proxies = trusted_proxies
-        self._budget = KeyedBudget(settings.stream_connects_per_minute)
+        self._limiter = limiter or RateLimiter(builtin_tiers(settings.stream_connects_per_minute))
         self._verify = verify
         self._refused = refused
 
     async def identify(self, request: Request, peer_ip: str) -> Identity:
         """The caller's identity; ApiError 429 / 401 / 503 otherwise."""
         ip = client_ip(peer_ip, request.header("x-forwarded-for"), self._trusted_proxies)
-        retry_after = self._budget.take(ip)
-        if retry_after:
+        decision = await self._limiter.decide(STREAMING_CONNECT, ip)
+        if not decision.allowed:
             self._refused("rate_limited")
-            headers = {"Retry-After": str(max(1, round(retry_after)))}
+            headers = {"Retry-After": str(max(1, math.ceil(decision.retry_after_s)))}
             raise ApiError(429, "RATE_LIMITED", "too many connections from this address", headers=headers)
         token = bearer_token(request.header("authorization")) or (request.query.get("token") or [None])[0]
         if not token:

@@ -14,7 +14,7 @@ import trio
 
 from ..errors import BackendUnavailable
 from ..nurseries import Health, Runtime
-from ..policy import Identity, Verify
+from ..policy import Identity, RateLimiter, Verify
 from ..policy.entitlements import DENIED_BY_GRANT, Decider, DecisionInput, PolicyVersion, hidden_keys
 from ..settings import Settings
 from ..telemetry import Metrics, Tracing
@@ -83,8 +83,10 @@ def build_stream(
     shutdown: trio.Event,
     policy_version: PolicyVersion | None = None,
     tracing: Tracing | None = None,
+    limiter: RateLimiter | None = None,
 ) -> StreamRuntime:
-    """Components in start order: source, hub, [demo feed], [revalidator], listener (edge and all roles)."""
+    """Components in start order: source, hub, [demo feed], [revalidator], listener (edge and all roles).
+    ``limiter``: the daemon's rate limiter, whose streaming_connect tier admits connections."""
     s = settings.stream
     source = build_source(settings, health)
     hub = Hub(
@@ -104,6 +106,7 @@ def build_stream(
         authorize,
         metrics.registry,
         shutdown,
+        limiter,
     )
     hub.observe_lag = listener.metrics.lag.observe
     runtime.listener = listener

@@ -33,7 +33,7 @@ from prometheus_client import CollectorRegistry
 from wsproto.events import AcceptConnection
 
 from ..errors import ApiError, BackendUnavailable, ConfigError, SubscribeError
-from ..policy import Identity, Network, Verify
+from ..policy import Identity, Network, RateLimiter, Verify
 from ..settings import Binds, StreamSettings
 from ..telemetry import trace_id_from
 from ._admission import WS_CLOSE, Admission, HandshakeSlot, HandshakeSlots
@@ -71,6 +71,7 @@ class StreamListener:
         authorize: Authorize,
         registry: CollectorRegistry,
         shutdown: trio.Event,
+        limiter: RateLimiter | None = None,
     ) -> None:
         self.settings = settings
         self._binds = binds
@@ -83,7 +84,11 @@ class StreamListener:
         self.metrics = StreamMetrics(registry, self.sessions, hub.stats)
         self._handshakes = HandshakeSlots(settings, trusted_proxies)
         self._admission = Admission(
-            settings, trusted_proxies, verify, lambda reason: self.metrics.refused.labels(reason).inc()
+            settings,
+            trusted_proxies,
+            verify,
+            lambda reason: self.metrics.refused.labels(reason).inc(),
+            limiter,
         )
         self._endpoints: dict[str, Endpoint] = {"/ws/stream": self._serve_ws, "/sse/stream": self._serve_sse}
         self.stopped = trio.Event()
