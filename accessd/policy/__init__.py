@@ -25,3 +25,10 @@ from ._ratelimit import gcra as gcra
 from ._ratelimit import is_trusted as is_trusted
 from ._ratelimit import parse_tiers as parse_tiers
 from ._remote import RemoteClient as RemoteClient
+from ._response_cache import CachedResponse as CachedResponse
+from ._response_cache import CacheKey as CacheKey
+from ._response_cache import Fetched as Fetched
+from ._response_cache import Invalidated as Invalidated
+from ._response_cache import ResponseCache as ResponseCache
+from ._response_cache import cache_key as cache_key
+from ._response_cache import storable as storable
