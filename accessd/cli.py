@@ -101,8 +101,10 @@ def _check_config(args: argparse.Namespace) -> int:
         checked += f", {len(check_policy_file(settings.policy.policy_file))} grants"
     if settings.policy.routes_file is not None:
         from .http import check_routes_file
+        from .policy import load_tiers
 
-        checked += f", {len(check_routes_file(settings.policy.routes_file).routes)} routes"
+        routes = check_routes_file(settings.policy.routes_file, load_tiers(settings))
+        checked += f", {len(routes.routes)} routes"
     if settings.policy.rate_limits_file is not None:
         from .policy import load_tiers
 

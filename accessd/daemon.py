@@ -115,11 +115,13 @@ async def _serve(
             (demo_url,) = await supervisor.start(demo)
             routes_file = write_demo_routes(server.state_dir, demo_url)
         if server.role in ("edge", "all") and routes_file is not None:
+            assert limiter is not None  # built for the edge roles
             gateway = Gateway(
                 routes_file,
                 poll_s=settings.policy.policy_file_poll_s,
                 edge_auth=edge_check,
                 decider=entitlements.decider,
+                limiter=limiter,
                 health=health,
                 registry=metrics.registry,
                 max_body_bytes=server.max_body_bytes,

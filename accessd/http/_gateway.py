@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -28,7 +28,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from ..errors import ApiError, BackendUnavailable, BadRequest, ConfigError, InvalidInput
 from ..nurseries import Health
-from ..policy import Identity
+from ..policy import Identity, RateDecision, RateLimiter, client_ip
 from ..policy.entitlements import Decider, DecisionInput
 from ..primitives import BreakerState, CircuitBreaker, DependencyState
 from ..telemetry import LATENCY_BUCKETS, trace_id_var
@@ -93,6 +93,7 @@ class Gateway:
         poll_s: float,
         edge_auth: EdgeAuth,
         decider: Decider,
+        limiter: RateLimiter,
         health: Health,
         registry: CollectorRegistry,
         max_body_bytes: int,
@@ -102,6 +103,7 @@ class Gateway:
         self._poll_s = poll_s
         self._auth = edge_auth
         self._decider = decider
+        self._limiter = limiter
         self._health = health
         self.metrics = GatewayMetrics(registry)
         self._max_body = max_body_bytes
@@ -118,7 +120,8 @@ class Gateway:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> NoReturn:
         signature = _signature(self._path)
-        self._install(signature, await trio.to_thread.run_sync(check_routes_file, self._path))
+        tiers = self._limiter.tiers
+        self._install(signature, await trio.to_thread.run_sync(check_routes_file, self._path, tiers))
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._close_retired)
@@ -131,7 +134,8 @@ class Gateway:
         raise AssertionError("unreachable")  # _watch never returns
 
     async def _read(self) -> tuple[Signature | None, RouteTable]:
-        return await trio.to_thread.run_sync(lambda: (_signature(self._path), load_routes(self._path)))
+        tiers = self._limiter.tiers
+        return await trio.to_thread.run_sync(lambda: (_signature(self._path), load_routes(self._path, tiers)))
 
     async def _watch(self) -> NoReturn:
         bad: Signature | None = None
@@ -219,17 +223,34 @@ class Gateway:
                 headers={"Allow": ", ".join(sorted(match.allowed))},
             )
         head = read_inbound(scope)
+        peer = (scope.get("client") or ("", 0))[0]
+        forwarded_for = head.forwarded_for.decode("latin-1") if head.forwarded_for else None
         identity = None
         if not route.public:
-            peer = (scope.get("client") or ("", 0))[0]
-            forwarded_for = head.forwarded_for.decode("latin-1") if head.forwarded_for else None
             identity = await self._auth.identify(head.authorization, peer, forwarded_for)
-        # (rate limit: by the route's tier)
-        if route.entitlement is not None:
-            assert identity is not None  # a public route has no entitlement (refused when the file is read)
-            await self._entitled(identity, route, match)
-        # (response cache: GET routes with cache_ttl_s)
-        await self._forward(route, match, head, identity, scope, receive, send)
+        tier = self._limiter.tiers[route.tier]
+        if tier.key == "ip" or identity is None:
+            key = client_ip(peer, forwarded_for, self._auth.trusted_proxies)
+        else:
+            key = identity.tenant_id if tier.key == "tenant" else f"{identity.tenant_id}/{identity.sub}"
+        limit = await self._limiter.decide(tier.name, key)
+        if not limit.allowed:
+            retry = str(max(1, math.ceil(limit.retry_after_s)))
+            raise ApiError(
+                429,
+                "RATE_LIMITED",
+                f"over the {tier.name} limit of {tier.limit} per {tier.period_s:g} s; retry in {retry} s",
+                headers={"Retry-After": retry, **rate_limit_headers(limit)},
+            )
+        send = _with_headers(send, rate_limit_headers(limit))
+        try:
+            if route.entitlement is not None:
+                assert identity is not None  # a public route has no entitlement (refused when read)
+                await self._entitled(identity, route, match)
+            # (response cache: GET routes with cache_ttl_s)
+            await self._forward(route, match, head, identity, scope, receive, send)
+        except ApiError as refusal:
+            await _answer(send, refusal)
 
     async def _entitled(self, identity: Identity, route: Route, match: Match) -> None:
         assert route.entitlement is not None
@@ -404,6 +425,26 @@ async def _cancel_on_disconnect(
             return
 
 
+def rate_limit_headers(decision: RateDecision) -> dict[str, str]:
+    """CONTRACT §7 (draft-ietf-httpapi-ratelimit-headers): the limit, what is left, seconds until full."""
+    return {
+        "RateLimit-Limit": str(decision.limit),
+        "RateLimit-Remaining": str(decision.remaining),
+        "RateLimit-Reset": str(math.ceil(decision.reset_s)),
+    }
+
+
+def _with_headers(send: Any, headers: dict[str, str]) -> Any:
+    extra = [(name.lower().encode(), value.encode()) for name, value in headers.items()]
+
+    async def send_with(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            message["headers"] = [*message["headers"], *extra]
+        await send(message)
+
+    return send_with
+
+
 async def _answer(send: Any, error: ApiError) -> None:
     body, fields = error.answer(trace_id_var.get())
     headers = [(name.lower().encode(), value.encode("latin-1")) for name, value in fields]
@@ -411,10 +452,11 @@ async def _answer(send: Any, error: ApiError) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-def check_routes_file(path: Path) -> RouteTable:
-    """The table in the routes file; ConfigError naming ACCESS_ROUTES_FILE, the route and the field."""
+def check_routes_file(path: Path, tiers: Collection[str]) -> RouteTable:
+    """The table in the routes file; ConfigError naming ACCESS_ROUTES_FILE, the route and the field.
+    ``tiers``: the rate-limit tiers a route may name."""
     try:
-        return load_routes(path)
+        return load_routes(path, tiers)
     except InvalidInput as exc:
         raise ConfigError(SETTING, f"{path}: {exc}") from exc
     except OSError as exc:

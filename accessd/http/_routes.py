@@ -21,7 +21,7 @@ Errors: :class:`~accessd.errors.InvalidInput` naming the route (``routes[3].path
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,7 +32,7 @@ import yaml
 from ..errors import BadRequest, InvalidInput
 
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
-TIERS = frozenset({"public", "authenticated", "heavy", "cache_writes"})
+TIERS = frozenset({"public", "authenticated", "heavy", "cache_writes"})  # built in; a tiers file adds more
 # Defaults of the routes file format (a route or upstream that leaves a field out).
 DEFAULT_TIMEOUT_S = 30.0
 DEFAULT_CONNECT_TIMEOUT_S = 2.0
@@ -204,16 +204,17 @@ def _param_names(template: str) -> list[str]:
 # --- reading the file --------------------------------------------------------------------------------
 
 
-def load_routes(path: Path) -> RouteTable:
-    """The table in ``path``; InvalidInput names the route and field, OSError when it cannot be read."""
+def load_routes(path: Path, tiers: Collection[str] = TIERS) -> RouteTable:
+    """The table in ``path``; InvalidInput names the route and field, OSError when it cannot be read.
+    ``tiers``: the rate-limit tiers a route may name."""
     try:
         data = yaml.safe_load(path.read_bytes())
     except yaml.YAMLError as exc:
         raise InvalidInput("file", f"not valid YAML: {str(exc).splitlines()[0]}") from exc
-    return parse_routes(data)
+    return parse_routes(data, tiers)
 
 
-def parse_routes(data: Any) -> RouteTable:
+def parse_routes(data: Any, tiers: Collection[str] = TIERS) -> RouteTable:
     if not isinstance(data, dict):
         raise InvalidInput("file", "expected a mapping with 'upstreams' and 'routes'")
     for key in data:
@@ -226,7 +227,7 @@ def parse_routes(data: Any) -> RouteTable:
     raw_routes = data.get("routes") or []
     if not isinstance(raw_routes, list):
         raise InvalidInput("routes", "expected a list")
-    routes = [_route(i, spec, upstreams) for i, spec in enumerate(raw_routes)]
+    routes = [_route(i, spec, upstreams, tiers) for i, spec in enumerate(raw_routes)]
     _check_overlaps(routes)
     return RouteTable(routes, upstreams)
 
@@ -299,7 +300,7 @@ def _template(where: str, value: Any) -> str:
     return value
 
 
-def _route(i: int, spec: Any, upstreams: dict[str, Upstream]) -> Route:
+def _route(i: int, spec: Any, upstreams: dict[str, Upstream], tiers: Collection[str]) -> Route:
     where = f"routes[{i}]"
     allowed = {
         "path",
@@ -329,8 +330,8 @@ def _route(i: int, spec: Any, upstreams: dict[str, Upstream]) -> Route:
         if name not in names:
             raise InvalidInput(f"{where}.upstream_path", f"placeholder {{{name}}} is not in the path")
     tier = spec.get("tier", DEFAULT_TIER)
-    if tier not in TIERS:
-        raise InvalidInput(f"{where}.tier", f"{tier!r} is not one of {', '.join(sorted(TIERS))}")
+    if tier not in tiers:
+        raise InvalidInput(f"{where}.tier", f"{tier!r} is not one of {', '.join(sorted(tiers))}")
     entitlement = None
     if "entitlement" in spec:
         ent = _fields(

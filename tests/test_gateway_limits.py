@@ -1,0 +1,129 @@
+"""Rate limits on gateway routes, through real daemons: 429 and the RateLimit-* headers, keys per tier, a
+forwarded-for header from an untrusted peer ignored, and one budget shared by two daemons through Redis."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import httpx
+import trio
+
+from ._daemon import Daemon, token
+from ._upstream import upstream_server
+
+GRANTS = """grants:
+  - {tenant_id: t1, subject: "role:trader", action: read, resource: "curve:NG_*", effect: allow}
+  - {tenant_id: t1, subject: "*", action: read, resource: "curve:NG_SECRET", effect: deny}
+"""
+
+
+def routes(upstream: str) -> str:
+    return f"""upstreams:
+  curves: {{url: "{upstream}", timeout_s: 2}}
+routes:
+  - path: /api/v1/curves/{{curve_id}}
+    upstream: curves
+    upstream_path: "/curves/{{curve_id}}"
+    entitlement: {{action: read, resource: "curve:{{curve_id}}"}}
+  - {{path: "/api/v1/open/curves/{{curve_id}}", upstream: curves, upstream_path: "/curves/{{curve_id}}", tier: public}}
+  - {{path: "/api/v1/tenant/curves/{{curve_id}}", upstream: curves, upstream_path: "/curves/{{curve_id}}", tier: per_tenant}}
+"""
+
+
+TIERS = """tiers:
+  authenticated: {limit: 3, period_s: 60, key: user}
+  public: {limit: 2, period_s: 60, key: ip}
+  per_tenant: {limit: 4, period_s: 60, key: tenant}
+"""
+
+
+@asynccontextmanager
+async def limited(daemon_factory, tmp_path: Path, count: int = 1, **env: str) -> AsyncIterator[list[Daemon]]:
+    async with upstream_server() as upstream:
+        files = {"grants.yaml": GRANTS, "routes.yaml": routes(upstream.url), "tiers.yaml": TIERS}
+        for name, text in files.items():
+            (tmp_path / name).write_text(text)
+        env = {
+            "ACCESS_POLICY_FILE": str(tmp_path / "grants.yaml"),
+            "ACCESS_ROUTES_FILE": str(tmp_path / "routes.yaml"),
+            "ACCESS_RATE_LIMITS_FILE": str(tmp_path / "tiers.yaml"),
+            **env,
+        }
+        yield [daemon_factory(role="all", env=env) for _ in range(count)]
+
+
+def bearer(daemon: Daemon, sub: str, tenant: str = "t1") -> dict[str, str]:
+    return {"Authorization": f"Bearer {token(daemon, sub, tenant)}"}
+
+
+def limits(answer: httpx.Response) -> tuple[str | None, ...]:
+    return tuple(answer.headers.get(f"ratelimit-{name}") for name in ("limit", "remaining", "reset"))
+
+
+async def test_user_tier_answers_429_with_retry_after_and_ratelimit_headers(
+    daemon_factory, tmp_path: Path
+) -> None:
+    async with limited(daemon_factory, tmp_path) as (daemon,), httpx.AsyncClient(timeout=10) as client:
+        alice, bob = bearer(daemon, "alice"), bearer(daemon, "bob")
+        url = f"{daemon.edge_url}/api/v1/curves/NG_2026"
+        seen = []
+        for _ in range(3):
+            answer = await client.get(url, headers=alice)
+            assert answer.status_code == 200, answer.text
+            seen.append(limits(answer))
+        assert [(lim, rem) for lim, rem, _ in seen] == [("3", "2"), ("3", "1"), ("3", "0")]
+        assert all(1 <= int(reset or 0) <= 60 for _, _, reset in seen)
+        refused = await client.get(url, headers=alice)
+        assert refused.status_code == 429
+        assert refused.json()["code"] == "RATE_LIMITED"
+        assert 19 <= int(refused.headers["retry-after"]) <= 21  # one request's share of 60 s at 3/min
+        assert limits(refused)[:2] == ("3", "0")
+        # Another user of the same tenant has a budget of their own; a denial still carries the headers.
+        denied = await client.get(f"{daemon.edge_url}/api/v1/curves/NG_SECRET", headers=bob)
+        assert denied.status_code == 403 and limits(denied)[:2] == ("3", "2")
+
+
+async def test_public_tier_keys_by_address_and_ignores_an_untrusted_forwarded_for(
+    daemon_factory, tmp_path: Path
+) -> None:
+    async with limited(daemon_factory, tmp_path) as (daemon,), httpx.AsyncClient(timeout=10) as client:
+        url = f"{daemon.edge_url}/api/v1/open/curves/NG_1"
+        statuses = [
+            (await client.get(url, headers={"X-Forwarded-For": f"203.0.113.{i}"})).status_code
+            for i in range(3)
+        ]
+        assert statuses == [200, 200, 429]  # the peer is not a trusted proxy: its header names nobody
+
+
+async def test_tenant_tier_is_one_budget_for_every_user_of_a_tenant(daemon_factory, tmp_path: Path) -> None:
+    async with limited(daemon_factory, tmp_path) as (daemon,), httpx.AsyncClient(timeout=10) as client:
+        url = f"{daemon.edge_url}/api/v1/tenant/curves/NG_1"
+        users = [bearer(daemon, f"u{i}") for i in range(5)]
+        statuses = [(await client.get(url, headers=h)).status_code for h in users]
+        assert statuses == [200, 200, 200, 200, 429]
+        other = await client.get(url, headers=bearer(daemon, "u0", tenant="t2"))
+        assert other.status_code == 200
+
+
+async def test_two_daemons_sharing_redis_pass_exactly_the_limit(
+    daemon_factory, tmp_path: Path, redis_url: str
+) -> None:
+    async with (
+        limited(daemon_factory, tmp_path, count=2, ACCESS_REDIS_URL=redis_url) as daemons,
+        httpx.AsyncClient(timeout=10) as client,
+    ):
+        sub = f"shared-{uuid.uuid4().hex[:8]}"  # a key no earlier run has spent
+        headers = bearer(daemons[0], sub)
+        statuses: list[int] = []
+
+        async def call(daemon: Daemon) -> None:
+            answer = await client.get(f"{daemon.edge_url}/api/v1/curves/NG_2026", headers=headers)
+            statuses.append(answer.status_code)
+
+        async with trio.open_nursery() as nursery:
+            for i in range(9):
+                nursery.start_soon(call, daemons[i % 2])
+        assert sorted(statuses) == [200] * 3 + [429] * 6
