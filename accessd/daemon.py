@@ -27,7 +27,7 @@ from .http import (
     write_demo_routes,
 )
 from .nurseries import DependencyProbes, Health, Phase, Supervisor, build_probes
-from .policy import RateLimiter, build_rate_limiter
+from .policy import RateLimiter, ResponseCache, build_rate_limiter
 from .policy.auth import build_auth
 from .policy.entitlements import build_entitlements
 from .primitives import ReportsHealth
@@ -116,12 +116,20 @@ async def _serve(
             routes_file = write_demo_routes(server.state_dir, demo_url)
         if server.role in ("edge", "all") and routes_file is not None:
             assert limiter is not None  # built for the edge roles
+            cache = ResponseCache(
+                max_bytes=settings.policy.cache_max_bytes,
+                max_entry_bytes=settings.policy.cache_max_entry_bytes,
+                redis=await _cache_redis(settings, supervisor, health),
+                registry=metrics.registry,
+            )
+            await supervisor.start(cache)
             gateway = Gateway(
                 routes_file,
                 poll_s=settings.policy.policy_file_poll_s,
                 edge_auth=edge_check,
                 decider=entitlements.decider,
                 limiter=limiter,
+                cache=cache,
                 health=health,
                 registry=metrics.registry,
                 max_body_bytes=server.max_body_bytes,
@@ -173,6 +181,20 @@ async def _serve(
                 await listener.stopped.wait()
         log.info("stopped")
         root.cancel_scope.cancel()
+
+
+async def _cache_redis(settings: Settings, supervisor: Supervisor, health: Health) -> aio.RedisBatcher | None:
+    """The response cache's own Redis connection (started here), or None without ACCESS_REDIS_URL."""
+    if not settings.backends.redis_url:
+        return None
+    redis = aio.RedisBatcher(
+        settings.backends.redis_url,
+        queue_size=settings.policy.entitlement_queue_size,
+        timeout_s=settings.policy.entitlement_redis_timeout_s,
+        report=health.reporter(aio.RedisBatcher.health_dependency),
+    )
+    await supervisor.start(redis)
+    return redis
 
 
 async def _watch_signals(root: trio.CancelScope, health: Health, shutdown: trio.Event) -> None:

@@ -101,6 +101,8 @@ def _app(state: Upstream) -> Any:
         elif path == "/gzip":
             body = gzip.compress(b'{"zipped": true}')
             await answer(200, body, [(b"content-encoding", b"gzip")])
+        elif path == "/nostore":
+            await answer(200, b'{"private": true}', [(b"cache-control", b"no-store")])
         elif path == "/cookie":
             await answer(200, b"{}", [(b"set-cookie", b"session=upstream-secret; Path=/")])
         elif path == "/hop":

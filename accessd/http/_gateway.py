@@ -2,10 +2,11 @@
 
 Per request, in order (DESIGN.md "Layout"): route match (400 for paths that must not be forwarded, 405 with
 ``Allow``; no match: the Quart app answers, so its 404 and the ops endpoints stay as they are) → the token,
-unless the route's tier is ``public`` (401/429/503, the edge's own check) → rate limit (the next issue's
-place) → the route's entitlement, decided by the cached decider (403; 503 when it cannot be decided, never
-an allow) → response cache (the next issue's place) → the upstream (``_proxy``), behind its circuit breaker
-(503 with ``Retry-After`` at once while it is open).
+unless the route's tier is ``public`` (401/429/503, the edge's own check) → rate limit by the route's tier
+(429; ``RateLimit-*`` on every answer after it) → the route's entitlement, decided by the cached decider (403;
+503 when it cannot be decided, never an allow) → the response cache (GET routes with ``cache_ttl_s``;
+``X-Cache``) → the upstream (``_proxy``), behind its circuit breaker (503 with ``Retry-After`` at once while
+it is open).
 
 A component: ``run`` reads the routes file (a bad one fails the start, naming the route and field), then
 watches it; a changed file that parses replaces the table at once, a bad edit keeps the last good table and
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Collection
+from collections.abc import Awaitable, Callable, Collection
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -28,7 +29,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from ..errors import ApiError, BackendUnavailable, BadRequest, ConfigError, InvalidInput
 from ..nurseries import Health
-from ..policy import Identity, RateDecision, RateLimiter, client_ip
+from ..policy import CachedResponse, Identity, RateDecision, RateLimiter, ResponseCache, cache_key, client_ip
 from ..policy.entitlements import Decider, DecisionInput
 from ..primitives import BreakerState, CircuitBreaker, DependencyState
 from ..telemetry import LATENCY_BUCKETS, trace_id_var
@@ -94,6 +95,7 @@ class Gateway:
         edge_auth: EdgeAuth,
         decider: Decider,
         limiter: RateLimiter,
+        cache: ResponseCache | None = None,
         health: Health,
         registry: CollectorRegistry,
         max_body_bytes: int,
@@ -104,6 +106,7 @@ class Gateway:
         self._auth = edge_auth
         self._decider = decider
         self._limiter = limiter
+        self._cache = cache
         self._health = health
         self.metrics = GatewayMetrics(registry)
         self._max_body = max_body_bytes
@@ -247,7 +250,6 @@ class Gateway:
             if route.entitlement is not None:
                 assert identity is not None  # a public route has no entitlement (refused when read)
                 await self._entitled(identity, route, match)
-            # (response cache: GET routes with cache_ttl_s)
             await self._forward(route, match, head, identity, scope, receive, send)
         except ApiError as refusal:
             await _answer(send, refusal)
@@ -296,18 +298,14 @@ class Gateway:
                 "the routes changed meanwhile; retry",
                 headers={"Retry-After": "1"},
             )
-        wait = breaker.allow()
-        if wait:
-            self._outcome(upstream, "open")
-            raise ApiError(
-                503,
-                "UPSTREAM_UNAVAILABLE",
-                f"upstream {upstream.name} is failing; retry later",
-                headers={"Retry-After": str(max(1, math.ceil(wait)))},
-            )
         body = RequestBody(receive, limit) if head.has_body else None
         target = pool.base_path + route.target(match.raw_params, scope.get("query_string", b""))
         headers = request_headers(head, scope, identity, self._auth.trusted_proxies)
+        method = scope["method"]
+
+        async def call() -> Response | None:
+            return await self._call(pool, breaker, route, method, target, headers, body)
+
         error: ApiError | None = None
         async with trio.open_nursery() as nursery:
             nursery.start_soon(
@@ -318,14 +316,73 @@ class Gateway:
                 lambda: self._outcome(upstream, "cancelled"),
             )
             try:
-                await self._exchange(pool, breaker, route, scope["method"], target, headers, body, send)
+                if route.cache_ttl_s is not None and method == "GET" and self._cache is not None:
+                    await self._cached(route, match, identity, scope, call, target, send)
+                elif (response := await call()) is not None:
+                    await self._relay(upstream, target, response, send)
             except ApiError as exc:
                 error = exc
             nursery.cancel_scope.cancel()
         if error is not None:
             raise error
 
-    async def _exchange(
+    async def _cached(
+        self,
+        route: Route,
+        match: Match,
+        identity: Identity | None,
+        scope: dict[str, Any],
+        call: Callable[[], Awaitable[Response | None]],
+        target: str,
+        send: Any,
+    ) -> None:
+        """A GET route with ``cache_ttl_s``: from the cache (its entitlement was decided already), or from
+        the upstream and stored when the answer may be (a 200 with a length within the entry limit)."""
+        assert self._cache is not None and route.cache_ttl_s is not None
+        wanted = {name: value for name, value in scope["headers"] if name in (b"accept", b"accept-encoding")}
+        key = cache_key(
+            identity.tenant_id if identity is not None else "",
+            "GET",
+            match.template,
+            scope.get("raw_path") or scope["path"].encode(),
+            scope.get("query_string", b""),
+            wanted.get(b"accept"),
+            wanted.get(b"accept-encoding"),
+        )
+        cache = self._cache
+
+        async def load() -> CachedResponse | Response:
+            response = await call()
+            assert response is not None  # a GET has no body for the client to leave in
+            length = next((v for n, v in response.headers if n.lower() == b"content-length"), None)
+            if length is None or not cache.storable(response.status, response.headers, int(length)):
+                return response
+            try:
+                pieces, more = [], True
+                while more:
+                    chunk, more = await response.read()
+                    pieces.append(chunk)
+            except UpstreamError as exc:
+                raise ApiError(502, "UPSTREAM_UNAVAILABLE", f"upstream {route.upstream.name}: {exc}") from exc
+            finally:
+                await response.aclose()
+            return CachedResponse(response.status, response.headers, b"".join(pieces))
+
+        fetched = await cache.fetch(key, route.cache_ttl_s, load)
+        send = _with_headers(send, {"X-Cache": fetched.x_cache})
+        if fetched.passthrough is not None:
+            return await self._relay(route.upstream, target, fetched.passthrough, send)
+        entry = fetched.entry
+        assert entry is not None
+        start = {
+            "type": "http.response.start",
+            "status": entry.status,
+            "headers": response_headers(entry.headers),
+        }
+        await send(start)
+        await send({"type": "http.response.body", "body": entry.body})
+
+    async def _call(
         self,
         pool: UpstreamPool,
         breaker: CircuitBreaker,
@@ -334,9 +391,18 @@ class Gateway:
         target: str,
         headers: list[tuple[bytes, bytes]],
         body: RequestBody | None,
-        send: Any,
-    ) -> None:
+    ) -> Response | None:
+        """The upstream's response head, behind its breaker; None when the client left mid-body."""
         upstream = route.upstream
+        wait = breaker.allow()
+        if wait:
+            self._outcome(upstream, "open")
+            raise ApiError(
+                503,
+                "UPSTREAM_UNAVAILABLE",
+                f"upstream {upstream.name} is failing; retry later",
+                headers={"Retry-After": str(max(1, math.ceil(wait)))},
+            )
         started = trio.current_time()
         try:
             response = await self._open(pool, route, method, target, headers, body)
@@ -346,13 +412,17 @@ class Gateway:
             raise
         except trio.BrokenResourceError:  # the client left while sending its body
             self._outcome(upstream, "cancelled")
-            return
+            return None
         except ApiError:
             breaker.record(False)
             raise
         self.metrics.duration.labels(upstream.name).observe(trio.current_time() - started)
         breaker.record(response.status < 500)
         self._outcome(upstream, "ok" if response.status < 500 else "error")
+        return response
+
+    async def _relay(self, upstream: Upstream, target: str, response: Response, send: Any) -> None:
+        """The response to the client as it arrives, then the connection back to its pool."""
         try:
             await send(
                 {

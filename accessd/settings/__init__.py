@@ -130,6 +130,12 @@ class PolicySettings:
     rate_limit_redis_prefix: str = _setting(
         "accessd:rl", parse.string, "Redis key prefix of the rate limits (processes sharing it share limits)"
     )
+    cache_max_bytes: int = _setting(
+        64 << 20, parse.number(int, 1 << 20, 1 << 40), "gateway response cache: bytes kept per process"
+    )
+    cache_max_entry_bytes: int = _setting(
+        1 << 20, parse.number(int, 1, 1 << 30), "gateway response cache: larger responses are not stored"
+    )
     policy_file_poll_s: float = _setting(
         0.25, parse.number(float, 0.05, 60), "policy file change check period"
     )
