@@ -6,8 +6,11 @@ One invocation, back to back on the same machine and load generator (bench/_load
    serves the same body (nginx with a static file when installed — ``apt-get install nginx-light`` — else
    another bare Hypercorn app, and the table says so).
 Each is measured closed-loop at a fixed concurrency (requests/s, P50/P95/P99), then the gateway open-loop at
-80 % of its measured maximum (P95 there is the latency target). Route matching is timed in-process with 10
-and with 500 routes. Figures are printed and appended to bench/RESULTS.md.
+80 % of its measured maximum (P95 there is the latency target). Then, same run: a second daemon whose rate
+limits are shared through Redis (vs the first's in-process limiter), and a cached route's hits (vs the
+proxied misses above). The tiers are raised so that no request is refused: the cost measured is the
+decision's. Route matching is timed in-process with 10 and with 500 routes. Figures are printed and appended
+to bench/RESULTS.md.
 Usage: python bench/gateway.py [--seconds 10] [--conns 32]
 """
 
@@ -118,6 +121,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--conns", type=int, default=32)
+    parser.add_argument("--redis", default="redis://127.0.0.1:6379/0", help="for the shared rate limits")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="accessd-gateway-"))
     up, up_url, up_kind = upstream(work)
@@ -135,10 +139,14 @@ def main() -> None:
             f'upstreams:\n  bench: {{url: "{up_url}", timeout_s: 5}}\nroutes:\n'
             '  - path: "/api/v1/curves/{curve_id}"\n    upstream: bench\n    upstream_path: "/curve.json"\n'
             '    entitlement: {action: read, resource: "curve:{curve_id}"}\n'
+            '  - path: "/api/v1/cached/{curve_id}"\n    upstream: bench\n    upstream_path: "/curve.json"\n'
+            '    entitlement: {action: read, resource: "curve:{curve_id}"}\n    cache_ttl_s: 600\n'
         )
-        env, ports = daemon_env(
-            work / "state", ACCESS_POLICY_FILE=str(grants), ACCESS_ROUTES_FILE=str(routes)
-        )
+        tiers = work / "tiers.yaml"
+        tiers.write_text("tiers:\n  authenticated: {limit: 1000000000, period_s: 1, key: user}\n")
+        files = {"ACCESS_POLICY_FILE": str(grants), "ACCESS_ROUTES_FILE": str(routes)}
+        files["ACCESS_RATE_LIMITS_FILE"] = str(tiers)
+        env, ports = daemon_env(work / "state", **files)
         daemon = subprocess.Popen([PYTHON, "-m", "accessd", "run", "--role", "all"], env=env)
         edge = f"http://127.0.0.1:{ports['edge']}"
         wait_http(f"http://127.0.0.1:{ports['internal']}/health/ready")
@@ -149,6 +157,19 @@ def main() -> None:
         base = measure(bare.pid, f"http://127.0.0.1:{bare_port}/curve.json", args.seconds, args.conns, [])
         full = measure(daemon.pid, url, args.seconds, args.conns, auth)
         eighty = measure(daemon.pid, url, args.seconds, args.conns, auth, rate=0.8 * full["rps"])
+        cached_url = f"{edge}/api/v1/cached/NG_2026"
+        load(cached_url, 1, args.conns, auth)
+        hit = measure(daemon.pid, cached_url, args.seconds, args.conns, auth)
+        daemon.terminate()
+        daemon.wait(30)
+        env2, ports2 = daemon_env(work / "state", **files, ACCESS_REDIS_URL=args.redis)
+        shared = subprocess.Popen([PYTHON, "-m", "accessd", "run", "--role", "all"], env=env2)
+        wait_http(f"http://127.0.0.1:{ports2['internal']}/health/ready")
+        url2 = f"http://127.0.0.1:{ports2['edge']}/api/v1/curves/NG_2026"
+        load(url2, 2, args.conns, auth)
+        redis_run = measure(shared.pid, url2, args.seconds, args.conns, auth)
+        shared.terminate()
+        shared.wait(30)
     finally:
         for process in (daemon, bare, up):
             if process is not None:
@@ -174,9 +195,14 @@ def main() -> None:
             row("bare Hypercorn-trio app", base),
             row("gateway: auth + entitlement + proxy", full),
             row(f"gateway at 80 % ({eighty['rps']:,.0f}/s)", eighty),
+            row("gateway, rate limits shared through Redis", redis_run),
+            row("gateway, cached route (hits)", hit),
             "",
             f"Gateway / bare requests/s: **{ratio:.2f}** (target ≥ 0.60). P95 at 80 %: **{eighty['p95_ms']} ms** "
             "(target < 15 ms).",
+            f"Rate limits through Redis vs in-process: **{redis_run['rps'] / full['rps']:.2f}×** the requests/s "
+            "(target: costs ≤ 15 %, i.e. ≥ 0.85×). "
+            f"Cache hit vs proxied miss: **{hit['rps'] / full['rps']:.2f}×** (target ≥ 1.5×).",
             f"Route matching: {small:,.0f} ns with 10 routes, {large:,.0f} ns with 500 "
             f"(**{large / small:.2f}×**, target within 1.10×).",
         ]
