@@ -139,3 +139,34 @@ async def test_an_answer_one_daemon_stored_is_a_hit_at_another_through_redis(
             hit = await client.get(f"{second.edge_url}/api/v1/curves/{curve}", headers=headers)
         assert (miss.headers["x-cache"], hit.headers["x-cache"]) == ("MISS", "HIT")
         assert hit.content == miss.content and calls(upstream, f"/curves/{curve}") == 1
+
+
+async def test_operators_invalidate_a_route_by_prefix(daemon_factory, tmp_path: Path) -> None:
+    async with (
+        cached(daemon_factory, tmp_path) as (daemon, upstream, _),
+        httpx.AsyncClient(timeout=10) as client,
+    ):
+        reader = {"Authorization": f"Bearer {token(daemon, 'alice', 't1')}"}
+        admin = {"Authorization": f"Bearer {token(daemon, 'ops', 't1', roles='admin')}"}
+        admin_url = f"{daemon.edge_url}/api/v1/cache/invalidate"
+        for curve in ("NG_1", "NG_1", "PW_1"):
+            await client.get(f"{daemon.edge_url}/api/v1/curves/{curve}", headers=reader)
+        route = "/api/v1/curves/{curve_id}"
+
+        assert (await client.post(admin_url, json={"route": route}, headers=reader)).status_code == 403
+        unknown = await client.post(admin_url, json={"route": "/api/v1/nope"}, headers=admin)
+        assert unknown.status_code == 400 and unknown.json()["details"] == {"field": "route"}
+        wrong_method = await client.get(admin_url, headers=admin)
+        assert wrong_method.status_code == 405 and wrong_method.headers["allow"] == "POST"
+
+        done = await client.post(
+            admin_url, json={"route": route, "prefix": "/api/v1/curves/NG"}, headers=admin
+        )
+        assert done.status_code == 200, done.text
+        assert done.json() == {"route": route, "prefix": "/api/v1/curves/NG", "removed": 1, "shared": None}
+        assert done.headers["ratelimit-limit"] == "5"  # the cache_writes tier
+        again = [
+            await client.get(f"{daemon.edge_url}/api/v1/curves/{c}", headers=reader) for c in ("NG_1", "PW_1")
+        ]
+        assert [a.headers["x-cache"] for a in again] == ["MISS", "HIT"]
+        assert calls(upstream, "/curves/NG_1") == 2

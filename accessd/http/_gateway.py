@@ -33,6 +33,7 @@ from ..policy import CachedResponse, Identity, RateDecision, RateLimiter, Respon
 from ..policy.entitlements import Decider, DecisionInput
 from ..primitives import BreakerState, CircuitBreaker, DependencyState
 from ..telemetry import LATENCY_BUCKETS, trace_id_var
+from . import _cache_admin as cache_admin
 from ._auth import EdgeAuth
 from ._client import ConnectFailed, Response, UpstreamError, UpstreamPool, UpstreamTimeout
 from ._pipeline import ROUTE_KEY
@@ -201,6 +202,11 @@ class Gateway:
             table = self.table
             if scope["type"] != "http" or table is None:
                 return await app(scope, receive, send)
+            if scope["path"] == cache_admin.PATH and self._cache is not None:
+                try:
+                    return await self._invalidate(table, scope, receive, send)
+                except ApiError as refusal:
+                    return await _answer(send, refusal)
             raw_path = scope.get("raw_path") or scope["path"].encode()
             try:
                 match = table.match(scope["method"], raw_path.decode("latin-1"))
@@ -236,15 +242,7 @@ class Gateway:
             key = client_ip(peer, forwarded_for, self._auth.trusted_proxies)
         else:
             key = identity.tenant_id if tier.key == "tenant" else f"{identity.tenant_id}/{identity.sub}"
-        limit = await self._limiter.decide(tier.name, key)
-        if not limit.allowed:
-            retry = str(max(1, math.ceil(limit.retry_after_s)))
-            raise ApiError(
-                429,
-                "RATE_LIMITED",
-                f"over the {tier.name} limit of {tier.limit} per {tier.period_s:g} s; retry in {retry} s",
-                headers={"Retry-After": retry, **rate_limit_headers(limit)},
-            )
+        limit = await self._spend(tier.name, key)
         send = _with_headers(send, rate_limit_headers(limit))
         try:
             if route.entitlement is not None:
@@ -253,6 +251,41 @@ class Gateway:
             await self._forward(route, match, head, identity, scope, receive, send)
         except ApiError as refusal:
             await _answer(send, refusal)
+
+    async def _spend(self, tier_name: str, key: str) -> RateDecision:
+        """One request of the tier for the key; 429 with ``Retry-After`` and ``RateLimit-*`` when refused."""
+        limit = await self._limiter.decide(tier_name, key)
+        if not limit.allowed:
+            tier = self._limiter.tiers[tier_name]
+            retry = str(max(1, math.ceil(limit.retry_after_s)))
+            raise ApiError(
+                429,
+                "RATE_LIMITED",
+                f"over the {tier.name} limit of {tier.limit} per {tier.period_s:g} s; retry in {retry} s",
+                headers={"Retry-After": retry, **rate_limit_headers(limit)},
+            )
+        return limit
+
+    async def _invalidate(self, table: RouteTable, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["method"] != "POST":
+            raise ApiError(405, "METHOD_NOT_ALLOWED", "POST only", headers={"Allow": "POST"})
+        assert self._cache is not None
+        head = read_inbound(scope)
+        peer = (scope.get("client") or ("", 0))[0]
+        forwarded_for = head.forwarded_for.decode("latin-1") if head.forwarded_for else None
+        identity = await self._auth.identify(head.authorization, peer, forwarded_for)
+        cache_admin.require_admin(identity)
+        limit = await self._spend(cache_admin.TIER, f"{identity.tenant_id}/{identity.sub}")
+        route, prefix = await cache_admin.read_request(receive, table)
+        body = await cache_admin.invalidate(self._cache, route, prefix)
+        log.warning(
+            "cache of %s invalidated (prefix %r) by %s/%s", route, prefix, identity.tenant_id, identity.sub
+        )
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        await _with_headers(send, rate_limit_headers(limit))(
+            {"type": "http.response.start", "status": 200, "headers": headers}
+        )
+        await send({"type": "http.response.body", "body": body})
 
     async def _entitled(self, identity: Identity, route: Route, match: Match) -> None:
         assert route.entitlement is not None
