@@ -32,6 +32,7 @@ routes:
   - path: "/api/v1/demo/curves/{{curve_id}}"
     upstream: demo
     upstream_path: "/curves/{{curve_id}}"
+    cache_ttl_s: 30
     entitlement: {{action: read, resource: "curve:{{curve_id}}"}}
   - {{path: "/api/v1/demo/slow", upstream: demo, upstream_path: "/slow"}}
   - {{path: "/api/v1/demo/failing", upstream: demo-flaky, upstream_path: "/failing"}}
