@@ -252,6 +252,7 @@ async def test_two_daemons_share_the_streaming_connect_budget(
         "ACCESS_REDIS_URL": redis_url,
         "ACCESS_RATE_LIMIT_REDIS_PREFIX": prefix,
         "ACCESS_STREAM_CONNECTS_PER_MINUTE": "3",
+        "ACCESS_RATE_LIMIT_REDIS_DEADLINE_MS": "2000",  # sharing is tested here, not the fallback
     }
     a = daemon_factory(role="edge", env=env)
     b = daemon_factory(role="edge", env=env)

@@ -339,6 +339,19 @@ class Gateway:
         async def call() -> Response | None:
             return await self._call(pool, breaker, route, method, target, headers, body)
 
+        async def exchange() -> None:
+            if (response := await call()) is not None:
+                await self._relay(upstream, target, response, send)
+
+        if route.cache_ttl_s is not None and method == "GET" and body is None and self._cache is not None:
+            await self._cached(route, match, identity, scope, call, receive, target, send)
+        else:
+            await self._watched(upstream, receive, body, exchange)
+
+    async def _watched(
+        self, upstream: Upstream, receive: Any, body: RequestBody | None, work: Callable[[], Awaitable[None]]
+    ) -> None:
+        """``work`` (an upstream call), cancelled if the client leaves meanwhile."""
         error: ApiError | None = None
         async with trio.open_nursery() as nursery:
             nursery.start_soon(
@@ -349,10 +362,7 @@ class Gateway:
                 lambda: self._outcome(upstream, "cancelled"),
             )
             try:
-                if route.cache_ttl_s is not None and method == "GET" and self._cache is not None:
-                    await self._cached(route, match, identity, scope, call, target, send)
-                elif (response := await call()) is not None:
-                    await self._relay(upstream, target, response, send)
+                await work()
             except ApiError as exc:
                 error = exc
             nursery.cancel_scope.cancel()
@@ -366,11 +376,14 @@ class Gateway:
         identity: Identity | None,
         scope: dict[str, Any],
         call: Callable[[], Awaitable[Response | None]],
+        receive: Any,
         target: str,
         send: Any,
     ) -> None:
         """A GET route with ``cache_ttl_s``: from the cache (its entitlement was decided already), or from
-        the upstream and stored when the answer may be (a 200 with a length within the entry limit)."""
+        the upstream and stored when the answer may be (a 200 with a length within the entry limit).
+        A load is not cancelled when its client leaves: other requests may be waiting for it (single
+        flight), and the route's ``timeout_s`` bounds it; a response streamed through (not stored) is."""
         assert self._cache is not None and route.cache_ttl_s is not None
         wanted = {name: value for name, value in scope["headers"] if name in (b"accept", b"accept-encoding")}
         key = cache_key(
@@ -403,8 +416,10 @@ class Gateway:
 
         fetched = await cache.fetch(key, route.cache_ttl_s, load)
         send = _with_headers(send, {"X-Cache": fetched.x_cache})
-        if fetched.passthrough is not None:
-            return await self._relay(route.upstream, target, fetched.passthrough, send)
+        if (response := fetched.passthrough) is not None:
+            return await self._watched(
+                route.upstream, receive, None, lambda: self._relay(route.upstream, target, response, send)
+            )
         entry = fetched.entry
         assert entry is not None
         start = {
