@@ -12,7 +12,9 @@ import httpx
 import trio
 
 from ._daemon import Daemon, token
+from ._entitlements import TcpProxy
 from ._upstream import upstream_server
+from ._wait import eventually
 
 GRANTS = """grants:
   - {tenant_id: t1, subject: "role:trader", action: read, resource: "curve:NG_*", effect: allow}
@@ -41,7 +43,9 @@ TIERS = """tiers:
 
 
 @asynccontextmanager
-async def limited(daemon_factory, tmp_path: Path, count: int = 1, **env: str) -> AsyncIterator[list[Daemon]]:
+async def limited(
+    daemon_factory, tmp_path: Path, count: int = 1, env: dict[str, str] | None = None
+) -> AsyncIterator[list[Daemon]]:
     async with upstream_server() as upstream:
         files = {"grants.yaml": GRANTS, "routes.yaml": routes(upstream.url), "tiers.yaml": TIERS}
         for name, text in files.items():
@@ -50,7 +54,7 @@ async def limited(daemon_factory, tmp_path: Path, count: int = 1, **env: str) ->
             "ACCESS_POLICY_FILE": str(tmp_path / "grants.yaml"),
             "ACCESS_ROUTES_FILE": str(tmp_path / "routes.yaml"),
             "ACCESS_RATE_LIMITS_FILE": str(tmp_path / "tiers.yaml"),
-            **env,
+            **(env or {}),
         }
         yield [daemon_factory(role="all", env=env) for _ in range(count)]
 
@@ -117,8 +121,7 @@ async def test_two_daemons_sharing_redis_pass_exactly_the_limit(
             daemon_factory,
             tmp_path,
             count=2,
-            ACCESS_REDIS_URL=redis_url,
-            ACCESS_RATE_LIMIT_REDIS_DEADLINE_MS="2000",
+            env={"ACCESS_REDIS_URL": redis_url, "ACCESS_RATE_LIMIT_REDIS_DEADLINE_MS": "2000"},
         ) as daemons,
         httpx.AsyncClient(timeout=10) as client,
     ):
@@ -134,3 +137,57 @@ async def test_two_daemons_sharing_redis_pass_exactly_the_limit(
             for i in range(9):
                 nursery.start_soon(call, daemons[i % 2])
         assert sorted(statuses) == [200] * 3 + [429] * 6
+
+
+async def test_redis_cut_mid_run_limits_locally_at_normal_latency_then_shares_again(
+    daemon_factory, tmp_path: Path, redis_url: str
+) -> None:
+    port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
+    proxy = TcpProxy(("127.0.0.1", port)).start()
+    try:
+        env = {
+            "ACCESS_REDIS_URL": f"redis://127.0.0.1:{proxy.port}/0",
+            "ACCESS_RATE_LIMIT_REDIS_DEADLINE_MS": "20",
+        }
+        async with (
+            limited(daemon_factory, tmp_path, env=env) as (daemon,),
+            httpx.AsyncClient(timeout=10) as client,
+        ):
+            url = f"{daemon.edge_url}/api/v1/tenant/curves/NG_1"  # per_tenant: 4 per minute
+
+            async def timed(tenant: str) -> tuple[int, float]:
+                headers = bearer(daemon, "u", tenant)
+                started = trio.current_time()
+                answer = await client.get(url, headers=headers)
+                return answer.status_code, trio.current_time() - started
+
+            async def results() -> str:
+                return (await client.get(f"{daemon.internal_url}/metrics")).text
+
+            tenants = [f"shared-{uuid.uuid4().hex[:8]}" for _ in range(12)]
+            shared = [await timed(t) for t in tenants[:6]]
+            assert {status for status, _ in shared} == {200}
+            assert (
+                'accessd_ratelimit_decisions_total{result="allowed",tier="per_tenant"} 6.0' in await results()
+            )
+
+            proxy.cut()
+            local = [await timed(t) for t in tenants[6:]]
+            assert {status for status, _ in local} == {200}  # no 500, no refusal: the process's own limiter
+            assert 'result="local_fallback",tier="per_tenant"} 6.0' in await results()
+            p95 = sorted(lat for _, lat in shared)[-1]
+            assert sorted(lat for _, lat in local)[-1] <= 2 * p95 + 0.05  # no cliff waiting on timeouts
+            health = (await client.get(f"{daemon.internal_url}/health")).json()
+            assert health["dependencies"]["redis"] in ("down", "degraded") and health["status"] == "degraded"
+            limit = [await timed(tenants[6]) for _ in range(4)]
+            assert [status for status, _ in limit] == [200, 200, 200, 429]  # local limiting, still a limit
+
+            proxy.restore()
+
+            async def shared_again() -> bool:
+                await timed(f"back-{uuid.uuid4().hex[:8]}")
+                return 'result="allowed",tier="per_tenant"} 6.0' not in await results()
+
+            await eventually(shared_again, within=15, every=0.2, what="decisions back on Redis")
+    finally:
+        proxy.stop()
