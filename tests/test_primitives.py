@@ -93,3 +93,18 @@ def test_reports_health_is_recognised_by_its_dependency_name() -> None:
         name = "hub"
 
     assert isinstance(Owner(), ReportsHealth) and not isinstance(Plain(), ReportsHealth)
+
+
+def test_a_dependency_with_several_reporters_shows_the_worst_last_state() -> None:
+    from accessd.nurseries import Health
+
+    health = Health(role="edge")
+    cache, limiter = health.reporter("redis"), health.reporter("redis")
+    cache(DependencyState.OK)
+    limiter(DependencyState.DOWN)
+    cache(DependencyState.OK)  # one client reconnecting does not hide the other's outage
+    assert health.dependencies["redis"] is DependencyState.DOWN
+    limiter(DependencyState.DEGRADED)
+    assert health.dependencies["redis"] is DependencyState.DEGRADED
+    limiter(DependencyState.OK)
+    assert health.dependencies["redis"] is DependencyState.OK

@@ -8,7 +8,6 @@ backend outage would turn a partial outage into a total one. Readiness fails whi
 from __future__ import annotations
 
 import enum
-import functools
 import time
 from dataclasses import dataclass, field
 
@@ -33,13 +32,26 @@ class Health:
     restarting: set[str] = field(default_factory=set)
     started_at: float = field(default_factory=time.monotonic)
     drained: trio.Event = field(default_factory=trio.Event)
+    # Per dependency, the last state each of its reporters gave (several components may own one client
+    # each to the same backend: the entitlement cache, the rate limiter and the response cache to Redis).
+    _reports: dict[str, list[DependencyState | None]] = field(default_factory=dict)
 
     def set_dependency(self, name: str, state: DependencyState) -> None:
         self.dependencies[name] = state
 
     def reporter(self, name: str) -> DependencyReporter:
-        """What a component owning dependency ``name`` reports its state through."""
-        return functools.partial(self.set_dependency, name)
+        """What a component owning dependency ``name`` reports its state through. With several reporters
+        of one dependency, the worst state any of them gave last is shown."""
+        reports = self._reports.setdefault(name, [])
+        slot = len(reports)
+        reports.append(None)
+
+        def report(state: DependencyState) -> None:
+            reports[slot] = state
+            known = [s for s in reports if s is not None]
+            self.set_dependency(name, max(known, key=lambda s: s.severity))
+
+        return report
 
     @property
     def ready(self) -> bool:
