@@ -137,6 +137,13 @@ async def test_two_daemons_sharing_redis_pass_exactly_the_limit(
             for i in range(9):
                 nursery.start_soon(call, daemons[i % 2])
         assert sorted(statuses) == [200] * 3 + [429] * 6
+        exposition = (await client.get(f"{daemons[0].internal_url}/metrics")).text
+        (round_trips,) = [
+            float(line.split()[-1])
+            for line in exposition.splitlines()
+            if line.startswith("accessd_ratelimit_redis_round_trips_total ")
+        ]
+        assert 1 <= round_trips  # the decisions (and the probe) went to Redis in pipelines
 
 
 async def test_redis_cut_mid_run_limits_locally_at_normal_latency_then_shares_again(

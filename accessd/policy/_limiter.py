@@ -17,12 +17,14 @@ Backpressure: at most ``queue_size`` decisions wait for Redis; beyond that the l
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import trio
 import yaml
 from prometheus_client import CollectorRegistry, Counter
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 from ..errors import ConfigError, InvalidInput
 from ..primitives import Backoff, DependencyReporter, DependencyState, Retries, ignore_state
@@ -120,6 +122,8 @@ class RateLimiter:
             registry=registry,
         )
         self._counters = {(t, r): decisions.labels(t, r) for t in self.tiers for r in RESULTS}
+        if registry is not None and self._redis is not None:
+            registry.register(_RoundTrips(self._redis))
         self.decisions = 0
         self.local_decisions = 0  # made in this process although Redis is configured
 
@@ -238,6 +242,21 @@ def _step(answer: Any) -> Gcra | None:
         return None
     tat, allowed, remaining, reset_us, retry_after_us = answer
     return Gcra(int(tat), bool(allowed), int(remaining), int(reset_us), int(retry_after_us))
+
+
+class _RoundTrips(Collector):
+    """``accessd_ratelimit_redis_round_trips_total``: how well decisions are coalesced (per decision, it
+    should fall as load rises)."""
+
+    def __init__(self, redis: RedisBatcher) -> None:
+        self._redis = redis
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        yield CounterMetricFamily(
+            "accessd_ratelimit_redis_round_trips",
+            "Pipelines the rate limiter sent to Redis (script reloads and probes included)",
+            value=self._redis.round_trips,
+        )
 
 
 def load_tiers(settings: Settings) -> dict[str, Tier]:
