@@ -118,8 +118,11 @@ async def test_no_store_is_never_stored_and_an_expired_entry_is_served_stale_the
 
         url = f"{daemon.edge_url}/api/v1/brief/NG_2"
         assert (await client.get(url, headers=headers)).headers["x-cache"] == "MISS"
-        await trio.sleep(0.7)  # past the route's 0.5 s TTL, within the stale window
-        assert (await client.get(url, headers=headers)).headers["x-cache"] == "STALE"
+
+        async def stale() -> bool:  # HIT until the route's 0.5 s TTL is past, then STALE (10 s window)
+            return (await client.get(url, headers=headers)).headers["x-cache"] == "STALE"
+
+        await eventually(stale, within=5, every=0.1, what="the expired entry served stale")
         await eventually(
             lambda: calls(upstream, "/curves/NG_2") == 2, within=5, what="one background refresh"
         )

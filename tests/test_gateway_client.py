@@ -15,6 +15,8 @@ import trio
 
 from accessd.http._client import ConnectFailed, UpstreamBroken, UpstreamPool, UpstreamTimeout
 
+from ._wait import eventually
+
 Answer = Callable[[h11.Request, bytes, trio.SocketStream], Awaitable[bool]]  # False: close the connection
 
 
@@ -23,6 +25,7 @@ class Server:
     url: str
     connections: int = 0
     requests: list[tuple[h11.Request, bytes]] = field(default_factory=list)
+    closed: trio.Event = field(default_factory=trio.Event)  # a connection was closed by the server
 
 
 def _response(body: bytes, *headers: tuple[bytes, bytes]) -> bytes:
@@ -47,28 +50,32 @@ async def ok(request: h11.Request, body: bytes, stream: trio.SocketStream) -> bo
 async def server(answer: Answer = ok) -> AsyncIterator[Server]:
     async def handle(stream: trio.SocketStream) -> None:
         state.connections += 1
+        async with stream:
+            await serve(stream)
+        state.closed.set()
+
+    async def serve(stream: trio.SocketStream) -> None:
         conn = h11.Connection(h11.SERVER)
         request, body = None, b""
-        async with stream:
-            while True:
-                event = conn.next_event()
-                if event is h11.NEED_DATA:
-                    data = await stream.receive_some(65536)
-                    if not data:
-                        return
-                    conn.receive_data(data)
-                elif isinstance(event, h11.Request):
-                    request, body = event, b""
-                elif isinstance(event, h11.Data):
-                    body += event.data
-                elif isinstance(event, h11.EndOfMessage):
-                    assert request is not None
-                    state.requests.append((request, body))
-                    if not await answer(request, body, stream):
-                        return
-                    conn = h11.Connection(h11.SERVER)  # the answers are written raw: start afresh
-                else:
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                data = await stream.receive_some(65536)
+                if not data:
                     return
+                conn.receive_data(data)
+            elif isinstance(event, h11.Request):
+                request, body = event, b""
+            elif isinstance(event, h11.Data):
+                body += event.data
+            elif isinstance(event, h11.EndOfMessage):
+                assert request is not None
+                state.requests.append((request, body))
+                if not await answer(request, body, stream):
+                    return
+                conn = h11.Connection(h11.SERVER)  # the answers are written raw: start afresh
+            else:
+                return
 
     async with trio.open_nursery() as nursery:
         listeners = await nursery.start(partial(trio.serve_tcp, handle, 0, host="127.0.0.1"))
@@ -111,7 +118,8 @@ async def test_an_idle_connection_the_upstream_closed_is_not_used() -> None:
     async with server(once) as s:
         p = pool(s.url)
         assert (await body_of(p))[1] == b"hello"
-        await trio.sleep(0.05)  # the FIN arrives
+        with trio.fail_after(5):
+            await s.closed.wait()  # on loopback its FIN is here once the server's close returned
         assert (await body_of(p))[1] == b"hello"  # not a reset on the stale connection: a new one
         await p.aclose()
     assert s.connections == 2
@@ -169,7 +177,9 @@ async def test_pool_bound_waits_then_times_out() -> None:
                 first.append(await body_of(p))
 
             nursery.start_soon(hold)
-            await trio.sleep(0.05)
+            await eventually(
+                lambda: len(s.requests) == 1, within=5, what="the first request holding the slot"
+            )
             with pytest.raises(UpstreamTimeout, match="no free connection"):
                 await p.request("GET", "/second", [], None)
             release.set()
