@@ -93,6 +93,14 @@ class Response:
         self._ahead = after
         return bytes(event.data), True
 
+    async def read_all(self) -> bytes:
+        """The rest of the body, whole: for bodies known to be small."""
+        pieces, more = [], True
+        while more:
+            piece, more = await self.read()
+            pieces.append(piece)
+        return b"".join(pieces)
+
     async def aclose(self) -> None:
         conn, self._conn = self._conn, None
         if conn is None:

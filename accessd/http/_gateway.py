@@ -232,14 +232,12 @@ class Gateway:
                 headers={"Allow": ", ".join(sorted(match.allowed))},
             )
         head = read_inbound(scope)
-        peer = (scope.get("client") or ("", 0))[0]
-        forwarded_for = head.forwarded_for.decode("latin-1") if head.forwarded_for else None
         identity = None
         if not route.public:
-            identity = await self._auth.identify(head.authorization, peer, forwarded_for)
+            identity = await self._auth.identify(head.authorization, head.peer, head.forwarded)
         tier = self._limiter.tiers[route.tier]
         if tier.key == "ip" or identity is None:
-            key = client_ip(peer, forwarded_for, self._auth.trusted_proxies)
+            key = client_ip(head.peer, head.forwarded, self._auth.trusted_proxies)
         else:
             key = identity.tenant_id if tier.key == "tenant" else f"{identity.tenant_id}/{identity.sub}"
         limit = await self._spend(tier.name, key)
@@ -271,9 +269,7 @@ class Gateway:
             raise ApiError(405, "METHOD_NOT_ALLOWED", "POST only", headers={"Allow": "POST"})
         assert self._cache is not None
         head = read_inbound(scope)
-        peer = (scope.get("client") or ("", 0))[0]
-        forwarded_for = head.forwarded_for.decode("latin-1") if head.forwarded_for else None
-        identity = await self._auth.identify(head.authorization, peer, forwarded_for)
+        identity = await self._auth.identify(head.authorization, head.peer, head.forwarded)
         cache_admin.require_admin(identity)
         limit = await self._spend(cache_admin.TIER, f"{identity.tenant_id}/{identity.sub}")
         route, prefix = await cache_admin.read_request(receive, table)
@@ -404,15 +400,12 @@ class Gateway:
             if length is None or not cache.storable(response.status, response.headers, int(length)):
                 return response
             try:
-                pieces, more = [], True
-                while more:
-                    chunk, more = await response.read()
-                    pieces.append(chunk)
+                body = await response.read_all()  # storable: its length is within the entry limit
             except UpstreamError as exc:
                 raise ApiError(502, "UPSTREAM_UNAVAILABLE", f"upstream {route.upstream.name}: {exc}") from exc
             finally:
                 await response.aclose()
-            return CachedResponse(response.status, response.headers, b"".join(pieces))
+            return CachedResponse(response.status, response.headers, body)
 
         fetched = await cache.fetch(key, route.cache_ttl_s, load)
         send = _with_headers(send, {"X-Cache": fetched.x_cache})

@@ -74,18 +74,24 @@ class Inbound:
     """The request head, read once: what is forwarded as it is, and what the gateway decides on."""
 
     kept: Headers
+    peer: str  # the address the connection comes from
     authorization: str | None = None
     forwarded_for: bytes | None = None
     forwarded_proto: bytes | None = None
     content_length: int | None = None
     has_body: bool = False
 
+    @property
+    def forwarded(self) -> str | None:
+        """``X-Forwarded-For`` as text (every one the request carried, in order), for the client address."""
+        return self.forwarded_for.decode("latin-1") if self.forwarded_for else None
+
 
 def read_inbound(scope: dict[str, Any]) -> Inbound:
     """One pass over the request's headers. ApiError 400 for a ``Content-Length`` that is not a number."""
     headers: Sequence[tuple[bytes, bytes]] = scope["headers"]
     drop = _dropped(headers) | IDENTITY_HEADERS | {b"host", b"x-request-id", b"traceparent"}
-    head = Inbound([])
+    head = Inbound([], (scope.get("client") or ("", 0))[0])
     for name, value in headers:
         name = name.lower()
         if name == b"authorization":
@@ -114,7 +120,7 @@ def request_headers(
 ) -> Headers:
     """The head that goes upstream: the kept headers, and those the gateway sets."""
     out = list(head.kept)
-    peer = (scope.get("client") or ("", 0))[0]
+    peer = head.peer
     trusted = is_trusted(peer, trusted_proxies)
     forwarded_for = head.forwarded_for
     chain = forwarded_for + b", " + peer.encode() if trusted and forwarded_for else peer.encode()
