@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 import signal
+from typing import Any
+from urllib.parse import urlsplit
 
 import trio
 
@@ -23,19 +25,30 @@ from .http import (
     edge_auth_routes,
     entitlements_blueprint,
     internal_auth_routes,
+    metrics_track_blueprint,
     publish_blueprint,
     write_demo_routes,
 )
 from .nurseries import DependencyProbes, Health, Phase, Supervisor, build_probes
-from .policy import RateLimiter, ResponseCache, build_rate_limiter
+from .policy import RateLimiter, RemoteClient, ResponseCache, build_rate_limiter
 from .policy.auth import build_auth
 from .policy.entitlements import build_entitlements
 from .primitives import ReportsHealth
 from .settings import Settings
-from .stream import build_stream, entitlement_authorizer
-from .telemetry import Metrics, Tracing
+from .stream import ChannelReport, build_stream, entitlement_authorizer
+from .telemetry import (
+    CustomMetrics,
+    Ingest,
+    IngestMetrics,
+    Metrics,
+    MetricsFlusher,
+    MetricsForwarder,
+    Tracing,
+)
 
 log = logging.getLogger("accessd.daemon")
+
+FORWARD_TIMEOUT_S = 5.0  # one forwarded batch; a slower internal role is retried with backoff
 
 
 async def serve(
@@ -92,10 +105,17 @@ async def _serve(
             tracing,
             limiter,
         )
+        local_ingest, forward_ingest, ingest_components = _ingestion(settings, metrics)
+        report_to = forward_ingest or local_ingest
+        if stream.listener is not None and report_to is not None:
+            ingest_components.append(
+                ChannelReport(stream.hub, report_to, settings.telemetry.stream_report_interval_s)
+            )
         components = [
             *auth.components,
             *entitlements.components,
             *([limiter] if limiter is not None else []),
+            *ingest_components,
             *stream.components,
         ]
         # A backend whose client component reports its own state needs no separate probe.
@@ -142,7 +162,10 @@ async def _serve(
         )
         listeners: list[HttpListener] = []
         if server.role in ("edge", "all"):
-            app = create_app("edge", ctx, edge_auth_routes(auth, edge_check), gateway)
+            blueprints = edge_auth_routes(auth, edge_check)
+            if forward_ingest is not None:
+                blueprints.append(metrics_track_blueprint(forward_ingest))
+            app = create_app("edge", ctx, blueprints, gateway)
             listeners.append(
                 HttpListener("edge-http", app, server.edge_bind, shutdown, server.drain_timeout_s)
             )
@@ -154,6 +177,7 @@ async def _serve(
                     *internal_auth_routes(auth),
                     entitlements_blueprint(entitlements.decider, entitlements.store, auth.verify),
                     publish_blueprint(stream.source, auth.verify, publish_role=settings.stream.publish_role),
+                    *([metrics_track_blueprint(local_ingest)] if local_ingest is not None else []),
                 ],
             )
             listeners.append(
@@ -181,6 +205,48 @@ async def _serve(
                 await listener.stopped.wait()
         log.info("stopped")
         root.cancel_scope.cancel()
+
+
+def _ingestion(settings: Settings, metrics: Metrics) -> tuple[Ingest | None, Ingest | None, list[Any]]:
+    """``/metrics/track`` paths: the local one (internal roles: queue and flusher) and the forwarding one
+    (edge roles with ACCESS_METRICS_ENDPOINT), and the components they need."""
+    t, role = settings.telemetry, settings.server.role
+    forwards = role in ("edge", "all") and t.metrics_endpoint is not None
+    if role == "edge" and not forwards:
+        return None, None, []
+    ingest_metrics = IngestMetrics(metrics.registry)
+    local = forward = None
+    components: list[Any] = []
+    if role in ("internal", "all"):
+        flusher = MetricsFlusher(
+            CustomMetrics(series_ttl_s=t.metrics_series_ttl_s),
+            ingest_metrics,
+            metrics.registry,
+            queue_size=t.metrics_queue_size,
+            interval_s=t.metrics_flush_interval_s,
+        )
+        local = Ingest(flusher.custom, flusher, ingest_metrics)
+        components.append(flusher)
+    if forwards:
+        assert t.metrics_endpoint is not None
+        forwarder = MetricsForwarder(
+            RemoteClient("metrics", timeout_s=FORWARD_TIMEOUT_S),
+            track_url(t.metrics_endpoint),
+            CustomMetrics(series_ttl_s=t.metrics_series_ttl_s),
+            ingest_metrics,
+            batch_size=t.metrics_forward_batch,
+            interval_s=t.metrics_forward_interval_s,
+            buffer_size=t.metrics_forward_buffer,
+        )
+        forward = Ingest(forwarder.custom, forwarder, ingest_metrics)
+        components.append(forwarder)
+    return local, forward, components
+
+
+def track_url(endpoint: str) -> str:
+    """``ACCESS_METRICS_ENDPOINT`` may name the internal role's base URL or its ``/metrics/track``."""
+    path = urlsplit(endpoint).path.rstrip("/")
+    return endpoint if path.endswith("/metrics/track") else endpoint.rstrip("/") + "/metrics/track"
 
 
 async def _cache_redis(settings: Settings, supervisor: Supervisor, health: Health) -> aio.RedisBatcher | None:

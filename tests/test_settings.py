@@ -176,10 +176,7 @@ def test_missing_prod_audience_exits_2_with_one_line(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
 
 
-NOT_YET = {
-    "ACCESS_METRICS_ENDPOINT": "http://internal:8010",
-    "ACCESS_TLS_ENABLED": "true",
-}
+NOT_YET = {"ACCESS_TLS_ENABLED": "true"}
 
 
 @pytest.mark.parametrize(("name", "value"), NOT_YET.items())
@@ -189,18 +186,18 @@ def test_settings_that_configure_nothing_yet_are_refused(name: str, value: str) 
         load_settings(environ={name: value})
     assert info.value.setting == name
     assert "not supported yet" in info.value.problem
-    load_settings(environ={name: "false" if name == "ACCESS_TLS_ENABLED" else ""})  # off/unset is fine
+    load_settings(environ={name: "false"})  # off is fine
 
 
 def test_not_yet_settings_exit_2_from_check_config_and_run(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("ACCESS_") or k.startswith("ACCESS_TEST_")}
-    env.update(ACCESS_STATE_DIR=str(tmp_path), ACCESS_METRICS_ENDPOINT="http://internal:8010")
+    env.update(ACCESS_STATE_DIR=str(tmp_path), ACCESS_TLS_ENABLED="true")
     for command in (["check-config"], ["run"]):
         done = subprocess.run(
             [sys.executable, "-m", "accessd", *command], env=env, capture_output=True, text=True, timeout=60
         )
         assert done.returncode == 2, (command, done.stderr)
-        assert "ACCESS_METRICS_ENDPOINT" in done.stderr and "not supported yet" in done.stderr
+        assert "ACCESS_TLS_ENABLED" in done.stderr and "not supported yet" in done.stderr
 
 
 def test_binds_are_parsed_once_and_name_their_setting(tmp_path: Path) -> None:

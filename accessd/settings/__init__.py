@@ -238,8 +238,31 @@ class StreamSettings:
 @dataclass(frozen=True)
 class TelemetrySettings:
     log_level: str = _setting("info", parse.choice(*LOG_LEVELS), "log verbosity")
-    metrics_endpoint: None = _setting(
-        None, parse.not_yet("custom-metrics forwarding"), "not supported yet (forward custom metrics)"
+    metrics_endpoint: str | None = _setting(
+        None,
+        parse.url_of("http", "https"),
+        "internal role an edge forwards custom metrics (and the stream's figures) to",
+    )
+    metrics_queue_size: int = _setting(
+        100_000, parse.number(int, 1, 100_000_000), "custom-metric samples queued before 503"
+    )
+    metrics_flush_interval_s: float = _setting(
+        0.5, parse.number(float, 0.01, 3600), "apply queued custom-metric samples this often"
+    )
+    metrics_series_ttl_s: float = _setting(
+        900.0, parse.number(float, 1, 86400 * 7), "a custom-metric series not updated this long expires"
+    )
+    metrics_forward_batch: int = _setting(
+        500, parse.number(int, 1, 1000), "samples per forwarded body (at most the 1,000 a body may hold)"
+    )
+    metrics_forward_interval_s: float = _setting(
+        1.0, parse.number(float, 0.01, 3600), "forward at least this often"
+    )
+    metrics_forward_buffer: int = _setting(
+        100_000, parse.number(int, 1, 100_000_000), "samples kept for forwarding (oldest dropped past it)"
+    )
+    stream_report_interval_s: float = _setting(
+        15.0, parse.number(float, 0.1, 3600), "post the streaming listener's per-channel figures this often"
     )
     enable_tracing: bool = _setting(False, parse.boolean, "OTLP/HTTP trace export")
     otel_exporter: str | None = _setting(None, parse.url_of("http", "https"), "OTLP/HTTP collector URL")

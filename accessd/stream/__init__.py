@@ -16,6 +16,7 @@ from ._conn import Closed as Closed
 from ._embedded import EmbeddedBroker as EmbeddedBroker
 from ._hub import Hub as Hub
 from ._listener import StreamListener as StreamListener
+from ._report import ChannelReport as ChannelReport
 from ._session import MAX_KEY_CHARS as MAX_KEY_CHARS
 from ._session import Access as Access
 from ._session import Authorize as Authorize

@@ -114,6 +114,8 @@ class _Channel:
     everything: set[Subscription] = field(default_factory=set)  # unkeyed, every key
     filtered: set[Subscription] = field(default_factory=set)  # unkeyed, some keys hidden
     by_key: dict[str, set[Subscription]] = field(default_factory=dict)
+    messages: int = 0  # fanned out to at least one subscriber
+    deliveries: int = 0  # messages times the subscribers each was offered to
 
     def __len__(self) -> int:
         return len(self.everything) + len(self.filtered) + sum(len(s) for s in self.by_key.values())
@@ -304,6 +306,8 @@ class Hub:
             if data is None:
                 self._invalid(record)
                 continue
+            ch.messages += 1
+            ch.deliveries += len(targets)
             msg = Message(record, encode_cursor(ch.position), data)
             for sub in targets:
                 if sub.live:
@@ -354,6 +358,11 @@ class Hub:
         cursor = encode_cursor(ch.position)
         for session in {sub.session for sub in ch.all()}:
             session.gap(ch.name, gap.dropped, cursor)
+
+    def channel_figures(self) -> list[tuple[str, int, int, int]]:
+        """``(channel, subscribers, messages, deliveries)`` of every followed channel, counts since it was
+        first followed (a channel nobody follows any more starts again from 0)."""
+        return [(ch.name, len(ch), ch.messages, ch.deliveries) for ch in self._channels.values()]
 
     def channel_count(self) -> int:
         return len(self._channels)

@@ -4,8 +4,15 @@ Layout: ``_metrics`` the registry, ``_logging`` JSON log lines, ``_ids`` the ids
 request id), ``_tracing`` OpenTelemetry spans exported over OTLP.
 """
 
+from ._custom import CustomMetrics as CustomMetrics
+from ._custom import Rejected as Rejected
 from ._ids import request_id_from as request_id_from
 from ._ids import trace_id_from as trace_id_from
+from ._ingest import Ingest as Ingest
+from ._ingest import IngestMetrics as IngestMetrics
+from ._ingest import MetricsFlusher as MetricsFlusher
+from ._ingest import MetricsForwarder as MetricsForwarder
+from ._ingest import Overloaded as Overloaded
 from ._logging import configure_logging as configure_logging
 from ._logging import req_id_var as req_id_var
 from ._logging import trace_id_var as trace_id_var
