@@ -25,7 +25,6 @@ from .http import (
     edge_auth_routes,
     entitlements_blueprint,
     internal_auth_routes,
-    metrics_track_blueprint,
     publish_blueprint,
     write_demo_routes,
 )
@@ -162,10 +161,9 @@ async def _serve(
         )
         listeners: list[HttpListener] = []
         if server.role in ("edge", "all"):
-            blueprints = edge_auth_routes(auth, edge_check)
-            if forward_ingest is not None:
-                blueprints.append(metrics_track_blueprint(forward_ingest))
-            app = create_app("edge", ctx, blueprints, gateway)
+            app = create_app(
+                "edge", ctx, edge_auth_routes(auth, edge_check), gateway, forward_ingest, edge_check
+            )
             listeners.append(
                 HttpListener("edge-http", app, server.edge_bind, shutdown, server.drain_timeout_s)
             )
@@ -177,8 +175,8 @@ async def _serve(
                     *internal_auth_routes(auth),
                     entitlements_blueprint(entitlements.decider, entitlements.store, auth.verify),
                     publish_blueprint(stream.source, auth.verify, publish_role=settings.stream.publish_role),
-                    *([metrics_track_blueprint(local_ingest)] if local_ingest is not None else []),
                 ],
+                track=local_ingest,
             )
             listeners.append(
                 HttpListener(

@@ -18,6 +18,5 @@ from ._entitlements import entitlements_blueprint as entitlements_blueprint
 from ._errors import error_response as error_response
 from ._gateway import Gateway as Gateway
 from ._gateway import check_routes_file as check_routes_file
-from ._metrics_track import metrics_track_blueprint as metrics_track_blueprint
 from ._publish import publish_blueprint as publish_blueprint
 from ._server import HttpListener as HttpListener

@@ -19,9 +19,11 @@ from werkzeug.exceptions import HTTPException
 from ..errors import ApiError
 from ..nurseries import Health
 from ..primitives import DependencyState
-from ..telemetry import CONTENT_TYPE, Metrics, Tracing
+from ..telemetry import CONTENT_TYPE, Ingest, Metrics, Tracing
+from ._auth import EdgeAuth
 from ._errors import handle_api_error, handle_http_exception, handle_unexpected
 from ._gateway import Gateway
+from ._metrics_track import metrics_track
 from ._pipeline import ROUTE_KEY, RequestPipeline
 
 
@@ -36,9 +38,15 @@ class AppContext:
 
 
 def create_app(
-    name: str, ctx: AppContext, blueprints: Iterable[Blueprint] = (), gateway: Gateway | None = None
+    name: str,
+    ctx: AppContext,
+    blueprints: Iterable[Blueprint] = (),
+    gateway: Gateway | None = None,
+    track: Ingest | None = None,
+    track_auth: EdgeAuth | None = None,
 ) -> QuartTrio:
-    """``gateway``: its routes answer before Quart sees the request (everything else goes on to Quart)."""
+    """``gateway``: its routes answer before Quart sees the request (everything else goes on to Quart);
+    ``track``: ``POST /metrics/track`` into it, answered before the gateway (with ``track_auth``'s check)."""
     app = QuartTrio(f"accessd.{name}")
     app.config["MAX_CONTENT_LENGTH"] = ctx.max_body_bytes
     app.config["PROVIDE_AUTOMATIC_OPTIONS"] = False
@@ -52,6 +60,8 @@ def create_app(
             cast("dict[str, Any]", request.scope)[ROUTE_KEY] = request.url_rule.rule
 
     inner = gateway.wrap(app.asgi_app) if gateway is not None else app.asgi_app
+    if track is not None:
+        inner = metrics_track(inner, track, max_body_bytes=ctx.max_body_bytes, auth=track_auth)
     app.asgi_app = RequestPipeline(inner, ctx.metrics, ctx.tracing)  # type: ignore[method-assign]
 
     # Blueprint hooks (auth) run after ``_note_route``; ids and trace are set before Quart sees the request.

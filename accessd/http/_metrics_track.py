@@ -1,44 +1,62 @@
 """``POST /metrics/track`` (CONTRACT §11): custom metrics in, 202 once they are queued.
 
+Plain ASGI in front of Quart (see ``_asgi``): the endpoint's target is 100,000 samples/s on one process.
 On the internal role the samples go to the local flusher and appear on ``GET /metrics``; on an edge with
-``ACCESS_METRICS_ENDPOINT`` (token required, as for every edge path that is not public) they go to the
-forwarder. Errors: 400 ``BAD_REQUEST`` and 409 ``CONFLICT`` naming the field and the sample's index in a
-batch, 413 over the body limit, 503 ``OVERLOADED`` with ``Retry-After`` when the queue is full. A refused
-body keeps nothing.
+``ACCESS_METRICS_ENDPOINT`` a token is required (``auth``, the edge's check) and they go to the forwarder.
+Errors: 400 ``BAD_REQUEST`` and 409 ``CONFLICT`` naming the field and the sample's index in a batch, 413
+over the body limit, 503 ``OVERLOADED`` with ``Retry-After`` when the queue is full. A refused body keeps
+nothing.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from typing import Any
 
-from quart import Blueprint, Response, request
-
-from ..errors import ApiError
+from ..errors import ApiError, BadRequest
 from ..telemetry import Ingest, Overloaded, Rejected
+from ._asgi import read_body, send_error, send_json
+from ._auth import EdgeAuth
+from ._pipeline import ROUTE_KEY
+from ._proxy import read_inbound
+
+PATH = "/metrics/track"
 
 
-def metrics_track_blueprint(ingest: Ingest) -> Blueprint:
-    bp = Blueprint("metrics_track", __name__)
+def metrics_track(app: Any, ingest: Ingest, *, max_body_bytes: int, auth: EdgeAuth | None = None) -> Any:
+    """``app`` with ``POST /metrics/track`` answered before it."""
 
-    @bp.post("/metrics/track")
-    async def track() -> Response:
+    async def track_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["path"] != PATH:
+            return await app(scope, receive, send)
+        scope[ROUTE_KEY] = PATH
         try:
-            body = json.loads(await request.get_data())
-        except (ValueError, RecursionError):  # RecursionError: nesting deeper than the parser goes
-            raise ApiError(400, "BAD_REQUEST", "body is not JSON", {"field": "body"}) from None
-        try:
-            accepted = ingest.accept(body)
-        except Rejected as exc:
-            code = "BAD_REQUEST" if exc.status == 400 else "CONFLICT"
-            raise ApiError(exc.status, code, str(exc), exc.details()) from None
-        except Overloaded as exc:
-            raise ApiError(
-                503,
-                "OVERLOADED",
-                "the metrics queue is full; retry later",
-                headers={"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))},
-            ) from None
-        return Response(json.dumps({"accepted": accepted}), 202, content_type="application/json")
+            if scope["method"] != "POST":
+                raise ApiError(405, "METHOD_NOT_ALLOWED", "use POST", headers={"Allow": "POST"})
+            if auth is not None:
+                head = read_inbound(scope)
+                await auth.identify(head.authorization, head.peer, head.forwarded)
+            accepted = accept(ingest, await read_body(receive, max_body_bytes))
+        except ApiError as refusal:
+            return await send_error(send, refusal)
+        await send_json(send, 202, {"accepted": accepted})
 
-    return bp
+    return track_app
+
+
+def accept(ingest: Ingest, body: bytes) -> int:
+    try:
+        document = json.loads(body)
+    except (ValueError, RecursionError):  # RecursionError: nesting deeper than the parser goes
+        raise BadRequest("body is not JSON", {"field": "body"}) from None
+    try:
+        return ingest.accept(document)
+    except Rejected as exc:
+        code = "BAD_REQUEST" if exc.status == 400 else "CONFLICT"
+        raise ApiError(exc.status, code, str(exc), exc.details()) from None
+    except Overloaded as exc:
+        retry_after = str(max(1, math.ceil(exc.retry_after_s)))
+        raise ApiError(
+            503, "OVERLOADED", "the metrics queue is full; retry later", headers={"Retry-After": retry_after}
+        ) from None

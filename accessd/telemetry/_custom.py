@@ -30,6 +30,8 @@ MAX_BATCH = 1000
 MAX_LABELS = 16
 MAX_LABEL_VALUE = 256
 FIELDS = frozenset({"name", "type", "value", "labels"})
+MAX_KNOWN = 100_000
+_NO_LABELS: dict[str, str] = {}
 # Prometheus's default buckets: custom histograms are general purpose, not latency-of-accessd.
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
 _BUCKET_LABELS = (*(repr(b) for b in BUCKETS), "+Inf")
@@ -53,27 +55,6 @@ class Rejected(Exception):
         return details
 
 
-class Series:
-    __slots__ = ("labels", "updated", "value", "buckets", "sum")
-
-    def __init__(self, labels: tuple[str, ...], histogram: bool) -> None:
-        self.labels = labels
-        self.updated = 0.0
-        self.value = 0.0  # counter total, gauge value, histogram count
-        self.buckets = [0] * (len(BUCKETS) + 1) if histogram else None  # per bucket, not cumulative
-        self.sum = 0.0
-
-    def apply(self, kind: str, value: float) -> None:
-        if kind == "gauge":
-            self.value = value
-        elif self.buckets is None:
-            self.value += value
-        else:
-            self.value += 1.0
-            self.buckets[bisect_left(BUCKETS, value)] += 1
-            self.sum += value
-
-
 class Family:
     __slots__ = ("name", "kind", "label_names", "series")
 
@@ -88,33 +69,50 @@ class Family:
         return _exposed(self.name, self.kind)
 
 
+class Series:
+    __slots__ = ("family", "labels", "updated", "value", "buckets", "sum", "expired")
+
+    def __init__(self, family: Family, labels: tuple[str, ...]) -> None:
+        self.family = family
+        self.labels = labels
+        self.updated = 0.0
+        self.value = 0.0  # counter total, gauge value, histogram count
+        histogram = family.kind == "histogram"
+        self.buckets = [0] * (len(BUCKETS) + 1) if histogram else None  # per bucket, not cumulative
+        self.sum = 0.0
+        self.expired = False
+
+    def apply(self, value: float) -> None:
+        if self.buckets is not None:
+            self.value += 1.0
+            self.buckets[bisect_left(BUCKETS, value)] += 1
+            self.sum += value
+        elif self.family.kind == "gauge":
+            self.value = value
+        else:
+            self.value += value
+
+    def to_json(self, value: float) -> dict[str, Any]:
+        """A sample of this series as a client sends it (to forward it)."""
+        family = self.family
+        labels = dict(zip(family.label_names, self.labels, strict=True))
+        return {"name": family.name, "type": family.kind, "value": value, "labels": labels}
+
+
+# A committed sample: the series it updates and the value; it lands when applied (``series.apply(value)``).
+Sample = tuple[Series, float]
+
+
 @dataclass(slots=True)
 class Checked:
-    """One sample that passed the checks; ``labels`` in ``Family.label_names`` order."""
+    """One sample that passed the checks; ``labels`` in ``Family.label_names`` order; ``key`` as sent."""
 
     name: str
     kind: str
     label_names: tuple[str, ...]
     labels: tuple[str, ...]
     value: float
-
-
-@dataclass(slots=True)
-class Sample:
-    """A committed sample: the series it updates, and the sample as a client would send it (forwarding)."""
-
-    kind: str
-    series: Series
-    value: float
-    name: str
-    label_names: tuple[str, ...]
-
-    def apply(self) -> None:
-        self.series.apply(self.kind, self.value)
-
-    def to_json(self) -> dict[str, Any]:
-        labels = dict(zip(self.label_names, self.series.labels, strict=True))
-        return {"name": self.name, "type": self.kind, "value": self.value, "labels": labels}
+    key: tuple[Any, ...]
 
 
 class CustomMetrics:
@@ -125,11 +123,14 @@ class CustomMetrics:
         self.series_ttl_s = series_ttl_s
         self._families: dict[str, Family] = {}  # by base name (a counter's without ``_total``)
         self._exposed: dict[str, str] = {}  # exposition name -> base name of the family taking it
+        # A series already checked, by the sample's name, type and labels as clients send them: a repeat
+        # sample skips every check but its value's (most traffic updates series that exist).
+        self._known: dict[tuple[Any, ...], Series] = {}
 
-    def check(self, body: object) -> list[Checked]:
+    def check(self, body: object) -> list[Checked | Sample]:
         """Every sample of a single or ``{"metrics": [...]}`` body, checked against each other and the
         catalogue; raises :class:`Rejected` for the first problem. Changes nothing."""
-        if isinstance(body, dict) and "metrics" in body:
+        if type(body) is dict and "metrics" in body:
             items = body["metrics"]
             if len(body) != 1:
                 raise Rejected(400, "body", "a batch holds only 'metrics'")
@@ -137,23 +138,40 @@ class CustomMetrics:
                 raise Rejected(400, "metrics", "expected a non-empty list")
             if len(items) > MAX_BATCH:
                 raise Rejected(400, "metrics", f"at most {MAX_BATCH} samples per body, got {len(items)}")
-            prefix = "metrics[{}]."
+            batch = True
         else:
-            items, prefix = [body], ""
-        checked: list[Checked] = []
+            items, batch = [body], False
+        checked: list[Checked | Sample] = []
+        known = self._known
         new: dict[str, tuple[Family, set[tuple[str, ...]]]] = {}  # names and series this body adds
         for index, item in enumerate(items):
-            at = prefix.format(index)
-            sample = _parse(item, at, index if prefix else None)
-            self._fits(sample, at, index if prefix else None, new)
+            if type(item) is dict and item.keys() <= FIELDS:  # the fast path: a known series
+                labels = item.get("labels", _NO_LABELS)
+                try:
+                    series = known.get((item.get("name"), item.get("type"), *labels.items()))
+                except (TypeError, AttributeError):  # labels not an object, or a value not hashable
+                    series = None
+                value = item.get("value")
+                if series is not None and (type(value) is float or type(value) is int):
+                    if math.isfinite(value) and (value >= 0 or series.family.kind != "counter"):
+                        checked.append((series, float(value)))
+                        continue
+            at = f"metrics[{index}]." if batch else ""
+            sample = _parse(item, at, index if batch else None)
+            self._fits(sample, at, index if batch else None, new)
             checked.append(sample)
         return checked
 
-    def commit(self, checked: list[Checked], now: float) -> list[Sample]:
+    def commit(self, checked: list[Checked | Sample], now: float) -> list[Sample]:
         """Reserve the series of checked samples (marking them updated at ``now``); their values land when
         the caller applies the returned samples."""
         samples = []
         for c in checked:
+            if type(c) is tuple:
+                c[0].updated = now
+                samples.append(c)
+                continue
+            assert isinstance(c, Checked)
             base = _base(c.name, c.kind)
             family = self._families.get(base)
             if family is None:
@@ -162,9 +180,12 @@ class CustomMetrics:
                     self._exposed[exposed] = base
             series = family.series.get(c.labels)
             if series is None:
-                series = family.series[c.labels] = Series(c.labels, c.kind == "histogram")
+                series = family.series[c.labels] = Series(family, c.labels)
+            if len(self._known) >= MAX_KNOWN:  # label orders and name spellings could grow it: start again
+                self._known.clear()
+            self._known[c.key] = series
             series.updated = now
-            samples.append(Sample(c.kind, series, c.value, c.name, c.label_names))
+            samples.append((series, c.value))
         return samples
 
     def sweep(self, now: float) -> int:
@@ -174,12 +195,14 @@ class CustomMetrics:
         for base, family in list(self._families.items()):
             stale = [key for key, series in family.series.items() if series.updated <= cutoff]
             for key in stale:
-                del family.series[key]
+                family.series.pop(key).expired = True
             expired += len(stale)
             if not family.series:
                 del self._families[base]
                 for exposed in family.exposed():
                     self._exposed.pop(exposed, None)
+        if expired:
+            self._known = {key: series for key, series in self._known.items() if not series.expired}
         return expired
 
     def series_count(self, name: str) -> int:
@@ -290,7 +313,8 @@ def _parse(item: object, at: str, index: int | None) -> Checked:
             problem = f"expected a string of <= {MAX_LABEL_VALUE} chars"
             raise Rejected(400, f"{at}labels.{label}", problem, index)
     names = tuple(sorted(labels))
-    return Checked(name, kind, names, tuple(labels[n] for n in names), float(value))
+    key = (name, kind, *labels.items())
+    return Checked(name, kind, names, tuple(labels[n] for n in names), float(value), key)
 
 
 def _base(name: str, kind: str) -> str:

@@ -157,8 +157,8 @@ class MetricsFlusher:
         started = time.perf_counter()
         pending, self._pending, self.depth = self._pending, [], 0
         for samples in pending:
-            for sample in samples:
-                sample.apply()
+            for series, value in samples:
+                series.apply(value)
         self._metrics.flush_duration.observe(time.perf_counter() - started)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> NoReturn:
@@ -266,7 +266,9 @@ class MetricsForwarder:
         batch = [self._buffer.popleft() for _ in range(min(self._batch_size, len(self._buffer)))]
         self._in_flight = len(batch)
         try:
-            status, body = await self._client.post(self.url, json={"metrics": [s.to_json() for s in batch]})
+            status, body = await self._client.post(
+                self.url, json={"metrics": [series.to_json(value) for series, value in batch]}
+            )
         except BackendUnavailable as exc:
             status, body = None, None
             problem = str(exc)
@@ -283,7 +285,7 @@ class MetricsForwarder:
         if status in (400, 409) and isinstance(index, int) and 0 <= index < len(batch):
             refused = batch.pop(index)  # one sample the internal role will never take: the rest go again
             self._metrics.forwarded.labels("rejected").inc()
-            log.warning("metrics forwarding: %s refused %s: %s", self.url, refused.name, details)
+            log.warning("metrics forwarding: %s refused %s: %s", self.url, refused[0].family.name, details)
             self._requeue(batch)
             return True
         if status is not None and 400 <= status < 500 and status != 429:
