@@ -15,6 +15,7 @@ from typing import Any
 
 from ..errors import ApiError, BadRequest
 from ..policy import Identity, ResponseCache
+from ._asgi import read_body
 from ._routes import RouteTable
 
 PATH = "/api/v1/cache/invalidate"
@@ -29,16 +30,7 @@ def require_admin(identity: Identity) -> None:
 
 async def read_request(receive: Any, table: RouteTable) -> tuple[str, str]:
     """The route template and prefix of the body; BadRequest naming the field, 413 over 16 KiB."""
-    body = b""
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise BadRequest("the client left while sending its body")
-        body += message.get("body", b"")
-        if len(body) > MAX_BODY_BYTES:
-            raise ApiError(413, "PAYLOAD_TOO_LARGE", f"the request body is over {MAX_BODY_BYTES} bytes")
-        if not message.get("more_body", False):
-            break
+    body = await read_body(receive, MAX_BODY_BYTES)
     try:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
