@@ -141,7 +141,7 @@ async def test_every_sse_event_matches_the_document(daemon: Daemon, policy: Path
         headers = {"Last-Event-ID": f"{CHANNEL}={first}"}  # older than held: a gap first
         async with client.stream("GET", url, headers=headers) as response:
             assert response.status_code == 200
-            event = None
+            event = ""
             with trio.fail_after(15):
                 async for line in response.aiter_lines():
                     if line.startswith("event: "):
