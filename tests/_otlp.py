@@ -10,6 +10,16 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
     ExportTraceServiceResponse,
 )
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue
+from opentelemetry.proto.trace.v1.trace_pb2 import Span
+
+
+def _value(value: AnyValue) -> Any:
+    """A scalar attribute's Python value (string, bool, int, float); None for anything else."""
+    kind = value.WhichOneof("value")
+    return (
+        getattr(value, kind) if kind in ("string_value", "bool_value", "int_value", "double_value") else None
+    )
 
 
 class OtlpReceiver:
@@ -23,6 +33,10 @@ class OtlpReceiver:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self._httpd.server_address[1]}"
+
+    def of_trace(self, trace_id: str) -> list[dict[str, Any]]:
+        with self._lock:
+            return [span for span in self.spans if span["trace_id"] == trace_id]
 
     def named(self, prefix: str) -> list[dict[str, Any]]:
         with self._lock:
@@ -45,8 +59,10 @@ class OtlpReceiver:
                         "name": span.name,
                         "trace_id": span.trace_id.hex(),
                         "span_id": span.span_id.hex(),
+                        "parent_id": span.parent_span_id.hex() or None,
+                        "kind": Span.SpanKind.Name(span.kind).removeprefix("SPAN_KIND_").lower(),
                         "links": [link.trace_id.hex() for link in span.links],
-                        "attributes": {a.key: a.value for a in span.attributes},
+                        "attributes": {a.key: _value(a.value) for a in span.attributes},
                         "service": {a.key: a.value.string_value for a in rs.resource.attributes}.get(
                             "service.name"
                         ),

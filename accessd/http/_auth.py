@@ -7,13 +7,16 @@ delegated verifier is 503. Each 401 spends one token of the client address's fai
 empty, that address gets 429 for any token not already verified (no signature check, no call to a
 delegated verifier) until the budget refills. :func:`require_identity` is the same check for any handler
 (admin endpoints).
+
+Tracing on: each token check is an ``auth`` span under the request's, with ``accessd.auth.result`` (``ok``
+or the refusal's code); a delegated verifier's call is made inside it, so the remote role's span is its child.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from typing import Any
 
 from quart import Blueprint, Request, Response, g, request
@@ -21,8 +24,10 @@ from quart import Blueprint, Request, Response, g, request
 from ..errors import ApiError, BackendUnavailable
 from ..policy import AuthFailure, Identity, KeyedBudget, Network, Verify, bearer_token, client_ip
 from ..policy.auth import UNAUTHENTICATED, Authenticator, AuthRuntime, DevIssuer, VerifiedTokenCache
+from ..telemetry import ActiveSpan, active_span_var
 
 PUBLIC_PATHS = frozenset({"/health", "/health/live", "/health/ready", "/metrics"})
+AUTH_RESULT = "accessd.auth.result"
 
 
 def edge_auth_routes(auth: AuthRuntime, check: EdgeAuth) -> list[Blueprint]:
@@ -59,7 +64,7 @@ async def require_identity(verify: Verify, req: Request, role: str | None = None
         token = bearer_token(req.headers.get("Authorization"))
         if token is None:
             raise ApiError(401, UNAUTHENTICATED, "a bearer token is required")
-        identity = await _verified(verify, token)
+        identity = await traced_auth(_verified(verify, token))
     if role is not None and role not in identity.roles:
         raise ApiError(403, "ENTITLEMENT_DENIED", f"the {role!r} role is required")
     return identity
@@ -78,6 +83,24 @@ async def _verified(verify: Verify, token: str) -> Identity:
     if isinstance(result, AuthFailure):
         raise ApiError(401, result.code, result.message)
     return result
+
+
+async def auth_step(active: ActiveSpan, identify: Awaitable[Identity]) -> Identity:
+    """``identify`` inside an ``auth`` span, a child of ``active``, with its result."""
+    with active.step("auth") as span:
+        try:
+            identity = await identify
+        except ApiError as refusal:
+            span.set_attribute(AUTH_RESULT, refusal.code)
+            raise
+        span.set_attribute(AUTH_RESULT, "ok")
+        return identity
+
+
+async def traced_auth(identify: Awaitable[Identity]) -> Identity:
+    """``identify``, as an ``auth`` span when tracing is on."""
+    active = active_span_var.get()
+    return await (identify if active is None else auth_step(active, identify))
 
 
 def identity_body(identity: Identity) -> dict[str, Any]:
@@ -137,11 +160,12 @@ def edge_auth_blueprint(edge_auth: EdgeAuth, public_paths: frozenset[str]) -> Bl
     async def _authenticate() -> None:
         if request.path in public_paths:
             return
-        g.identity = await edge_auth.identify(
+        identify = edge_auth.identify(
             request.headers.get("Authorization"),
             request.remote_addr or "",
             request.headers.get("X-Forwarded-For"),
         )
+        g.identity = await traced_auth(identify)
 
     return edge
 
@@ -173,7 +197,7 @@ def auth_api_blueprint(authenticator: Authenticator) -> Blueprint:
 
 
 async def _answer(verify: Verify, token: str) -> Response:
-    identity = await _verified(verify, token)
+    identity = await traced_auth(_verified(verify, token))
     return Response(json.dumps(identity_body(identity)), 200, content_type="application/json")
 
 

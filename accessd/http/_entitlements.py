@@ -6,6 +6,8 @@ decision's (403 ``TENANT_MISMATCH``). ``POST /entitlements/denied-under`` takes 
 ``{"deny": [<glob>, ...], "ttl_s": n}``: the deny globs that hide keys under the resource from the caller
 (for an edge filtering an unkeyed subscription per message key).
 ``/entitlements/grants`` needs a token with the ``admin`` role and works only within the token's tenant.
+Tracing on: ``/entitlements/check`` decides in an ``entitlement`` span under the request's, with
+``accessd.entitlement.decision`` (allow, deny, unavailable) and ``accessd.entitlement.code``.
 Errors: 400 ``BAD_REQUEST`` naming the field; 503 ``UPSTREAM_UNAVAILABLE`` when the store is unreachable
 and no cached decision applies (never an allow).
 """
@@ -31,9 +33,11 @@ from ..policy.entitlements import (
     parse_grant,
     tenant_mismatch,
 )
+from ..telemetry import active_span_var
 from ._auth import require_identity
 
 MAX_BATCH = 1000
+DECISION, CODE = "accessd.entitlement.decision", "accessd.entitlement.code"
 T = TypeVar("T")
 
 
@@ -46,7 +50,17 @@ def entitlements_blueprint(decider: Decider, store: GrantStore | None, verify: V
         body = await _json_body()
         inp = _parse_input(body, "")
         identity = await _optional_identity(verify)
-        decision = await _unavailable_as_503(decider.decide(identity, inp))
+        active = active_span_var.get()
+        if active is None:
+            decision = await _unavailable_as_503(decider.decide(identity, inp))
+        else:
+            with active.step("entitlement") as span:
+                try:
+                    decision = await _unavailable_as_503(decider.decide(identity, inp))
+                except ApiError:
+                    span.set_attribute(DECISION, "unavailable")
+                    raise
+                span.set_attributes({DECISION: "allow" if decision.allow else "deny", CODE: decision.code})
         if decision.code == TENANT_MISMATCH:
             raise ApiError(403, "TENANT_MISMATCH", decision.reason)
         return _json(decision.to_json(), 200)

@@ -1,5 +1,10 @@
 """The per-request pipeline, as ASGI middleware around the Quart app: ids, trace, metrics, one log line.
 
+Trace context for the request's own calls: tracing on, the SERVER span is the active span
+(``telemetry.active_span_var``; ``span_var`` keeps it for the upstream call and the publish); off, the
+caller's ``traceparent`` goes into ``telemetry.traceparent_var``, so that a remote auth or entitlements call
+still carries the client's trace (one context variable set, no span work).
+
 Done at the ASGI layer rather than in Quart ``before/after_request`` hooks because those cost tens of µs per
 request (proxy lookups, hook dispatch) on a path whose whole budget is a few hundred. Quart runs each request
 in a child task, which inherits the context variables set here (trace id, request id, span); the one thing
@@ -22,13 +27,16 @@ import trio
 from opentelemetry.trace import Span
 
 from ..telemetry import (
+    ActiveSpan,
     Metrics,
     Tracing,
+    active_span_var,
     req_id_var,
     request_id_from,
     trace_id_from,
     trace_id_hex,
     trace_id_var,
+    traceparent_var,
 )
 
 log = logging.getLogger("accessd.http")
@@ -66,9 +74,11 @@ class RequestPipeline:
         if self._tracing is not None:
             span = self._tracing.server_span(method, {"traceparent": traceparent} if traceparent else {})
             span_var.set(span)
+            active_span_var.set(ActiveSpan(self._tracing, span))
             trace_id = trace_id_hex(span) or trace_id_from(None)
         else:
             trace_id = trace_id_from(traceparent)
+            traceparent_var.set(traceparent)
         request_id = request_id_from(client_request_id)
         trace_id_var.set(trace_id)
         req_id_var.set(request_id)

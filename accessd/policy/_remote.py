@@ -1,5 +1,9 @@
 """A supervised component that owns one pooled httpx client, for calls to a remote accessd role.
 
+Every call carries the current task's trace context (``traceparent``, from ``telemetry``: the request's or
+its step's span with tracing on, the caller's trace otherwise), so the remote role's spans and log lines
+belong to the same trace.
+
 Errors: a refused connection, a transport error or no answer within ``timeout_s`` raises
 :class:`BackendUnavailable` naming ``backend``; an answer (any status) is the caller's to judge, and a body
 that is not JSON reads as ``None``. Cancellation: the client is closed when the component's task ends.
@@ -13,6 +17,7 @@ import httpx
 import trio
 
 from ..errors import BackendUnavailable
+from ..telemetry import outbound_traceparent
 
 
 class RemoteClient:
@@ -38,6 +43,9 @@ class RemoteClient:
         client = self._client
         if client is None:
             raise BackendUnavailable(self._backend, f"the client for {url} is not running")
+        traceparent = outbound_traceparent()
+        if traceparent is not None:
+            kwargs["headers"] = {**(kwargs.get("headers") or {}), "traceparent": traceparent}
         try:
             with trio.fail_after(self._timeout_s):
                 response = await client.post(url, **kwargs)

@@ -102,6 +102,7 @@ class Connection:
         self._send = transport.send_nowait
         self.nursery = nursery
         self.conn_id = secrets.token_hex(8)
+        self.trace_id: str | None = None  # the handshake's (its log lines'), once its head is read
         self._max_messages = settings.stream_max_pending_messages
         self._max_bytes = settings.stream_max_pending_bytes
         self._write_timeout_s = settings.stream_write_timeout_s

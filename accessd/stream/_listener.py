@@ -15,6 +15,9 @@ non-blocking socket transport, and :meth:`StreamListener.serve_stream` serves an
 (the tests drive whole sessions over in-memory streams on Trio's virtual clock).
 Errors: one connection's failure (a bug, a surprise from a library) ends that connection only, logged once
 with its id and counted in ``accessd_stream_connection_errors_total{error}``.
+Logs: every line written for a connection carries its id (``conn_id``) and, once the head is read, the
+handshake's trace id (``trace_id``: from its ``traceparent``, else fresh), which a delegated verifier's call
+forwards as well; a line about a session written from another task names both with ``extra``.
 Cancellation: on shutdown the listening sockets close first, every session gets close 1013 (SSE: a final
 ``close`` event), then the connection tasks are cancelled.
 """
@@ -35,7 +38,7 @@ from wsproto.events import AcceptConnection
 from ..errors import ApiError, BackendUnavailable, ConfigError, SubscribeError
 from ..policy import Identity, Network, RateLimiter, Verify
 from ..settings import Binds, StreamSettings
-from ..telemetry import trace_id_from
+from ..telemetry import conn_id_var, trace_id_from, trace_id_var, traceparent_var
 from ._admission import WS_CLOSE, Admission, HandshakeSlot, HandshakeSlots
 from ._conn import Connection
 from ._frames import CLOSE_AGAIN, CLOSE_INTERNAL, ws_close
@@ -185,7 +188,13 @@ class StreamListener:
                     await session.revalidate()
                 except Exception as exc:  # a fault in one session's re-check ends that session only
                     self.metrics.connection_errors.labels(type(exc).__name__).inc()
-                    log.error("revalidation of session %s failed: %r", session.conn_id, exc, exc_info=exc)
+                    log.error(
+                        "revalidation of session %s failed: %r",
+                        session.conn_id,
+                        exc,
+                        exc_info=exc,
+                        extra=session.log_ids(),
+                    )
                     session.close(CLOSE_INTERNAL, "internal error")
 
         async with trio.open_nursery() as nursery:
@@ -222,9 +231,13 @@ class StreamListener:
         """One client, start to end. Any fault of ours or of the client ends this connection only: it is
         logged once with the connection id and counted; the listener and every other session go on."""
         conn: Connection | None = None
+        # This task's log ids; reset at the end (``serve_stream`` may run in its caller's task).
+        conn_token, trace_token = conn_id_var.set(None), trace_id_var.set(None)
+        parent_token = traceparent_var.set(None)
         try:
             async with trio.open_nursery() as nursery:
                 conn = Connection(transport, nursery, self.settings)
+                conn_id_var.set(conn.conn_id)
                 conn.on_slow = lambda reason, n: self.metrics.dropped.labels(reason).inc(n)
                 try:
                     await self._handshake(conn, slot)
@@ -240,6 +253,9 @@ class StreamListener:
                 await conn.aclose()  # after a close frame: lets the client's last bytes in first
             else:
                 transport.close()
+            conn_id_var.reset(conn_token)
+            trace_id_var.reset(trace_token)
+            traceparent_var.reset(parent_token)
 
     async def _handshake(self, conn: Connection, slot: HandshakeSlot) -> None:
         trace = secrets.token_hex(16)
@@ -249,7 +265,10 @@ class StreamListener:
                 request = await read_request(conn)
             if request is None:  # too slow, or gone before a whole head: hang up
                 return
-            trace = trace_id_from(request.header("traceparent"))
+            traceparent = request.header("traceparent")
+            trace = conn.trace_id = trace_id_from(traceparent)
+            trace_id_var.set(trace)
+            traceparent_var.set(traceparent)  # forwarded to a delegated verifier
             if request.path == "/health/live" and request.method in ("GET", "HEAD"):
                 await conn.send_all(json_response(200, {"status": "live"}))
                 return

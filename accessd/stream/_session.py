@@ -64,6 +64,10 @@ class Session:
         self.expiry = trio.CancelScope()
         self._set_expiry(identity.exp)
 
+    def log_ids(self) -> dict[str, str | None]:
+        """``extra`` for a line about this session written from another task (its own carry them anyway)."""
+        return {"conn_id": self.conn_id, "trace_id": self.conn.trace_id}
+
     def _set_expiry(self, exp: int) -> None:
         self.expiry.deadline = trio.current_time() + max(0.0, exp - time.time())
 

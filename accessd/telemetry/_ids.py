@@ -21,6 +21,16 @@ def trace_id_from(traceparent: str | None) -> str:
     return f"{random.getrandbits(128) or 1:032x}"
 
 
+def traceparent_from(header: str | None) -> str | None:
+    """The caller's ``traceparent``, normalised, when it is valid (to forward it unchanged); else None."""
+    if header:
+        value = header.strip().lower()
+        match = _TRACEPARENT.match(value)
+        if match and match.group(1) != "0" * 32 and match.group(2) != "0" * 16:
+            return value
+    return None
+
+
 def request_id_from(header: str | None) -> str:
     """Echo a sane client request id; anything else is replaced so logs stay parseable."""
     if header and _REQUEST_ID.match(header):

@@ -1,4 +1,8 @@
-"""JSON log lines on stdout (CONTRACT §13), carrying the trace and request id of the current task."""
+"""JSON log lines on stdout (CONTRACT §13), carrying the trace and request id of the current task, and on
+the streaming listener the connection id (``conn_id``, only on lines that have one).
+
+Each id comes from the record (``log.info(..., extra={"trace_id": ..., "conn_id": ...})``, for a line about a
+session written from another task) or else from the context variable the request or connection set."""
 
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ import time
 SERVICE = "accessd"
 trace_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("trace_id", default=None)
 req_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("req_id", default=None)
+conn_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("conn_id", default=None)
 
 
 class JsonFormatter(logging.Formatter):
@@ -25,6 +30,9 @@ class JsonFormatter(logging.Formatter):
             "req_id": getattr(record, "req_id", None) or req_id_var.get(),
             "msg": record.getMessage(),
         }
+        conn_id = getattr(record, "conn_id", None) or conn_id_var.get()
+        if conn_id is not None:
+            line["conn_id"] = conn_id
         if record.exc_info:
             line["exc"] = self.formatException(record.exc_info)
         return json.dumps(line, default=str)
