@@ -33,7 +33,7 @@ async def read_request(receive: Any, table: RouteTable) -> tuple[str, str]:
     body = await read_body(receive, MAX_BODY_BYTES)
     try:
         data = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # not JSON, not UTF-8, or nested deeper than the parser goes
         raise BadRequest("the body is not JSON") from exc
     if not isinstance(data, dict) or set(data) - {"route", "prefix"}:
         raise BadRequest("expected {route, prefix?}", {"field": "body"})

@@ -1,32 +1,38 @@
 """``accessd run --demo``: a synthetic upstream inside the task tree, and the routes that put it behind the
 gateway, so a newcomer sees auth, a denial, pagination, a timeout and an open circuit breaker at once.
 
-The upstream serves ``/curves`` (``page``/``limit``, ``X-Total-Count``), ``/curves/{curve_id}``, ``/slow``
-(answers after 5 s: the route's 1 s timeout makes it a 504) and ``/failing`` (always 503: five calls open the
-``demo-flaky`` breaker). Its routes file is written to the state directory at each start (the port is new
-each time) when no ``ACCESS_ROUTES_FILE`` is set.
+The upstream serves ``/curves`` (``page`` and ``limit``: 400 unless integers from 1 to 10^9 and 100;
+``X-Total-Count``), ``/curves/{curve_id}``, ``/slow`` (answers after 5 s: the route's 1 s timeout makes it
+a 504; an upstream of its own, ``demo-slow``, so that its breaker never stops the curves) and ``/failing``
+(always 503: five calls open the ``demo-flaky`` breaker). Its routes file is
+written to the state directory at each start (the port is new each time) when no ``ACCESS_ROUTES_FILE`` is
+set.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import trio
 from quart import Response, request
 from quart_trio import QuartTrio
+from werkzeug.datastructures import MultiDict
 
 from ..settings import Binds
 
 DEMO_BIND = Binds((("127.0.0.1", 0),), setting="--demo")
 DEMO_CURVES = ("NG_2026", "NG_2027", "PW_DE_2026", "CO2_EUA_2026", "ACME_PRIVATE_2026")
 SLOW_S = 5.0
+MAX_PAGE, MAX_LIMIT = 10**9, 100
 
 DEMO_ROUTES = """# Written by `accessd run --demo` at each start (no ACCESS_ROUTES_FILE set); see CONTRACT §6.
 upstreams:
   demo: {{url: "{url}", timeout_s: 1, connect_timeout_s: 1}}
   demo-flaky: {{url: "{url}", timeout_s: 1, connect_timeout_s: 1, circuit_open_s: 15}}
+  demo-slow: {{url: "{url}", timeout_s: 1, connect_timeout_s: 1}}
 routes:
   - {{path: "/api/v1/demo/curves", upstream: demo, upstream_path: "/curves"}}
   - path: "/api/v1/demo/curves/{{curve_id}}"
@@ -34,7 +40,7 @@ routes:
     upstream_path: "/curves/{{curve_id}}"
     cache_ttl_s: 30
     entitlement: {{action: read, resource: "curve:{{curve_id}}"}}
-  - {{path: "/api/v1/demo/slow", upstream: demo, upstream_path: "/slow"}}
+  - {{path: "/api/v1/demo/slow", upstream: demo-slow, upstream_path: "/slow"}}
   - {{path: "/api/v1/demo/failing", upstream: demo-flaky, upstream_path: "/failing"}}
 """
 
@@ -44,8 +50,11 @@ def demo_upstream_app() -> QuartTrio:
 
     @app.get("/curves")
     async def curves() -> Response:
-        page = _int(request.args.get("page"), 1)
-        limit = _int(request.args.get("limit"), 2)
+        try:
+            page = _int(request.args, "page", 1, MAX_PAGE)
+            limit = _int(request.args, "limit", 2, MAX_LIMIT)
+        except ValueError as exc:
+            return _json({"error": str(exc)}, 400)
         start = (page - 1) * limit
         body = {"items": list(DEMO_CURVES[start : start + limit]), "page": page, "limit": limit}
         pages = str(math.ceil(len(DEMO_CURVES) / limit))
@@ -82,8 +91,11 @@ def _json(body: object, status: int) -> Response:
     return Response(json.dumps(body), status, content_type="application/json")
 
 
-def _int(value: str | None, default: int) -> int:
-    try:
-        return max(1, min(100, int(value))) if value is not None else default
-    except ValueError:
+def _int(args: MultiDict[str, str], name: str, default: int, most: int) -> int:
+    """The query parameter ``name``, once, a decimal integer from 1 to ``most``; ValueError otherwise."""
+    values = args.getlist(name)
+    if not values:
         return default
+    if len(values) > 1 or not re.fullmatch(r"[0-9]{1,10}", values[0]) or not 1 <= int(values[0]) <= most:
+        raise ValueError(f"{name}: expected an integer from 1 to {most}")
+    return int(values[0])

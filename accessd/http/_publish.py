@@ -24,11 +24,15 @@ def publish_blueprint(source: Source, verify: Verify, *, publish_role: str) -> B
     @api.post("/stream/publish")
     async def publish() -> Response:
         await require_identity(verify, request, role=publish_role)
-        body = await request.get_json(force=True, silent=True)
+        try:
+            body = json.loads(await request.get_data())
+        except (ValueError, RecursionError):  # not JSON, not UTF-8, or nested deeper than the parser goes
+            body = None
         if not isinstance(body, dict):
             raise ApiError(400, "BAD_REQUEST", "body must be a JSON object", {"field": "body"})
         channel, key = body.get("channel"), body.get("key")
-        if not isinstance(channel, str) or not CHANNEL_NAME.match(channel):
+        # fullmatch: the pattern's ``$`` would let a trailing newline through; Kafka refuses "." and "..".
+        if not isinstance(channel, str) or not CHANNEL_NAME.fullmatch(channel) or channel in (".", ".."):
             raise ApiError(400, "BAD_REQUEST", "channel must be a topic name", {"field": "channel"})
         if key is not None and (not isinstance(key, str) or not 0 < len(key) <= MAX_KEY_CHARS):
             raise ApiError(400, "BAD_REQUEST", "key must be a non-empty string", {"field": "key"})
