@@ -12,6 +12,15 @@ test *ARGS:
 fuzz EXAMPLES="20000":
     ACCESSD_FUZZ_EXAMPLES={{EXAMPLES}} ACCESSD_FUZZ_RANDOM=1 python -m pytest tests/test_stream_fuzz.py -q
 
+# the REST API against its OpenAPI document (schemathesis): many more cases than CI runs, a new seed each time
+fuzz-api EXAMPLES="200":
+    ACCESSD_FUZZ_API_EXAMPLES={{EXAMPLES}} ACCESSD_FUZZ_API_RANDOM=1 python -m pytest tests/test_api_conformance.py -q -k conforms
+
+# copy the API documents to docs/ (tests fail while a copy differs from its source)
+api-docs:
+    cp accessd/http/openapi.yaml docs/openapi.yaml
+    cp accessd/stream/asyncapi.yaml docs/asyncapi.yaml
+
 # style, formatting, types (pyright, standard mode) and the package layering (import-linter); CI runs it
 lint:
     ruff check accessd tests bench

@@ -7,12 +7,16 @@ Feature packages add their endpoints as blueprints handed to :func:`create_app`.
 
 from __future__ import annotations
 
+import functools
 import json
-from collections.abc import Iterable
+import re
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
+from importlib import resources
 from typing import Any, cast
 
-from quart import Blueprint, Response, request
+import yaml
+from quart import Blueprint, Response, current_app, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
@@ -25,6 +29,8 @@ from ._errors import handle_api_error, handle_http_exception, handle_unexpected
 from ._gateway import Gateway
 from ._metrics_track import metrics_track
 from ._pipeline import ROUTE_KEY, RequestPipeline
+
+OPENAPI = "openapi.yaml"  # the REST API's OpenAPI document, package data beside this module
 
 
 @dataclass(frozen=True)
@@ -72,7 +78,8 @@ def create_app(
 
 
 def _ops_blueprint(ctx: AppContext) -> Blueprint:
-    """Health and metrics, served by every listener of every role."""
+    """Health, metrics and the OpenAPI document (``GET /openapi.json``: this listener's paths), served by
+    every listener of every role."""
     ops = Blueprint("ops", __name__)
     health = ctx.health
 
@@ -95,7 +102,53 @@ def _ops_blueprint(ctx: AppContext) -> Blueprint:
     async def metrics() -> Response:
         return Response(ctx.metrics.render(), status=200, content_type=CONTENT_TYPE)
 
+    served: list[bytes] = []  # this app's document, built on the first request
+
+    @ops.get("/openapi.json")
+    async def openapi() -> Response:
+        if not served:
+            role = current_app.name.removeprefix("accessd.")
+            rules = {rule.rule for rule in current_app.url_map.iter_rules()}
+            served.append(json.dumps(openapi_document(role, rules)).encode())
+        return Response(served[0], status=200, content_type="application/json")
+
     return ops
+
+
+def openapi_document(role: str, rules: Collection[str] | None = None) -> dict[str, Any]:
+    """``openapi.yaml`` as one listener serves it: the path items of ``role`` (``edge`` or ``internal``;
+    another name keeps all), with the operations' ``x-accessd-by-role`` changes for it applied; those the
+    web framework would answer dropped unless ``rules`` (its URL rules) holds them (the dev issuer's JWKS
+    exists only while it is active); every ``x-accessd-*`` key removed; the listener itself as the server."""
+    source = openapi_source()
+    document = {key: value for key, value in source.items() if key not in ("paths", "servers")}
+    document["servers"] = [{"url": "/", "description": f"this {role} listener"}]
+    paths: dict[str, Any] = {}
+    for path, item in source["paths"].items():
+        roles = item["x-accessd-roles"]
+        if role in ("edge", "internal") and role not in roles:
+            continue
+        quart_rule = re.sub(r"\{(\w+)\}", r"<\1>", path)
+        if rules is not None and item.get("x-accessd-layer") != "asgi" and quart_rule not in rules:
+            continue
+        kept: dict[str, Any] = {}
+        for key, value in item.items():
+            if key.startswith("x-accessd-"):
+                continue
+            if isinstance(value, dict) and "x-accessd-by-role" in value:
+                changes = value["x-accessd-by-role"].get(role, {})
+                value = {k: v for k, v in value.items() if k != "x-accessd-by-role"} | changes
+            kept[key] = value
+        paths[path] = kept
+    document["paths"] = paths
+    return document
+
+
+@functools.cache
+def openapi_source() -> dict[str, Any]:
+    """The parsed ``openapi.yaml`` (package data), read once."""
+    text = resources.files(__name__.rpartition(".")[0]).joinpath(OPENAPI).read_text(encoding="utf-8")
+    return yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
 
 
 def _json(body: object, status: int) -> Response:

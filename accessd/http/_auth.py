@@ -26,7 +26,7 @@ from ..policy import AuthFailure, Identity, KeyedBudget, Network, Verify, bearer
 from ..policy.auth import UNAUTHENTICATED, Authenticator, AuthRuntime, DevIssuer, VerifiedTokenCache
 from ..telemetry import ActiveSpan, active_span_var
 
-PUBLIC_PATHS = frozenset({"/health", "/health/live", "/health/ready", "/metrics"})
+PUBLIC_PATHS = frozenset({"/health", "/health/live", "/health/ready", "/metrics", "/openapi.json"})
 AUTH_RESULT = "accessd.auth.result"
 
 
