@@ -64,7 +64,9 @@ async def serve(
     metrics = Metrics()
     shutdown = shutdown or trio.Event()
     telemetry = settings.telemetry
-    tracing = Tracing(telemetry.otel_exporter if telemetry.enable_tracing else None)
+    tracing = Tracing(
+        telemetry.otel_exporter if telemetry.enable_tracing else None, registry=metrics.registry
+    )
     try:
         await _serve(settings, health, metrics, tracing, shutdown, handle_signals, task_status)
     finally:
