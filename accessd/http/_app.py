@@ -53,7 +53,7 @@ def create_app(
 ) -> QuartTrio:
     """``gateway``: its routes answer before Quart sees the request (everything else goes on to Quart);
     ``track``: ``POST /metrics/track`` into it, answered before the gateway (with ``track_auth``'s check)."""
-    app = QuartTrio(f"accessd.{name}")
+    app = QuartTrio(f"accessd.{name}", static_folder=None)  # no file serving from the cwd
     app.config["MAX_CONTENT_LENGTH"] = ctx.max_body_bytes
     app.config["PROVIDE_AUTOMATIC_OPTIONS"] = False
     app.register_error_handler(ApiError, handle_api_error)

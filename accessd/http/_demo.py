@@ -46,7 +46,7 @@ routes:
 
 
 def demo_upstream_app() -> QuartTrio:
-    app = QuartTrio("accessd.demo_upstream")
+    app = QuartTrio("accessd.demo_upstream", static_folder=None)
 
     @app.get("/curves")
     async def curves() -> Response:
