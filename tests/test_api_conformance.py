@@ -195,9 +195,11 @@ def test_bodies_nested_deeper_than_the_parser_goes_or_not_utf8_are_a_400(
     live: Daemon, admin: dict[str, str]
 ) -> None:
     """Found: a body of 100,000 nested arrays (RecursionError in the JSON parser) made the entitlement
-    endpoints, POST /stream/publish and the cache invalidation 500; a non-UTF-8 body made publish 500."""
+    endpoints, POST /auth/verify, POST /stream/publish and the cache invalidation 500; a non-UTF-8 body
+    made publish 500."""
     deep = b"[" * 100_000 + b"]" * 100_000
     targets = [
+        (f"{live.internal_url}/auth/verify", {}),
         (f"{live.internal_url}/entitlements/check", {}),
         (f"{live.internal_url}/entitlements/check-batch", {}),
         (f"{live.internal_url}/entitlements/denied-under", {}),

@@ -210,7 +210,7 @@ async def _token(*, allow_query: bool) -> str:
     if raw:
         try:
             body = json.loads(raw)
-        except ValueError as exc:  # includes bytes that are not UTF-8
+        except (ValueError, RecursionError) as exc:  # not JSON, not UTF-8, or nested past the parser's depth
             raise ApiError(400, "BAD_REQUEST", 'the body must be JSON: {"token": "..."}') from exc
         value = body.get("token") if isinstance(body, dict) else None
         if value is not None and not isinstance(value, str):
