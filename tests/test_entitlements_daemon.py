@@ -353,3 +353,36 @@ async def test_denied_under_endpoint_and_remote_client(daemon_factory, tmp_path:
             with pytest.raises(BackendUnavailable):
                 await closed.denied_under(None, inp)
             nursery.cancel_scope.cancel()
+
+
+async def test_grants_written_by_hand_with_infinite_or_far_expiries_list_and_evaluate(
+    daemon_factory, postgres_dsn: str
+) -> None:
+    """Found by review: rows holding ``infinity``, ``-infinity`` or a year past 9999 (Postgres takes them,
+    an answer cannot write them) made GET /entitlements/grants a 500 for the whole tenant."""
+    dsn = await new_schema(postgres_dsn)
+    daemon = daemon_factory(role="internal", env={"ACCESS_POSTGRES_DSN": dsn})  # applies the migrations
+    schema = dict(part.split("=") for part in urlsplit(dsn).query.split("&"))["search_path"]
+    insert = (
+        "INSERT INTO entitlement_grants (tenant_id, subject, action, resource, effect, expires_at) "
+        "VALUES ('t1', 'role:trader', 'read', 'curve:{0}', 'allow', '{1}')"
+    )
+    await run_sql(
+        postgres_dsn,
+        f"SET search_path TO {schema}",  # the change trigger names its tables unqualified
+        insert.format("A*", "infinity"),
+        insert.format("B*", "-infinity"),
+        insert.format("C*", "50000-01-01"),
+    )
+    admin = token(daemon, "admin1", roles="admin")
+    with trio.fail_after(20):
+        async with httpx.AsyncClient(timeout=5) as client:
+            listed = await client.get(f"{daemon.internal_url}/entitlements/grants", headers=bearer(admin))
+            assert listed.status_code == 200, listed.text
+            expiries = {g["resource"]: g["expires_at"] for g in listed.json()["grants"]}
+            assert expiries["curve:A*"] is None and expiries["curve:B*"] == "0001-01-02T00:00:00Z"
+            assert expiries["curve:C*"].startswith("9999-12-3")
+            check = f"{daemon.internal_url}/entitlements/check"
+            for resource, allowed in (("curve:A1", True), ("curve:B1", False), ("curve:C1", True)):
+                answer = await client.post(check, json={**CHECK, "resource": resource})
+                assert answer.json()["allow"] is allowed, resource

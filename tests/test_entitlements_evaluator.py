@@ -144,6 +144,16 @@ def test_malformed_grants_name_the_field(body: dict[str, object], field: str) ->
     assert caught.value.field == field
 
 
+@pytest.mark.parametrize(
+    "when", [float("nan"), float("inf"), -1e300, 10**400, "0001-01-01T00:00:00Z", "9999-12-31T23:00:00-05:00"]
+)
+def test_expiries_an_answer_cannot_write_are_refused(when: object) -> None:
+    base = {"tenant_id": "t1", "subject": "*", "action": "read", "resource": "x", "effect": "allow"}
+    with pytest.raises(InvalidInput, match="0001-01-02 to 9999-12-31") as caught:
+        parse_grant({**base, "expires_at": when})
+    assert caught.value.field == "expires_at"
+
+
 def test_valid_grant_and_input_parse() -> None:
     parsed = parse_grant(
         {

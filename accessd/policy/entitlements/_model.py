@@ -181,14 +181,29 @@ def check_glob(glob: Any, field_name: str) -> str:
     return glob
 
 
+# The times a grant may expire at (epoch seconds of 0001-01-02 and 9999-12-31 UTC): answers write them as
+# dates, which end there (with a day's margin for offsets); NaN and infinities fall outside as well.
+EARLIEST_S, LATEST_S = -62135510400.0, 253402214400.0
+
+
 def parse_time(value: Any, field_name: str) -> float | None:
     """``None``, epoch seconds, an ISO 8601 string (``Z`` or an offset; naive means UTC), or a datetime."""
+    epoch = _epoch(value, field_name)
+    if epoch is not None and not EARLIEST_S <= epoch <= LATEST_S:
+        raise InvalidInput(field_name, "expected a time from 0001-01-02 to 9999-12-31 UTC")
+    return epoch
+
+
+def _epoch(value: Any, field_name: str) -> float | None:
     if value is None:
         return None
     if isinstance(value, bool):
         raise InvalidInput(field_name, "expected an ISO 8601 time or epoch seconds")
     if isinstance(value, int | float):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError as exc:  # an int too large for a float
+            raise InvalidInput(field_name, "expected a time from 0001-01-02 to 9999-12-31 UTC") from exc
     if isinstance(value, dt.date) and not isinstance(value, dt.datetime):
         value = dt.datetime.combine(value, dt.time(), tzinfo=dt.UTC)
     if isinstance(value, str):

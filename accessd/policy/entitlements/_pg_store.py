@@ -17,6 +17,7 @@ from __future__ import annotations
 import datetime as dt
 import importlib.resources
 import logging
+import math
 import re
 from contextlib import AsyncExitStack
 from typing import Any, NoReturn
@@ -26,7 +27,7 @@ import trio
 from ...aio import PgListener, PgPool, SchemaTooNew, apply_migrations, open_pg_listener, open_pg_pool
 from ...errors import BackendUnavailable, ConfigError
 from ...primitives import Backoff, DependencyReporter, DependencyState, Retries, ignore_state
-from ._model import DecisionInput, Grant, InvalidInput
+from ._model import EARLIEST_S, LATEST_S, DecisionInput, Grant, InvalidInput
 from ._version import PolicyVersion
 
 log = logging.getLogger("accessd.policy")
@@ -96,8 +97,16 @@ def _grant(row: dict[str, Any]) -> Grant:
         row["action"],
         row["resource"],
         row["effect"],
-        float(expires) if expires is not None else None,
+        _expiry(expires),
     )
+
+
+def _expiry(epoch: Any) -> float | None:
+    """A stored expiry in the range answers can write: rows written by hand may hold ``infinity`` (never
+    expires), ``-infinity`` or years past 9999."""
+    if epoch is None or epoch == math.inf:
+        return None
+    return min(max(float(epoch), EARLIEST_S), LATEST_S)
 
 
 class PostgresStore:
