@@ -126,6 +126,9 @@ async def test_mistyped_op_fields_get_error_frames() -> None:
                 {"op": "subscribe", "channel": CHANNEL, "key": ["NG"]},
                 {"op": "subscribe", "channel": {"x": 1}},
                 {"op": "subscribe", "channel": CHANNEL, "since": 12},
+                {"op": "subscribe", "channel": CHANNEL, "since": "0:1\n"},
+                {"op": "subscribe", "channel": CHANNEL + "\n"},  # ``$`` let a final newline through
+                {"op": "subscribe", "channel": ".."},  # Kafka refuses "." and ".."
                 {"op": "refresh", "token": ["x"]},
                 {"op": ["ping"]},
             ]

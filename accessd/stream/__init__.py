@@ -20,8 +20,8 @@ from ._report import ChannelReport as ChannelReport
 from ._session import MAX_KEY_CHARS as MAX_KEY_CHARS
 from ._session import Access as Access
 from ._session import Authorize as Authorize
-from ._source import CHANNEL_NAME as CHANNEL_NAME
 from ._source import Record as Record
 from ._source import Source as Source
 from ._source import decode_cursor as decode_cursor
 from ._source import encode_cursor as encode_cursor
+from ._source import is_channel_name as is_channel_name

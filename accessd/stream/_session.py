@@ -23,7 +23,7 @@ from ..settings import StreamSettings
 from ._conn import Connection
 from ._frames import CLOSE_DENIED
 from ._hub import Hub, Message, Subscription
-from ._source import CHANNEL_NAME, Position, decode_cursor, encode_cursor
+from ._source import Position, decode_cursor, encode_cursor, is_channel_name
 
 log = logging.getLogger("accessd.stream")
 
@@ -75,7 +75,7 @@ class Session:
 
     async def subscribe(self, sub_id: str, channel: Any, key: Any, since: Any) -> tuple[Subscription, str]:
         """Raises :class:`SubscribeError` with the code the client gets."""
-        if not isinstance(channel, str) or not CHANNEL_NAME.match(channel):
+        if not is_channel_name(channel):
             raise SubscribeError("BAD_REQUEST", "channel must be a topic name ([A-Za-z0-9._-], 1-249 chars)")
         if key is not None and (not isinstance(key, str) or not 0 < len(key) <= MAX_KEY_CHARS):
             raise SubscribeError("BAD_REQUEST", f"key must be a string of 1-{MAX_KEY_CHARS} characters")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import NoReturn, Protocol
+from typing import NoReturn, Protocol, TypeGuard
 
 import trio
 
@@ -20,8 +20,14 @@ from ..errors import CursorError
 
 Position = dict[int, int]  # partition -> next offset to read
 
-_CURSOR = re.compile(r"^\d{1,6}:\d{1,19}(,\d{1,6}:\d{1,19}){0,4095}$")
-CHANNEL_NAME = re.compile(r"^[A-Za-z0-9._\-]{1,249}$")  # Kafka's topic name rule
+_CURSOR = re.compile(r"\d{1,6}:\d{1,19}(,\d{1,6}:\d{1,19}){0,4095}")
+_CHANNEL_NAME = re.compile(r"[A-Za-z0-9._\-]{1,249}")  # Kafka's topic name rule
+
+
+def is_channel_name(value: object) -> TypeGuard[str]:
+    """Kafka's topic name rule: fullmatch, as ``$`` would let a final newline through; "." and ".." are
+    refused by Kafka too."""
+    return isinstance(value, str) and value not in (".", "..") and _CHANNEL_NAME.fullmatch(value) is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,7 +65,7 @@ def encode_cursor(position: Mapping[int, int]) -> str:
 
 
 def decode_cursor(cursor: str) -> Position:
-    if not isinstance(cursor, str) or not _CURSOR.match(cursor):
+    if not isinstance(cursor, str) or not _CURSOR.fullmatch(cursor):
         raise CursorError("malformed cursor")
     position: Position = {}
     for part in cursor.split(","):

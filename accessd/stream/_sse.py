@@ -17,7 +17,7 @@ from ._conn import HEARTBEAT
 from ._frames import CLOSE_TOKEN, SSE_PING, sse_event
 from ._hub import Message, Subscription
 from ._session import Session
-from ._source import CHANNEL_NAME, decode_cursor
+from ._source import decode_cursor, is_channel_name
 
 
 class SseSession(Session):
@@ -88,7 +88,7 @@ def parse_event_id(value: str | None) -> dict[str, str]:
     cursors: dict[str, str] = {}
     for part in (value or "").split(";"):
         channel, sep, cursor = part.strip().partition("=")
-        if sep and CHANNEL_NAME.match(channel):
+        if sep and is_channel_name(channel):
             try:
                 decode_cursor(cursor)
             except CursorError:
