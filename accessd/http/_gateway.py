@@ -372,21 +372,15 @@ class Gateway:
         if route.cache_ttl_s is not None and method == "GET" and body is None and self._cache is not None:
             await self._cached(route, match, identity, scope, call, receive, target, send)
         else:
-            await self._watched(upstream, receive, body, exchange)
+            await self._watched(receive, body, exchange)
 
     async def _watched(
-        self, upstream: Upstream, receive: Any, body: RequestBody | None, work: Callable[[], Awaitable[None]]
+        self, receive: Any, body: RequestBody | None, work: Callable[[], Awaitable[None]]
     ) -> None:
         """``work`` (an upstream call), cancelled if the client leaves meanwhile."""
         error: ApiError | None = None
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(
-                _cancel_on_disconnect,
-                receive,
-                body,
-                nursery.cancel_scope,
-                lambda: self._outcome(upstream, "cancelled"),
-            )
+            nursery.start_soon(_cancel_on_disconnect, receive, body, nursery.cancel_scope)
             try:
                 await work()
             except ApiError as exc:
@@ -441,7 +435,7 @@ class Gateway:
         send = _with_headers(send, {"X-Cache": fetched.x_cache})
         if (response := fetched.passthrough) is not None:
             return await self._watched(
-                route.upstream, receive, None, lambda: self._relay(route.upstream, target, response, send)
+                receive, None, lambda: self._relay(route.upstream, target, response, send)
             )
         entry = fetched.entry
         assert entry is not None
@@ -484,6 +478,9 @@ class Gateway:
         except trio.BrokenResourceError:  # the client left while sending its body
             self._outcome(upstream, "cancelled")
             return None
+        except trio.Cancelled:  # the client left (or the daemon stops) before the upstream answered
+            self._outcome(upstream, "cancelled")
+            raise
         except ApiError:
             breaker.record(False)
             raise
@@ -551,9 +548,7 @@ class Gateway:
         self.metrics.requests.labels(upstream.name, outcome).inc()
 
 
-async def _cancel_on_disconnect(
-    receive: Any, body: RequestBody | None, scope: trio.CancelScope, cancelled: Callable[[], None]
-) -> None:
+async def _cancel_on_disconnect(receive: Any, body: RequestBody | None, scope: trio.CancelScope) -> None:
     """Once the request body is read, the next ASGI message can only be the client leaving: that cancels
     the upstream call (and whatever of the response is still being written)."""
     if body is not None:
@@ -561,7 +556,6 @@ async def _cancel_on_disconnect(
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
-            cancelled()
             scope.cancel()
             return
 
