@@ -167,3 +167,18 @@ async def test_undocumented_frames_fail_the_check() -> None:
         check(doc, "ws", {"type": "welcome", "conn_id": "x"})  # exp missing
     with pytest.raises(AssertionError):
         check(doc, "ws", {"type": "surprise"})
+
+
+async def test_the_streaming_listener_serves_the_document(daemon: Daemon) -> None:
+    async with httpx.AsyncClient(timeout=10) as client:
+        served = await client.get(f"{daemon.stream_url}/asyncapi.json")
+        assert served.status_code == 200 and served.headers["content-type"] == "application/json"
+        host = daemon.stream_url.removeprefix("http://")
+        doc = document()
+        for server in doc["servers"].values():
+            server["host"] = host  # the host the client reached, not the document's example
+        assert served.json() == doc
+        odd = await client.get(f"{daemon.stream_url}/asyncapi.json", headers={"Host": "x<script>"})
+        assert odd.json()["servers"] == document()["servers"]  # not a host: never echoed
+        posted = await client.post(f"{daemon.stream_url}/asyncapi.json")
+        assert posted.status_code == 405 and posted.headers["allow"] == "GET"

@@ -78,6 +78,9 @@ def error_bytes(error: ApiError, trace_id: str) -> bytes:
 
 
 def json_response(status: int, body: object) -> bytes:
-    data = json.dumps(body).encode()
+    return json_body(status, json.dumps(body).encode())
+
+
+def json_body(status: int, data: bytes) -> bytes:
     head = [("Content-Type", "application/json"), ("Content-Length", str(len(data))), ("Connection", "close")]
     return response_head(status, head) + data

@@ -4,7 +4,8 @@ Not Quart/Hypercorn: per-connection ASGI costs 150-220 µs of server CPU per del
 healthy subscriber costs one ``send`` per message. The request head is parsed with h11 (bounded size, bounded
 time: slowloris-safe), the caller authenticated and admitted *before* the upgrade or the event stream starts.
 
-Routes: ``/ws/stream``, ``/sse/stream``, ``/health/live``; anything else is a 404 error body.
+Routes: ``/ws/stream``, ``/sse/stream``, ``/health/live``, ``/asyncapi.json`` (the protocol's AsyncAPI
+document); anything else is a 404 error body.
 Admission, cheapest first: at most ``stream_max_handshakes`` heads being read at once,
 ``stream_max_handshakes_per_ip`` from one address (the excess is closed at once); a head that is not a valid
 request or WebSocket upgrade is a 400; then ``_admission``: the ``streaming_connect`` budget per client IP
@@ -41,8 +42,9 @@ from ..settings import Binds, StreamSettings
 from ..telemetry import conn_id_var, trace_id_from, trace_id_var, traceparent_var
 from ._admission import WS_CLOSE, Admission, HandshakeSlot, HandshakeSlots
 from ._conn import Connection
+from ._document import asyncapi_json
 from ._frames import CLOSE_AGAIN, CLOSE_INTERNAL, ws_close
-from ._http11 import Request, error_bytes, json_response, read_request, response_head
+from ._http11 import Request, error_bytes, json_body, json_response, read_request, response_head
 from ._hub import Hub
 from ._metrics import StreamMetrics
 from ._session import Authorize, Session
@@ -273,10 +275,13 @@ class StreamListener:
                 await conn.send_all(json_response(200, {"status": "live"}))
                 return
             endpoint = self._endpoints.get(request.path)
-            if endpoint is None:
+            if endpoint is None and request.path != "/asyncapi.json":
                 raise ApiError(404, "NOT_FOUND", "no such endpoint on the streaming listener")
             if request.method != "GET":
                 raise ApiError(405, "METHOD_NOT_ALLOWED", "use GET", headers={"Allow": "GET"})
+            if endpoint is None:
+                await conn.send_all(json_body(200, asyncapi_json(request.header("host"))))
+                return
             await endpoint(conn, request, slot, trace)
         except ApiError as refusal:
             await conn.send_all(error_bytes(refusal, trace))
