@@ -16,7 +16,7 @@ _HOST = re.compile(r"[A-Za-z0-9.\-]{1,253}(:\d{1,5})?|\[[0-9A-Fa-f:.]{2,45}\](:\
 
 @functools.cache
 def asyncapi_source() -> dict[str, Any]:
-    text = resources.files(__package__).joinpath("asyncapi.yaml").read_text(encoding="utf-8")
+    text = resources.files(__name__.rpartition(".")[0]).joinpath("asyncapi.yaml").read_text(encoding="utf-8")
     return yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
 
 
