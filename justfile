@@ -21,10 +21,18 @@ api-docs:
     cp accessd/http/openapi.yaml docs/openapi.yaml
     cp accessd/stream/asyncapi.yaml docs/asyncapi.yaml
 
+# breaking changes in docs/openapi.yaml and docs/asyncapi.yaml since docs/baseline/ (fails unless the version is bumped)
+contract-check:
+    python scripts/contract_check.py
+
+# at a release: the documents become the baseline the next changes are checked against
+contract-baseline: api-docs
+    cp docs/openapi.yaml docs/asyncapi.yaml docs/baseline/
+
 # style, formatting, types (pyright, standard mode) and the package layering (import-linter); CI runs it
 lint:
-    ruff check accessd tests bench
-    ruff format --check accessd tests bench
+    ruff check accessd tests bench scripts
+    ruff format --check accessd tests bench scripts
     pyright
     lint-imports
 
