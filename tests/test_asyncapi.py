@@ -67,6 +67,26 @@ def test_the_document_is_well_formed_and_its_refs_resolve() -> None:
     assert DOCS_COPY.read_text() == DOCUMENT.read_text(), "run `just api-docs` to refresh docs/asyncapi.yaml"
 
 
+@pytest.mark.parametrize("path", [DOCUMENT, Path(__file__).parents[1] / "accessd" / "http" / "openapi.yaml"])
+def test_no_flow_mapping_split_a_text(path: Path) -> None:
+    """Found: ``{description: A, b.}`` in YAML flow style is two keys, the second an empty ``b.``; schema
+    validators accept unknown keywords, so nothing else notices."""
+    split: list[str] = []
+
+    def walk(node: Any, where: str) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if isinstance(key, str) and " " in key and value is None:
+                    split.append(f"{where}: {key!r}")
+                walk(value, f"{where}/{key}")
+        elif isinstance(node, list):
+            for i, value in enumerate(node):
+                walk(value, f"{where}[{i}]")
+
+    walk(yaml.safe_load(path.read_text()), path.name)
+    assert split == []
+
+
 @pytest.fixture
 def policy(tmp_path: Path) -> Path:
     path = tmp_path / "grants.yaml"
