@@ -22,19 +22,19 @@ from .http import (
     create_app,
     demo_upstream_app,
     edge_auth,
-    edge_auth_routes,
+    edge_blueprints,
     entitlements_blueprint,
     internal_auth_routes,
     publish_blueprint,
     write_demo_routes,
 )
 from .nurseries import DependencyProbes, Health, Phase, Supervisor, build_probes
-from .policy import RateLimiter, RemoteClient, ResponseCache, build_rate_limiter
+from .policy import Origins, RateLimiter, RemoteClient, ResponseCache, StreamTickets, build_rate_limiter
 from .policy.auth import build_auth
 from .policy.entitlements import build_entitlements
 from .primitives import ReportsHealth
 from .settings import Settings
-from .stream import ChannelReport, build_stream, entitlement_authorizer
+from .stream import BrowserAccess, ChannelReport, build_stream, entitlement_authorizer
 from .telemetry import (
     CustomMetrics,
     Ingest,
@@ -95,6 +95,8 @@ async def _serve(
         if server.role in ("edge", "all"):
             report = health.reporter(RateLimiter.health_dependency)
             limiter = build_rate_limiter(settings, report, metrics.registry)
+        browsers = browser_access(settings)
+        tickets, ticket_components = _stream_tickets(settings, health)
         stream = build_stream(
             settings,
             health,
@@ -105,6 +107,8 @@ async def _serve(
             entitlements.store.version if entitlements.store is not None else None,
             tracing,
             limiter,
+            browsers,
+            tickets,
         )
         local_ingest, forward_ingest, ingest_components = _ingestion(settings, metrics)
         report_to = forward_ingest or local_ingest
@@ -116,6 +120,7 @@ async def _serve(
             *auth.components,
             *entitlements.components,
             *([limiter] if limiter is not None else []),
+            *ticket_components,
             *ingest_components,
             *stream.components,
         ]
@@ -163,8 +168,9 @@ async def _serve(
         )
         listeners: list[HttpListener] = []
         if server.role in ("edge", "all"):
+            blueprints = edge_blueprints(auth, edge_check, tickets)
             app = create_app(
-                "edge", ctx, edge_auth_routes(auth, edge_check), gateway, forward_ingest, edge_check
+                "edge", ctx, blueprints, gateway, forward_ingest, edge_check, cors_origins=browsers.cors
             )
             listeners.append(
                 HttpListener("edge-http", app, server.edge_bind, shutdown, server.drain_timeout_s)
@@ -241,6 +247,41 @@ def _ingestion(settings: Settings, metrics: Metrics) -> tuple[Ingest | None, Ing
         forward = Ingest(forwarder.custom, forwarder, ingest_metrics)
         components.append(forwarder)
     return local, forward, components
+
+
+def browser_origins(settings: Settings) -> tuple[str, ...]:
+    """``ACCESS_CORS_ORIGINS``; with ``--demo`` and none set, the edge listener's own origins, so that the
+    demo page it serves can open streams on the streaming listener (another port: another origin)."""
+    server = settings.server
+    if server.cors_origins or not server.demo:
+        return server.cors_origins
+    origins = []
+    for host, port in server.edge_bind.addresses:
+        hosts = ("127.0.0.1", "localhost") if host in ("0.0.0.0", "::", "127.0.0.1", "localhost") else (host,)
+        origins += [f"http://{name}:{port}" for name in hosts]
+    return tuple(origins)
+
+
+def browser_access(settings: Settings) -> BrowserAccess:
+    cors = Origins(browser_origins(settings))
+    ws = settings.server.ws_origins
+    return BrowserAccess(cors, Origins(ws) if ws is not None else cors)
+
+
+def _stream_tickets(settings: Settings, health: Health) -> tuple[StreamTickets | None, list[Any]]:
+    """The edge's stream tickets, shared through Redis when it is configured (its own connection)."""
+    if settings.server.role not in ("edge", "all"):
+        return None, []
+    if not settings.backends.redis_url:
+        return StreamTickets(), []
+    redis = aio.RedisBatcher(
+        settings.backends.redis_url,
+        queue_size=settings.policy.entitlement_queue_size,
+        timeout_s=settings.policy.entitlement_redis_timeout_s,
+        report=health.reporter(aio.RedisBatcher.health_dependency),
+    )
+    redis.name = "redis-tickets"
+    return StreamTickets(redis), [redis]
 
 
 def track_url(endpoint: str) -> str:

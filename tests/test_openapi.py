@@ -21,7 +21,7 @@ from accessd.http import (
     AppContext,
     create_app,
     edge_auth,
-    edge_auth_routes,
+    edge_blueprints,
     entitlements_blueprint,
     internal_auth_routes,
     publish_blueprint,
@@ -32,6 +32,7 @@ from accessd.http._cache_admin import PATH as CACHE_ADMIN_PATH
 from accessd.http._metrics_track import PATH as TRACK_PATH
 from accessd.http._routes import load_routes
 from accessd.nurseries import Health
+from accessd.policy import StreamTickets
 from accessd.policy.auth import build_auth
 from accessd.policy.entitlements import build_entitlements
 from accessd.settings import load_settings
@@ -151,7 +152,7 @@ def built_apps(tmp_path: Path, env: dict[str, str]) -> dict[str, QuartTrio]:
         publish_blueprint(EmbeddedBroker(16), auth.verify, publish_role=settings.stream.publish_role),
     ]
     return {
-        "edge": create_app("edge", ctx, edge_auth_routes(auth, check)),
+        "edge": create_app("edge", ctx, edge_blueprints(auth, check, StreamTickets())),
         "internal": create_app("internal", ctx, internal),
     }
 

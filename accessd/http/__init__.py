@@ -6,6 +6,7 @@ the policy and stream objects the daemon hands in."""
 from ..errors import ApiError as ApiError
 from ._app import AppContext as AppContext
 from ._app import create_app as create_app
+from ._app import edge_blueprints as edge_blueprints
 from ._auth import edge_auth as edge_auth
 from ._auth import edge_auth_routes as edge_auth_routes
 from ._auth import identity_body as identity_body

@@ -22,13 +22,17 @@ from werkzeug.exceptions import HTTPException
 
 from ..errors import ApiError
 from ..nurseries import Health
+from ..policy import Origins, StreamTickets
+from ..policy.auth import AuthRuntime
 from ..primitives import DependencyState
 from ..telemetry import CONTENT_TYPE, Ingest, Metrics, Tracing
-from ._auth import EdgeAuth
+from ._auth import EdgeAuth, edge_auth_routes
+from ._cors import cors
 from ._errors import handle_api_error, handle_http_exception, handle_unexpected
 from ._gateway import Gateway
 from ._metrics_track import metrics_track
 from ._pipeline import ROUTE_KEY, RequestPipeline
+from ._tickets import ticket_blueprint
 
 OPENAPI = "openapi.yaml"  # the REST API's OpenAPI document, package data beside this module
 
@@ -50,9 +54,11 @@ def create_app(
     gateway: Gateway | None = None,
     track: Ingest | None = None,
     track_auth: EdgeAuth | None = None,
+    cors_origins: Origins | None = None,
 ) -> QuartTrio:
     """``gateway``: its routes answer before Quart sees the request (everything else goes on to Quart);
-    ``track``: ``POST /metrics/track`` into it, answered before the gateway (with ``track_auth``'s check)."""
+    ``track``: ``POST /metrics/track`` into it, answered before the gateway (with ``track_auth``'s check);
+    ``cors_origins``: CORS for these browser origins, around all of them."""
     app = QuartTrio(f"accessd.{name}", static_folder=None)  # no file serving from the cwd
     app.config["MAX_CONTENT_LENGTH"] = ctx.max_body_bytes
     app.config["PROVIDE_AUTOMATIC_OPTIONS"] = False
@@ -68,6 +74,8 @@ def create_app(
     inner = gateway.wrap(app.asgi_app) if gateway is not None else app.asgi_app
     if track is not None:
         inner = metrics_track(inner, track, max_body_bytes=ctx.max_body_bytes, auth=track_auth)
+    if cors_origins:
+        inner = cors(inner, cors_origins, gateway.match if gateway is not None else None)
     app.asgi_app = RequestPipeline(inner, ctx.metrics, ctx.tracing)  # type: ignore[method-assign]
 
     # Blueprint hooks (auth) run after ``_note_route``; ids and trace are set before Quart sees the request.
@@ -75,6 +83,14 @@ def create_app(
     for blueprint in blueprints:
         app.register_blueprint(blueprint)
     return app
+
+
+def edge_blueprints(auth: AuthRuntime, check: EdgeAuth, tickets: StreamTickets | None) -> list[Blueprint]:
+    """The edge listener's Quart endpoints: the token check first, the dev issuer's JWKS, stream tickets."""
+    blueprints = edge_auth_routes(auth, check)
+    if tickets is not None:
+        blueprints.append(ticket_blueprint(tickets))
+    return blueprints
 
 
 def _ops_blueprint(ctx: AppContext) -> Blueprint:

@@ -38,8 +38,9 @@ from ..nurseries import Health
 from ..policy import CachedResponse, Identity, RateDecision, RateLimiter, ResponseCache, cache_key, client_ip
 from ..policy.entitlements import Decider, DecisionInput
 from ..primitives import BreakerState, CircuitBreaker, DependencyState
-from ..telemetry import LATENCY_BUCKETS, active_span_var, trace_id_var
+from ..telemetry import LATENCY_BUCKETS, active_span_var
 from . import _cache_admin as cache_admin
+from ._asgi import send_error
 from ._auth import EdgeAuth, auth_step
 from ._client import ConnectFailed, Response, UpstreamError, UpstreamPool, UpstreamTimeout
 from ._pipeline import ROUTE_KEY
@@ -203,6 +204,16 @@ class Gateway:
                     pool, _ = self._retired.pop(upstream)
                     await pool.aclose()
 
+    def match(self, method: str, path: str) -> Match | None:
+        """The current table's match for a request (None: not a gateway path, or not a valid one)."""
+        table = self.table
+        if table is None:
+            return None
+        try:
+            return table.match(method, path)
+        except BadRequest:
+            return None
+
     # --- the ASGI layer --------------------------------------------------------------------------------
 
     def wrap(self, app: Any) -> Any:
@@ -214,19 +225,19 @@ class Gateway:
                 try:
                     return await self._invalidate(table, scope, receive, send)
                 except ApiError as refusal:
-                    return await _answer(send, refusal)
+                    return await send_error(send, refusal)
             raw_path = scope.get("raw_path") or scope["path"].encode()
             try:
                 match = table.match(scope["method"], raw_path.decode("latin-1"))
             except BadRequest as refusal:
-                return await _answer(send, refusal)
+                return await send_error(send, refusal)
             if match is None:
                 return await app(scope, receive, send)
             scope[ROUTE_KEY] = match.template
             try:
                 await self._handle(match, scope, receive, send)
             except ApiError as refusal:
-                await _answer(send, refusal)
+                await send_error(send, refusal)
 
         return gateway_app
 
@@ -266,7 +277,7 @@ class Gateway:
                         await self._entitled(identity, route, match, span)
             await self._forward(route, match, head, identity, scope, receive, send)
         except ApiError as refusal:
-            await _answer(send, refusal)
+            await send_error(send, refusal)
 
     async def _spend(self, tier_name: str, key: str, span: Span | None = None) -> RateDecision:
         """One request of the tier for the key; 429 with ``Retry-After`` and ``RateLimit-*`` when refused.
@@ -578,13 +589,6 @@ def _with_headers(send: Any, headers: dict[str, str]) -> Any:
         await send(message)
 
     return send_with
-
-
-async def _answer(send: Any, error: ApiError) -> None:
-    body, fields = error.answer(trace_id_var.get())
-    headers = [(name.lower().encode(), value.encode("latin-1")) for name, value in fields]
-    await send({"type": "http.response.start", "status": error.status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
 
 
 def check_routes_file(path: Path, tiers: Collection[str]) -> RouteTable:

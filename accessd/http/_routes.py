@@ -30,6 +30,8 @@ from urllib.parse import unquote, urlsplit
 import yaml
 
 from ..errors import BadRequest, InvalidInput
+from ..policy import Origins
+from ..settings import parse_origins
 
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 TIERS = frozenset({"public", "authenticated", "heavy", "cache_writes"})  # built in; a tiers file adds more
@@ -73,6 +75,7 @@ class Route:
     entitlement: Entitlement | None = None
     cache_ttl_s: float | None = None
     max_body_bytes: int | None = None  # None: ACCESS_MAX_BODY_BYTES
+    cors_origins: Origins | None = None  # None: the listener's ACCESS_CORS_ORIGINS; else only those of both
 
     @property
     def public(self) -> bool:
@@ -311,6 +314,7 @@ def _route(i: int, spec: Any, upstreams: dict[str, Upstream], tiers: Collection[
         "entitlement",
         "cache_ttl_s",
         "max_body_bytes",
+        "cors_origins",
     }
     spec = _fields(where, spec, allowed, {"path", "upstream"})
     path = _template(f"{where}.path", spec["path"])
@@ -355,6 +359,12 @@ def _route(i: int, spec: Any, upstreams: dict[str, Upstream], tiers: Collection[
     max_body = spec.get("max_body_bytes")
     if max_body is not None and (isinstance(max_body, bool) or not isinstance(max_body, int) or max_body < 0):
         raise InvalidInput(f"{where}.max_body_bytes", "expected a whole number of bytes")
+    cors_origins = None
+    if "cors_origins" in spec:
+        try:
+            cors_origins = Origins(parse_origins(spec["cors_origins"] or []))
+        except ValueError as exc:
+            raise InvalidInput(f"{where}.cors_origins", str(exc)) from exc
     return Route(
         index=i,
         path=path,
@@ -365,6 +375,7 @@ def _route(i: int, spec: Any, upstreams: dict[str, Upstream], tiers: Collection[
         entitlement=entitlement,
         cache_ttl_s=cache_ttl_s,
         max_body_bytes=max_body,
+        cors_origins=cors_origins,
     )
 
 

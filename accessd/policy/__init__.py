@@ -13,6 +13,7 @@ from ._identity import bearer_token as bearer_token
 from ._limiter import RateLimiter as RateLimiter
 from ._limiter import build_rate_limiter as build_rate_limiter
 from ._limiter import load_tiers as load_tiers
+from ._origins import Origins as Origins
 from ._ratelimit import STREAMING_CONNECT as STREAMING_CONNECT
 from ._ratelimit import KeyedBudget as KeyedBudget
 from ._ratelimit import LocalLimiter as LocalLimiter
@@ -32,3 +33,4 @@ from ._response_cache import Invalidated as Invalidated
 from ._response_cache import ResponseCache as ResponseCache
 from ._response_cache import cache_key as cache_key
 from ._response_cache import storable as storable
+from ._tickets import StreamTickets as StreamTickets

@@ -25,6 +25,7 @@ from ._parse import Parser as Parser
 from ._parse import parse_hostport as parse_hostport
 from ._parse import redact_url as redact_url
 
+parse_origins = parse.origins  # for route files, which may narrow the CORS list
 ENV_PREFIX = "ACCESS_"
 # Variables the test harness and tooling own; they never configure a daemon.
 ENV_IGNORED_PREFIXES = ("ACCESS_TEST_",)
@@ -53,6 +54,18 @@ class ServerSettings:
     )
     max_body_bytes: int = _setting(1 << 20, parse.number(int, 1024), "largest request body accepted")
     trusted_proxies: tuple[Any, ...] = _setting((), parse.networks, "CIDRs whose X-Forwarded-For is believed")
+    cors_origins: tuple[str, ...] = _setting(
+        (),
+        parse.origins,
+        "browser origins allowed by CORS on the edge REST listener and SSE (comma list; "
+        "https://*.example.com covers its subdomains, * any origin); empty: no CORS headers",
+    )
+    ws_origins: tuple[str, ...] | None = _setting(
+        None,
+        parse.optional_origins,
+        "browser origins allowed to open a WebSocket (a handshake without Origin is unaffected); unset: the "
+        "CORS list",
+    )
     state_dir: Path = _setting(
         None, parse.path, "dev issuer key, local state; unset: $XDG_STATE_HOME/accessd"
     )

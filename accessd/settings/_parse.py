@@ -160,6 +160,27 @@ def networks(value: Any) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network,
         raise ValueError(f"not a CIDR list ({exc})") from exc
 
 
+_ORIGIN = re.compile(r"(https?)://(\*\.)?([a-z0-9-]+(\.[a-z0-9-]+)*|\[[0-9a-f:.]+\])(:\d{1,5})?")
+
+
+def origins(value: Any) -> tuple[str, ...]:
+    """Browser origins (``scheme://host[:port]``, lower case, no path), ``scheme://*.domain`` for its
+    subdomains, or ``*`` for any origin."""
+    found = []
+    for item in item_list(value):
+        origin = item.lower().rstrip("/")
+        if origin != "*" and not _ORIGIN.fullmatch(origin):
+            raise ValueError(f"{item!r} is not an origin (scheme://host[:port], https://*.example.com or *)")
+        found.append(origin)
+    return tuple(found)
+
+
+def optional_origins(value: Any) -> tuple[str, ...] | None:
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    return origins(value)
+
+
 def policies(value: Any) -> tuple[tuple[str, str], ...]:
     if isinstance(value, str):
         if not value.strip():

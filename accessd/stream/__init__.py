@@ -7,6 +7,7 @@ share, ``_ws`` and ``_sse`` the protocols of CONTRACT §10, ``_admission`` who m
 accept loop and routing, ``_metrics`` its metrics, ``_http11`` request heads, ``_frames`` outgoing bytes.
 """
 
+from ._browser import BrowserAccess as BrowserAccess
 from ._build import build_stream as build_stream
 from ._build import entitlement_authorizer as entitlement_authorizer
 from ._cli import add_publish_arguments as add_publish_arguments

@@ -21,6 +21,7 @@ from ..policy import (
     Identity,
     Network,
     RateLimiter,
+    StreamTickets,
     Verify,
     bearer_token,
     builtin_tiers,
@@ -90,7 +91,9 @@ class Admission:
         verify: Verify,
         refused: Callable[[str], None],
         limiter: RateLimiter | None = None,
+        tickets: StreamTickets | None = None,
     ) -> None:
+        self._tickets = tickets
         self._trusted_proxies = trusted_proxies
         self._limiter = limiter or RateLimiter(builtin_tiers(settings.stream_connects_per_minute))
         self._verify = verify
@@ -104,6 +107,12 @@ class Admission:
             self._refused("rate_limited")
             headers = {"Retry-After": str(max(1, math.ceil(decision.retry_after_s)))}
             raise ApiError(429, "RATE_LIMITED", "too many connections from this address", headers=headers)
+        ticket = (request.query.get("ticket") or [None])[0]
+        if ticket is not None and self._tickets is not None:
+            identity = await self._tickets.redeem(ticket)
+            if identity is None:
+                raise ApiError(401, "TOKEN_INVALID", "the ticket is unknown, used or expired")
+            return identity
         token = bearer_token(request.header("authorization")) or (request.query.get("token") or [None])[0]
         if not token:
             raise ApiError(401, "UNAUTHENTICATED", "a bearer token is required")

@@ -14,10 +14,11 @@ import trio
 
 from ..errors import BackendUnavailable
 from ..nurseries import Health, Runtime
-from ..policy import Identity, RateLimiter, Verify
+from ..policy import Identity, RateLimiter, StreamTickets, Verify
 from ..policy.entitlements import DENIED_BY_GRANT, Decider, DecisionInput, PolicyVersion, hidden_keys
 from ..settings import Settings
 from ..telemetry import Metrics, Tracing
+from ._browser import BrowserAccess
 from ._embedded import EmbeddedBroker
 from ._hub import Hub
 from ._listener import StreamListener
@@ -84,6 +85,8 @@ def build_stream(
     policy_version: PolicyVersion | None = None,
     tracing: Tracing | None = None,
     limiter: RateLimiter | None = None,
+    browsers: BrowserAccess | None = None,
+    tickets: StreamTickets | None = None,
 ) -> StreamRuntime:
     """Components in start order: source, hub, [demo feed], [revalidator], listener (edge and all roles).
     ``limiter``: the daemon's rate limiter, whose streaming_connect tier admits connections."""
@@ -107,6 +110,8 @@ def build_stream(
         metrics.registry,
         shutdown,
         limiter,
+        browsers,
+        tickets,
     )
     hub.observe_lag = listener.metrics.lag.observe
     runtime.listener = listener

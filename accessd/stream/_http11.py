@@ -8,6 +8,7 @@ caller's deadline.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
 from urllib.parse import parse_qs, urlsplit
@@ -71,10 +72,11 @@ def response_head(status: int, headers: list[tuple[str, str]]) -> bytes:
     return b"\r\n".join(lines) + b"\r\n\r\n"
 
 
-def error_bytes(error: ApiError, trace_id: str) -> bytes:
-    """The whole response for a refused request: the uniform error body (``ApiError.body``) and its head."""
+def error_bytes(error: ApiError, trace_id: str, extra: Sequence[tuple[str, str]] = ()) -> bytes:
+    """The whole response for a refused request: the uniform error body (``ApiError.body``) and its head
+    (with ``extra`` headers: CORS for a page that may read it)."""
     body, fields = error.answer(trace_id)
-    return response_head(error.status, [*fields, ("Connection", "close")]) + body
+    return response_head(error.status, [*fields, *extra, ("Connection", "close")]) + body
 
 
 def json_response(status: int, body: object) -> bytes:

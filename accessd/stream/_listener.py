@@ -37,10 +37,11 @@ from prometheus_client import CollectorRegistry
 from wsproto.events import AcceptConnection
 
 from ..errors import ApiError, BackendUnavailable, ConfigError, SubscribeError
-from ..policy import Identity, Network, RateLimiter, Verify
+from ..policy import Identity, Network, RateLimiter, StreamTickets, Verify
 from ..settings import Binds, StreamSettings
 from ..telemetry import conn_id_var, trace_id_from, trace_id_var, traceparent_var
 from ._admission import WS_CLOSE, Admission, HandshakeSlot, HandshakeSlots
+from ._browser import SSE_PATH, BrowserAccess
 from ._conn import Connection
 from ._document import asyncapi_json
 from ._frames import CLOSE_AGAIN, CLOSE_INTERNAL, ws_close
@@ -77,8 +78,11 @@ class StreamListener:
         registry: CollectorRegistry,
         shutdown: trio.Event,
         limiter: RateLimiter | None = None,
+        browsers: BrowserAccess | None = None,
+        tickets: StreamTickets | None = None,
     ) -> None:
         self.settings = settings
+        self._browsers = browsers or BrowserAccess()
         self._binds = binds
         self.hub = hub
         self._verify = verify
@@ -94,6 +98,7 @@ class StreamListener:
             verify,
             lambda reason: self.metrics.refused.labels(reason).inc(),
             limiter,
+            tickets,
         )
         self._endpoints: dict[str, Endpoint] = {"/ws/stream": self._serve_ws, "/sse/stream": self._serve_sse}
         self.stopped = trio.Event()
@@ -261,8 +266,8 @@ class StreamListener:
 
     async def _handshake(self, conn: Connection, slot: HandshakeSlot) -> None:
         trace = secrets.token_hex(16)
+        request: Request | None = None
         try:
-            request = None
             with trio.move_on_after(self.settings.stream_handshake_timeout_s):
                 request = await read_request(conn)
             if request is None:  # too slow, or gone before a whole head: hang up
@@ -277,14 +282,19 @@ class StreamListener:
             endpoint = self._endpoints.get(request.path)
             if endpoint is None and request.path != "/asyncapi.json":
                 raise ApiError(404, "NOT_FOUND", "no such endpoint on the streaming listener")
+            if request.method == "OPTIONS" and request.path == SSE_PATH:
+                await conn.send_all(self._browsers.preflight(request))
+                return
             if request.method != "GET":
                 raise ApiError(405, "METHOD_NOT_ALLOWED", "use GET", headers={"Allow": "GET"})
             if endpoint is None:
                 await conn.send_all(json_body(200, asyncapi_json(request.header("host"))))
                 return
+            self._browsers.check(request)
             await endpoint(conn, request, slot, trace)
         except ApiError as refusal:
-            await conn.send_all(error_bytes(refusal, trace))
+            cors = self._browsers.cors_headers(request) if request is not None else []
+            await conn.send_all(error_bytes(refusal, trace, cors))
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             pass  # the client went away (or we hung up) mid-handshake: the outcome says which
 
@@ -323,7 +333,8 @@ class StreamListener:
         ]
         await self._refuse_denied(identity, plan)
         session = SseSession(conn, self.hub, identity, self._authorize, self.settings)
-        conn.offer(response_head(200, SSE_HEADERS) + b"retry: 2000\n\n")
+        head = response_head(200, [*SSE_HEADERS, *self._browsers.cors_headers(request)])
+        conn.offer(head + b"retry: 2000\n\n")
 
         async def run() -> None:
             try:
