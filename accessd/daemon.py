@@ -168,7 +168,8 @@ async def _serve(
         )
         listeners: list[HttpListener] = []
         if server.role in ("edge", "all"):
-            blueprints = edge_blueprints(auth, edge_check, tickets)
+            demo_port = server.stream_bind.addresses[0][1] if server.demo else None
+            blueprints = edge_blueprints(auth, edge_check, tickets, demo_port)
             app = create_app(
                 "edge", ctx, blueprints, gateway, forward_ingest, edge_check, cors_origins=browsers.cors
             )

@@ -152,7 +152,7 @@ def built_apps(tmp_path: Path, env: dict[str, str]) -> dict[str, QuartTrio]:
         publish_blueprint(EmbeddedBroker(16), auth.verify, publish_role=settings.stream.publish_role),
     ]
     return {
-        "edge": create_app("edge", ctx, edge_blueprints(auth, check, StreamTickets())),
+        "edge": create_app("edge", ctx, edge_blueprints(auth, check, StreamTickets(), demo_stream_port=8001)),
         "internal": create_app("internal", ctx, internal),
     }
 
@@ -185,14 +185,15 @@ def test_every_route_of_both_apps_is_documented_and_every_documented_path_is_ser
         assert layers & set(role_paths(role)) == set(before_quart[role]), role
 
 
-async def test_the_document_drops_the_dev_jwks_when_no_dev_issuer_is_active(tmp_path: Path) -> None:
+async def test_the_document_drops_the_dev_issuer_paths_when_no_dev_issuer_is_active(tmp_path: Path) -> None:
     env = {"ACCESS_JWKS_URL": "http://127.0.0.1:9/jwks.json", "ACCESS_JWT_ISSUER": "https://idp.example"}
     apps = built_apps(tmp_path, env)
     for role, app in apps.items():
         response = await app.test_client().get("/openapi.json")
         assert response.status_code == 200
         paths = set((await response.get_json())["paths"])
-        assert paths == set(role_paths(role)) - {"/.well-known/jwks.json"}, role
+        # The dev issuer's JWKS and the demo page (which needs the dev issuer to mint its token) are gone.
+        assert paths == set(role_paths(role)) - {"/.well-known/jwks.json", "/demo", "/demo/token"}, role
 
 
 def with_metrics_endpoint(start: Any, **kwargs: Any) -> Daemon:

@@ -28,6 +28,7 @@ from ..primitives import DependencyState
 from ..telemetry import CONTENT_TYPE, Ingest, Metrics, Tracing
 from ._auth import EdgeAuth, edge_auth_routes
 from ._cors import cors
+from ._demo_page import DEMO_PATHS, demo_page_blueprint
 from ._errors import handle_api_error, handle_http_exception, handle_unexpected
 from ._gateway import Gateway
 from ._metrics_track import metrics_track
@@ -85,11 +86,18 @@ def create_app(
     return app
 
 
-def edge_blueprints(auth: AuthRuntime, check: EdgeAuth, tickets: StreamTickets | None) -> list[Blueprint]:
-    """The edge listener's Quart endpoints: the token check first, the dev issuer's JWKS, stream tickets."""
-    blueprints = edge_auth_routes(auth, check)
+def edge_blueprints(
+    auth: AuthRuntime, check: EdgeAuth, tickets: StreamTickets | None, demo_stream_port: int | None = None
+) -> list[Blueprint]:
+    """The edge listener's Quart endpoints: the token check first, the dev issuer's JWKS, stream tickets,
+    and with ``--demo`` (``demo_stream_port``: the streaming listener's) and the dev issuer the demo page."""
+    demo = demo_stream_port is not None and auth.dev_issuer is not None
+    blueprints = edge_auth_routes(auth, check, DEMO_PATHS if demo else frozenset())
     if tickets is not None:
         blueprints.append(ticket_blueprint(tickets))
+    if demo:
+        assert auth.dev_issuer is not None and demo_stream_port is not None
+        blueprints.append(demo_page_blueprint(auth.dev_issuer, demo_stream_port))
     return blueprints
 
 

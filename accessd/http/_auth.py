@@ -30,10 +30,12 @@ PUBLIC_PATHS = frozenset({"/health", "/health/live", "/health/ready", "/metrics"
 AUTH_RESULT = "accessd.auth.result"
 
 
-def edge_auth_routes(auth: AuthRuntime, check: EdgeAuth) -> list[Blueprint]:
+def edge_auth_routes(
+    auth: AuthRuntime, check: EdgeAuth, also_public: frozenset[str] = frozenset()
+) -> list[Blueprint]:
     """The edge's token check (``check``, shared with the gateway) on every non-public path, first; and the
     dev issuer's JWKS when active."""
-    public = set(PUBLIC_PATHS)
+    public = set(PUBLIC_PATHS) | also_public
     blueprints = []
     if auth.dev_issuer is not None:
         public.add("/.well-known/jwks.json")

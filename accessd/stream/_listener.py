@@ -290,7 +290,11 @@ class StreamListener:
             if endpoint is None:
                 await conn.send_all(json_body(200, asyncapi_json(request.header("host"))))
                 return
-            self._browsers.check(request)
+            try:
+                self._browsers.check(request)
+            except ApiError:
+                self.metrics.refused.labels("origin").inc()
+                raise
             await endpoint(conn, request, slot, trace)
         except ApiError as refusal:
             cors = self._browsers.cors_headers(request) if request is not None else []
@@ -327,7 +331,11 @@ class StreamListener:
         keys = request.query.get("key", [])
         if not channels or len(keys) > 1:
             raise ApiError(400, "BAD_REQUEST", "give one or more channel= and at most one key=")
-        resume = parse_event_id(request.header("last-event-id"))
+        # ?last_event_id= for a page that reconnects with a new ticket (EventSource sets the header itself
+        # only when it retries the same URL).
+        resume = parse_event_id(
+            request.header("last-event-id") or (request.query.get("last_event_id") or [""])[0]
+        )
         plan = [
             (channel, keys[0] if keys else None, resume.get(channel)) for channel in dict.fromkeys(channels)
         ]
