@@ -44,3 +44,7 @@ bench:
 # the REST load scenario with locust against a running `accessd run --demo` (HOST: its edge)
 locust HOST="http://127.0.0.1:8000" USERS="50" TIME="30s":
     locust -f bench/locustfile.py --headless -u {{USERS}} -r 10 -t {{TIME}} --host {{HOST}}
+
+# scale-out on real engines: one internal daemon and two edges as processes on one Tansu, Redis and Postgres
+scale-test *ARGS:
+    python -m pytest tests/test_scale_out.py -rxX {{ARGS}}
