@@ -104,7 +104,7 @@ async def _serve(
             auth.verify,
             entitlement_authorizer(entitlements.decider),
             shutdown,
-            entitlements.store.version if entitlements.store is not None else None,
+            entitlements.version,
             tracing,
             limiter,
             browsers,

@@ -386,3 +386,32 @@ async def test_grants_written_by_hand_with_infinite_or_far_expiries_list_and_eva
             for resource, allowed in (("curve:A1", True), ("curve:B1", False), ("curve:C1", True)):
                 answer = await client.post(check, json={**CHECK, "resource": resource})
                 assert answer.json()["allow"] is allowed, resource
+
+
+async def test_the_policy_version_long_poll_answers_when_a_grant_changes(
+    daemon_factory, tmp_path: Path
+) -> None:
+    policy = tmp_path / "grants.yaml"
+    policy.write_text("grants: []\n")
+    daemon = daemon_factory(role="internal", env={"ACCESS_POLICY_FILE": str(policy)})
+    url = f"{daemon.internal_url}/entitlements/version"
+    async with httpx.AsyncClient(timeout=10) as client:
+        current = (await client.get(url)).json()["version"]
+        assert (await client.get(url, params={"wait_s": "99"})).status_code == 400
+        with trio.fail_after(3):
+            unchanged = await client.get(url, params={"after": current, "wait_s": "0.2"})
+        assert unchanged.json() == {"version": current}  # the wait ran out
+        moved: list[str] = []
+
+        async def poll() -> None:
+            answer = await client.get(url, params={"after": current, "wait_s": "5"})
+            moved.append(answer.json()["version"])
+
+        with trio.fail_after(4):  # well before the 5 s wait would end: the change answers it
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(poll)
+                await trio.sleep(0.3)
+                policy.write_text(
+                    "grants: [{tenant_id: t1, subject: '*', action: read, resource: 'x:*', effect: allow}]\n"
+                )
+        assert moved and moved[0] != current

@@ -325,16 +325,10 @@ async def test_scale_out_two_edges_one_internal(tmp_path: Path, services: tuple[
             await sigkill_loses_nothing_for_clients_resuming_on_the_other_edge(c)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=pytest.RaisesGroup(AssertionError, flatten_subgroups=True),  # pytest-trio wraps it in a group
-    reason="an edge with ACCESS_ENTITLEMENTS_URL has no policy version to follow: a revoked subscription "
-    "lives until the periodic re-check (ACCESS_STREAM_REVALIDATE_S, 30 s), not 1 s (CONTRACT §9)",
-)
 async def test_a_delegating_edge_ends_a_revoked_subscription_within_a_second(
     tmp_path: Path, services: tuple[str, str, str, str]
 ) -> None:
-    """The deploy/k8s shape. Remove the xfail once the internal role tells delegating edges of a change."""
+    """The deploy/k8s shape: the edge follows the internal role's policy version (a long poll)."""
     with trio.fail_after(60):
         async with cluster(tmp_path, services, edges=1, delegated_entitlements=True) as c:
             grant_id = await c.grant()

@@ -18,6 +18,7 @@ import json
 from collections.abc import Awaitable
 from typing import Any, TypeVar
 
+import trio
 from quart import Blueprint, Response, request
 
 from ..errors import ApiError, BackendUnavailable
@@ -37,6 +38,7 @@ from ..telemetry import active_span_var
 from ._auth import require_identity
 
 MAX_BATCH = 1000
+MAX_VERSION_WAIT_S = 5.0  # a long poll's longest wait: a delegating edge asks again at once
 DECISION, CODE = "accessd.entitlement.decision", "accessd.entitlement.code"
 T = TypeVar("T")
 
@@ -93,6 +95,24 @@ def entitlements_blueprint(decider: Decider, store: GrantStore | None, verify: V
 
     if store is None:
         return bp
+
+    @bp.get("/entitlements/version")
+    async def version() -> Response:
+        """The policy version; with ``after`` (the version the caller holds), once it is another one or
+        ``wait_s`` (at most MAX_VERSION_WAIT_S) has passed: how a delegating edge learns of a grant change
+        within a moment and ends the subscriptions it revoked."""
+        try:
+            wait_s = float(request.args.get("wait_s", "0"))
+        except ValueError:
+            wait_s = -1.0
+        if not 0 <= wait_s <= MAX_VERSION_WAIT_S:
+            problem = f"expected seconds from 0 to {MAX_VERSION_WAIT_S:g}"
+            raise ApiError(400, "BAD_REQUEST", f"wait_s: {problem}", {"field": "wait_s", "problem": problem})
+        after = request.args.get("after")
+        if after is not None:
+            with trio.move_on_after(wait_s):
+                await store.version.wait_changed(after)
+        return _json({"version": store.version.value}, 200)
 
     @bp.get("/entitlements/grants")
     async def list_grants() -> Response:

@@ -40,6 +40,13 @@ class RemoteClient:
 
     async def post(self, url: str, **kwargs: Any) -> tuple[int, Any]:
         """``(status, parsed JSON body or None)`` of one POST."""
+        return await self._request("POST", url, self._timeout_s, **kwargs)
+
+    async def get(self, url: str, *, timeout_s: float | None = None, **kwargs: Any) -> tuple[int, Any]:
+        """``(status, parsed JSON body or None)`` of one GET (``timeout_s``: a long poll's own deadline)."""
+        return await self._request("GET", url, timeout_s or self._timeout_s, **kwargs)
+
+    async def _request(self, method: str, url: str, timeout_s: float, **kwargs: Any) -> tuple[int, Any]:
         client = self._client
         if client is None:
             raise BackendUnavailable(self._backend, f"the client for {url} is not running")
@@ -47,10 +54,10 @@ class RemoteClient:
         if traceparent is not None:
             kwargs["headers"] = {**(kwargs.get("headers") or {}), "traceparent": traceparent}
         try:
-            with trio.fail_after(self._timeout_s):
-                response = await client.post(url, **kwargs)
+            with trio.fail_after(timeout_s):
+                response = await client.request(method, url, timeout=timeout_s, **kwargs)
         except trio.TooSlowError as exc:
-            problem = f"{url} did not answer within {self._timeout_s:g} s"
+            problem = f"{url} did not answer within {timeout_s:g} s"
             raise BackendUnavailable(self._backend, problem) from exc
         except httpx.HTTPError as exc:
             raise BackendUnavailable(self._backend, f"{url}: {type(exc).__name__}") from exc

@@ -16,6 +16,7 @@ from ._pg_store import PostgresStore
 from ._remote import RemoteEntitlements
 from ._service import Decider, EntitlementMetrics, Entitlements
 from ._store import EmptyStore, GrantStore
+from ._version import PolicyVersion
 
 
 @dataclass(kw_only=True)
@@ -25,6 +26,13 @@ class EntitlementsRuntime(Runtime):
 
     decider: Decider
     store: GrantStore | None
+
+    @property
+    def version(self) -> PolicyVersion | None:
+        """The policy version subscriptions are re-checked on: the store's, or the remote role's."""
+        if self.store is not None:
+            return self.store.version
+        return self.decider.version if isinstance(self.decider, RemoteEntitlements) else None
 
 
 def build_store(settings: Settings, health: Health | None = None) -> GrantStore:

@@ -8,15 +8,21 @@ Errors: unreachable, slow (``timeout_s``) or failing remote → BackendUnavailab
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NoReturn
+
+import trio
 
 from ...errors import BackendUnavailable
+from ...primitives import Backoff, Retries
 from .._identity import Identity
 from .._remote import RemoteClient
 from ._model import ALLOWED, DENIAL_CODES, DENIED_BY_GRANT, Decision, DecisionInput
 from ._service import EVERYTHING, bind_identity
+from ._version import PolicyVersion
 
 BACKEND = "entitlements"
+VERSION_WAIT_S = 5.0  # the internal role's longest wait (MAX_VERSION_WAIT_S)
+VERSION_RETRY = Backoff(initial_s=0.5, max_s=10.0, stable_after_s=None)
 
 
 def _body(inp: DecisionInput) -> dict[str, Any]:
@@ -45,11 +51,41 @@ def _decision(body: Any) -> Decision:
 
 
 class RemoteEntitlements(RemoteClient):
+    """``version`` follows the internal role's policy version (a long poll of ``GET /entitlements/version``),
+    so that a delegating edge's streaming listener re-checks its subscriptions within a moment of a grant
+    change, as one deciding from the store does. While the internal role is away it keeps its last value;
+    the periodic re-check still runs."""
+
     name = "entitlements-remote"
 
     def __init__(self, url: str, *, timeout_s: float = 2.0) -> None:
         super().__init__(BACKEND, timeout_s=timeout_s)
         self._url = url.rstrip("/")
+        self.version = PolicyVersion("")
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> NoReturn:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(super().run)
+            nursery.start_soon(self._follow_version)
+            task_status.started()
+            await trio.sleep_forever()
+
+    async def _follow_version(self) -> NoReturn:
+        retries = Retries(VERSION_RETRY)
+        while True:
+            params = {"after": self.version.value, "wait_s": str(VERSION_WAIT_S)}
+            try:
+                status, body = await self.get(
+                    self._url + "/entitlements/version", params=params, timeout_s=VERSION_WAIT_S + 5
+                )
+                version = body.get("version") if isinstance(body, dict) else None
+                if status != 200 or not isinstance(version, str):
+                    raise BackendUnavailable(BACKEND, f"/entitlements/version answered HTTP {status}")
+            except BackendUnavailable:
+                await trio.sleep(retries.fail())
+                continue
+            retries.succeed()
+            self.version.set(version)
 
     async def _post(self, path: str, body: dict[str, Any]) -> Any:
         status, answer = await self.post(self._url + path, json=body)
