@@ -23,7 +23,7 @@ from prometheus_client import CollectorRegistry
 from accessd.errors import BackendUnavailable
 from accessd.policy import AuthFailure, Identity
 from accessd.settings import Binds, StreamSettings
-from accessd.stream import Access, EmbeddedBroker, Hub, StreamListener
+from accessd.stream import Access, EmbeddedBroker, Hub, StreamListener, encode_cursor
 
 from ._memory import MemoryWs
 
@@ -51,8 +51,9 @@ class Rig:
     def ws_url(self) -> str:
         return self.url.replace("http://", "ws://") + "/ws/stream"
 
-    def publish(self, channel: str, data: Any, key: str | None = None) -> None:
-        self.broker.publish_nowait(channel, key, json.dumps(data).encode())
+    def publish(self, channel: str, data: Any, key: str | None = None) -> str:
+        """The message's cursor."""
+        return encode_cursor(self.broker.publish_nowait(channel, key, json.dumps(data).encode()))
 
     def token(self, name: str, ttl_s: float = 3600, roles: tuple[str, ...] = ()) -> str:
         self.tokens[name] = Identity(name, "t1", frozenset(roles), int(time.time() + ttl_s), {})

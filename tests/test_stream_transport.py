@@ -168,6 +168,28 @@ async def test_sse_stream_and_last_event_id_resume() -> None:
         assert sorted(m["data"]["n"] for m in resumed) == [4, 5]
 
 
+async def test_a_bare_cursor_resumes_a_one_channel_sse_stream() -> None:
+    """CONTRACT §10 writes the id as ``<cursor>``; the server sends ``<channel>=<cursor>`` (it must pin
+    every channel of a stream) and takes the bare form back for a stream of one channel. Found: a bare
+    cursor resumed nothing, and the client lost what was published meanwhile without a gap."""
+    async with stream_rig() as rig, httpx.AsyncClient(timeout=5) as client:
+        token = rig.token("carol")
+        url = f"{rig.url}/sse/stream?channel={CHANNEL}"
+        first = rig.publish(CHANNEL, {"n": 1})
+        rig.publish(CHANNEL, {"n": 2})
+        got: list[int] = []
+        with trio.fail_after(10):
+            headers = {"Authorization": f"Bearer {token}", "Last-Event-ID": first}
+            async with client.stream("GET", url, headers=headers) as response:
+                rig.publish(CHANNEL, {"n": 3})
+                async for line in response.aiter_lines():
+                    if line.startswith("data: "):
+                        got.append(json.loads(line[6:])["data"]["n"])
+                        if len(got) == 2:
+                            break
+        assert got == [2, 3]
+
+
 async def test_sse_denied_channel_is_403_before_the_stream() -> None:
     async with stream_rig() as rig, httpx.AsyncClient(timeout=5) as client:
         rig.denied.add("secret.v1")

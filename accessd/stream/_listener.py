@@ -333,12 +333,10 @@ class StreamListener:
             raise ApiError(400, "BAD_REQUEST", "give one or more channel= and at most one key=")
         # ?last_event_id= for a page that reconnects with a new ticket (EventSource sets the header itself
         # only when it retries the same URL).
-        resume = parse_event_id(
-            request.header("last-event-id") or (request.query.get("last_event_id") or [""])[0]
-        )
-        plan = [
-            (channel, keys[0] if keys else None, resume.get(channel)) for channel in dict.fromkeys(channels)
-        ]
+        wanted = list(dict.fromkeys(channels))
+        last_event_id = request.header("last-event-id") or (request.query.get("last_event_id") or [""])[0]
+        resume = parse_event_id(last_event_id, wanted)
+        plan = [(channel, keys[0] if keys else None, resume.get(channel)) for channel in wanted]
         await self._refuse_denied(identity, plan)
         session = SseSession(conn, self.hub, identity, self._authorize, self.settings)
         head = response_head(200, [*SSE_HEADERS, *self._browsers.cors_headers(request)])

@@ -1,13 +1,15 @@
 """An SSE session: the subscriptions come from the query (``channel=``, ``key=``) and resume from
 ``Last-Event-ID``; events go out, nothing more comes in (CONTRACT §10).
 
-With one channel an event id is that channel's cursor; with several it is ``<channel>=<cursor>;...`` over
-all of them, so a reconnect resumes every channel.
+An event id is ``<channel>=<cursor>``, with several channels ``<channel>=<cursor>;...`` over all of them, so
+a reconnect resumes every channel. A bare cursor (CONTRACT §10's ``id: <cursor>``) is taken back too, for a
+stream of one channel.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from typing import Any
 
 import trio
@@ -83,8 +85,15 @@ class SseSession(Session):
             self.close(CLOSE_TOKEN, "token expired")
 
 
-def parse_event_id(value: str | None) -> dict[str, str]:
-    """``Last-Event-ID`` of a stream: ``<channel>=<cursor>[;...]``; unusable ids resume nothing."""
+def parse_event_id(value: str | None, channels: Sequence[str] = ()) -> dict[str, str]:
+    """``Last-Event-ID`` of a stream: ``<channel>=<cursor>[;...]``; unusable ids resume nothing. A bare
+    cursor (CONTRACT §10's ``id: <cursor>``) resumes a stream of one channel (``channels``)."""
+    if value and len(channels) == 1 and "=" not in value:
+        try:
+            decode_cursor(value.strip())
+        except CursorError:
+            return {}
+        return {channels[0]: value.strip()}
     cursors: dict[str, str] = {}
     for part in (value or "").split(";"):
         channel, sep, cursor = part.strip().partition("=")
