@@ -48,3 +48,7 @@ locust HOST="http://127.0.0.1:8000" USERS="50" TIME="30s":
 # scale-out on real engines: one internal daemon and two edges as processes on one Tansu, Redis and Postgres
 scale-test *ARGS:
     python -m pytest tests/test_scale_out.py -rxX {{ARGS}}
+
+# deploy/ validated and scanned: kubernetes-validate (strict), the service manifests against their schema, checkov (own venv); CI runs it
+deploy-check:
+    scripts/deploy-check.sh
