@@ -109,6 +109,8 @@ def entitlements_blueprint(decider: Decider, store: GrantStore | None, verify: V
             problem = f"expected seconds from 0 to {MAX_VERSION_WAIT_S:g}"
             raise ApiError(400, "BAD_REQUEST", f"wait_s: {problem}", {"field": "wait_s", "problem": problem})
         after = request.args.get("after")
+        if after is not None and len(after) > 256:  # a version is short; this is not one
+            raise ApiError(400, "BAD_REQUEST", "after: not a version", {"field": "after"})
         if after is not None:
             with trio.move_on_after(wait_s):
                 await store.version.wait_changed(after)
