@@ -1,14 +1,19 @@
-"""One load process of bench/fanout.py: N trio-websocket subscribers, lag histogram out as JSON on stdout.
+"""One load process of bench/fanout.py and bench/memory.py: N subscribers, lag histogram out as JSON on stdout.
 
-Lag is the message's broker timestamp (``ts``) to its arrival here: the server's broker-to-socket lag plus
-loopback and this client's own scheduling delay, so it over-states the server's share.
-Usage: python bench/_fanout_client.py WS_URL CHANNEL --conns 500 --seconds 30 --ready-file PATH [--raw]
+Lag is a timestamp in the frame (``--lag-key ts``: accessd's broker timestamp; ``t``: the publisher's send
+time, put in the payload by ``fanout.py --peer``) to its arrival here, on this machine's clock: it includes
+loopback and this client's own scheduling delay, so it over-states the server's share. The payload's ``n``
+(the publisher's sequence number) counts losses (gaps) and duplicates per connection.
+``--proto nchan`` speaks to nginx+nchan, which sends the raw published body with no welcome or subscribe.
+Usage: python bench/_fanout_client.py URL CHANNEL --conns 500 --seconds 30 --ready-file PATH
+       [--raw] [--sse] [--proto accessd|nchan] [--lag-key ts|t]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import time
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -17,29 +22,50 @@ import trio
 from trio_websocket import ConnectionClosed, open_websocket_url
 
 BUCKET_MS = 1  # histogram resolution
+SEQ = re.compile(rb'"n": ?(\d+)')
+LAG = {"ts": re.compile(rb'"ts": ?(\d+)'), "t": re.compile(rb'"t": ?([\d.]+)')}
+
+
+def record(stats: dict, last: int, frame: bytes) -> int:
+    """Count one data frame or event; returns the connection's newest sequence number."""
+    seq = SEQ.search(frame)
+    if seq is None:
+        return last  # welcome, subscribed, pings
+    n = int(seq.group(1))
+    if not stats["measuring"]:
+        return max(n, last)
+    if n <= last:
+        stats["duplicates"] += 1
+        return last
+    if last >= 0:
+        stats["lost"] += n - last - 1
+    stamp = stats["lag"].search(frame)
+    if stamp is not None:
+        bucket = int(max(0.0, time.time() * 1000 - float(stamp.group(1))) // BUCKET_MS)
+        stats["hist"][bucket] = stats["hist"].get(bucket, 0) + 1
+    stats["received"] += 1
+    return n
+
+
+def subscribe_op(channel: str) -> str:
+    return json.dumps({"op": "subscribe", "id": "1", "channel": channel})
 
 
 async def subscriber(
-    url: str, channel: str, stats: dict, ready: trio.MemorySendChannel, stop_at: float
+    url: str, channel: str, stats: dict, ready: trio.MemorySendChannel, stop_at: float, proto: str
 ) -> None:
     try:
         async with open_websocket_url(url, message_queue_size=64, connect_timeout=60) as ws:
-            await ws.get_message()  # welcome
-            await ws.send_message(json.dumps({"op": "subscribe", "id": "1", "channel": channel}))
-            await ws.get_message()  # subscribed
+            if proto == "accessd":
+                await ws.get_message()  # welcome
+                await ws.send_message(subscribe_op(channel))
+                await ws.get_message()  # subscribed
+            stats["connected"] += 1
             await ready.send(None)
+            last = -1
             with trio.move_on_at(stop_at):
                 while True:
-                    frame = await ws.get_message()
-                    now_ms = time.time() * 1000
-                    at = frame.find('"ts":')
-                    if at < 0:
-                        continue
-                    ts = int(frame[at + 5 : frame.index(",", at)])
-                    if stats["measuring"]:
-                        bucket = int(max(0.0, now_ms - ts) // BUCKET_MS)
-                        stats["hist"][bucket] = stats["hist"].get(bucket, 0) + 1
-                        stats["received"] += 1
+                    last = record(stats, last, (await ws.get_message()).encode())
     except (ConnectionClosed, OSError) as exc:
         stats["errors"] += 1
         stats["last_error"] = repr(exc)[:200]
@@ -50,31 +76,45 @@ def _masked_text(payload: bytes) -> bytes:
     return bytes([0x81, 0x80 | len(payload)]) + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
 
 
+async def _open(url: str, head: str, body: bytes, until: bytes) -> tuple[trio.SocketStream, bytes]:
+    """Connect, send a request head (and body), read until ``until``; returns the stream and what follows."""
+    parts = urlsplit(url)
+    stream = await trio.open_tcp_stream(parts.hostname, parts.port)
+    await stream.send_all(
+        f"GET {parts.path}?{parts.query} HTTP/1.1\r\nHost: {parts.netloc}\r\n{head}\r\n".encode() + body
+    )
+    buf = b""
+    while until not in buf:
+        chunk = await stream.receive_some(65536)
+        if not chunk:
+            raise ConnectionError(f"closed before {until!r}: {buf[:100]!r}")
+        buf += chunk
+    if not buf.startswith((b"HTTP/1.1 101", b"HTTP/1.1 200")):
+        raise ConnectionError(f"refused: {buf[:100]!r}")
+    return stream, buf[buf.index(until) + len(until) :]
+
+
 async def raw_subscriber(
-    url: str, channel: str, stats: dict, ready: trio.MemorySendChannel, stop_at: float
+    url: str, channel: str, stats: dict, ready: trio.MemorySendChannel, stop_at: float, proto: str
 ) -> None:
     """A minimal WebSocket client: real handshake and framing, no per-message object work, so that the
     load generator costs less CPU than the server it measures (``--raw``)."""
-    parts = urlsplit(url)
+    head = (
+        "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        "Sec-WebSocket-Version: 13\r\n"
+    )
     try:
-        stream = await trio.open_tcp_stream(parts.hostname, parts.port)
-        async with stream:
-            await stream.send_all(
-                f"GET {parts.path}?{parts.query} HTTP/1.1\r\nHost: {parts.netloc}\r\nUpgrade: websocket\r\n"
-                "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-                "Sec-WebSocket-Version: 13\r\n\r\n".encode()
-                + _masked_text(json.dumps({"op": "subscribe", "id": "1", "channel": channel}).encode())
+        if proto == "accessd":  # subscribe sent with the handshake; ready once it is acknowledged
+            stream, buf = await _open(
+                url, head, _masked_text(subscribe_op(channel).encode()), b'"subscribed"'
             )
-            buf = b""
-            while b'"subscribed"' not in buf:
-                chunk = await stream.receive_some(65536)
-                if not chunk:
-                    raise ConnectionError("closed during subscribe")
-                buf += chunk
-            buf = buf[buf.index(b'"subscribed"') :]
             buf = buf[buf.index(b"}") + 1 :]
+        else:
+            stream, buf = await _open(url, head, b"", b"\r\n\r\n")
+        async with stream:
+            stats["connected"] += 1
             await ready.send(None)
-            hist = stats["hist"]
+            last = -1
             with trio.move_on_at(stop_at):
                 while True:
                     chunk = await stream.receive_some(262144)
@@ -83,34 +123,53 @@ async def raw_subscriber(
                     buf += chunk
                     while len(buf) >= 2:  # unmasked server frames: 2, 4 or 10 byte headers
                         length = buf[1] & 0x7F
-                        head = 2 if length < 126 else 4 if length == 126 else 10
+                        head_len = 2 if length < 126 else 4 if length == 126 else 10
                         if length >= 126:
-                            if len(buf) < head:
+                            if len(buf) < head_len:
                                 break
-                            length = int.from_bytes(buf[2:head], "big")
-                        if len(buf) < head + length:
+                            length = int.from_bytes(buf[2:head_len], "big")
+                        if len(buf) < head_len + length:
                             break
-                        frame, buf = buf[head : head + length], buf[head + length :]
-                        at = frame.find(b'"ts":')
-                        if at >= 0 and stats["measuring"]:
-                            ts = int(frame[at + 5 : frame.index(b",", at)])
-                            bucket = int(max(0.0, time.time() * 1000 - ts) // BUCKET_MS)
-                            hist[bucket] = hist.get(bucket, 0) + 1
-                            stats["received"] += 1
+                        frame, buf = buf[head_len : head_len + length], buf[head_len + length :]
+                        last = record(stats, last, frame)
+    except (ConnectionError, OSError, trio.BrokenResourceError) as exc:
+        stats["errors"] += 1
+        stats["last_error"] = repr(exc)[:200]
+
+
+async def sse_subscriber(
+    url: str, channel: str, stats: dict, ready: trio.MemorySendChannel, stop_at: float, proto: str
+) -> None:
+    """A minimal EventSource client (``--sse``): ready once the response head is in; events end at a blank line."""
+    try:
+        stream, buf = await _open(url, "Accept: text/event-stream\r\n", b"", b"\r\n\r\n")
+        async with stream:
+            stats["connected"] += 1
+            await ready.send(None)
+            last = -1
+            with trio.move_on_at(stop_at):
+                while True:
+                    chunk = await stream.receive_some(262144)
+                    if not chunk:
+                        raise ConnectionError("server closed the connection")
+                    buf += chunk
+                    *events, buf = buf.split(b"\n\n")
+                    for event in events:
+                        last = record(stats, last, event)
     except (ConnectionError, OSError, trio.BrokenResourceError) as exc:
         stats["errors"] += 1
         stats["last_error"] = repr(exc)[:200]
 
 
 async def main(args: argparse.Namespace) -> None:
-    stats = {"hist": {}, "received": 0, "errors": 0, "measuring": False}
+    stats = {"hist": {}, "received": 0, "lost": 0, "duplicates": 0, "connected": 0, "errors": 0}
+    stats |= {"measuring": False, "lag": LAG[args.lag_key]}
     stop_at = trio.current_time() + args.warmup + args.seconds + 60
     send, ready = trio.open_memory_channel[None](args.conns)
+    run = sse_subscriber if args.sse else raw_subscriber if args.raw else subscriber
     async with trio.open_nursery() as nursery:
         for i in range(args.conns):
-            nursery.start_soon(
-                raw_subscriber if args.raw else subscriber, args.url, args.channel, stats, send, stop_at
-            )
+            nursery.start_soon(run, args.url, args.channel, stats, send, stop_at, args.proto)
             if i % 50 == 49:
                 await trio.sleep(0.05)  # stay under the accept backlog
         with trio.move_on_after(120):
@@ -124,7 +183,7 @@ async def main(args: argparse.Namespace) -> None:
         stats["measuring"] = True
         await trio.sleep(args.seconds)
         stats["measuring"] = False
-        print(json.dumps({k: v for k, v in stats.items() if k != "measuring"}), flush=True)
+        print(json.dumps({k: v for k, v in stats.items() if k not in ("measuring", "lag")}), flush=True)
         nursery.cancel_scope.cancel()
 
 
@@ -139,4 +198,7 @@ if __name__ == "__main__":
     parser.add_argument(
         "--raw", action="store_true", help="minimal WebSocket client instead of trio-websocket"
     )
+    parser.add_argument("--sse", action="store_true", help="minimal EventSource client instead of WebSocket")
+    parser.add_argument("--proto", choices=("accessd", "nchan"), default="accessd")
+    parser.add_argument("--lag-key", choices=tuple(LAG), default="ts")
     trio.run(main, parser.parse_args())

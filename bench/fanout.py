@@ -3,19 +3,29 @@
 Reports deliveries/s, lag P50/P95/P99 (broker timestamp to client arrival), the daemon's CPU µs per
 delivery (from /proc: shared cores are accounted for) and its peak RSS. Clients are trio-websocket in
 several processes; on a 2-core machine they compete with the server, so read CPU per delivery first.
+
+``--peer nchan`` runs the same clients and publisher against accessd, then against nginx with the nchan
+module (bench/peers/nchan.conf: one worker, in memory; ``apt-get install nginx-light libnginx-mod-nchan``),
+and prints both and their ratios. There the payload is ``--size`` bytes carrying the publisher's sequence
+number and send time, so lag (send to arrival), losses and duplicates are measured the same way for both,
+and CPU per delivery is the server processes' CPU (accessd's one; nginx's master and worker) over the
+deliveries the clients counted.
 Usage: python bench/fanout.py --conns 1000 --rate 20 --seconds 20 [--procs 4] [--broker embedded|kafka]
+       python bench/fanout.py --conns 1000 --rate 20 --seconds 20 --procs 1 --raw-clients --peer nchan
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import time
-from functools import partial
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -27,6 +37,7 @@ from _common import (  # noqa: E402
     append_results,
     cpu_seconds,
     daemon_env,
+    free_port,
     mint_token,
     rss_mib,
     wait_http,
@@ -34,6 +45,7 @@ from _common import (  # noqa: E402
 
 HERE = Path(__file__).parent
 CHANNEL = "bench.fanout.v1"
+WARMUP_S = 3.0
 
 
 def peak_rss_mib(pid: int) -> float:
@@ -41,6 +53,203 @@ def peak_rss_mib(pid: int) -> float:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     return 0.0
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    found.append(int(entry.name))
+            except (OSError, IndexError):
+                pass
+    return found
+
+
+def sockstat_tcp() -> dict[str, int]:
+    """The TCP line of /proc/net/sockstat (``mem`` in pages), for the whole network namespace."""
+    for line in Path("/proc/net/sockstat").read_text().splitlines():
+        if line.startswith("TCP:"):
+            words = line.split()[1:]
+            return {k: int(v) for k, v in zip(words[::2], words[1::2], strict=True)}
+    return {}
+
+
+@dataclass
+class Server:
+    """A server under test: its processes (CPU and RSS are summed over ``pids``) and how to reach it."""
+
+    name: str
+    process: subprocess.Popen
+    pids: list[int]
+    ws_url: str
+    sse_url: str
+    proto: str  # the client protocol: "accessd" or "nchan"
+    publish_url: str
+    token: str = ""
+    metrics_url: str = ""
+    env: dict[str, str] = field(default_factory=dict)
+
+    def cpu(self) -> float:
+        return sum(cpu_seconds(pid) for pid in self.pids)
+
+    def rss(self) -> float:
+        return sum(rss_mib(pid) for pid in self.pids)
+
+    def peak(self) -> float:
+        return sum(peak_rss_mib(pid) for pid in self.pids) if self.process.poll() is None else 0.0
+
+    def stop(self) -> None:
+        self.process.send_signal(signal.SIGTERM)
+        self.process.wait(60)
+
+
+def start_accessd(work: Path, conns: int, **settings: str) -> Server:
+    work.mkdir(parents=True, exist_ok=True)
+    policy = work / "grants.yaml"
+    policy.write_text(
+        "grants:\n  - {tenant_id: bench, subject: '*', action: subscribe, resource: 'channel:bench.*', "
+        "effect: allow}\n"
+    )
+    env, ports = daemon_env(
+        work / "state",
+        ACCESS_POLICY_FILE=str(policy),
+        ACCESS_MAX_CONNECTIONS=str(conns + 100),
+        ACCESS_STREAM_CONNECTS_PER_MINUTE="1000000",
+        ACCESS_STREAM_MAX_HANDSHAKES_PER_IP=str(conns + 100),  # every client is on one address
+        **settings,
+    )
+    daemon = subprocess.Popen(
+        [PYTHON, "-m", "accessd", "run", "--role", "all"],
+        env=env,
+        stdout=open(work / "daemon.log", "wb"),
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        wait_http(f"http://127.0.0.1:{ports['internal']}/health/ready")
+        token = mint_token(env, "bench", "publisher")  # ACCESS_PUBLISH_ROLE's default: it publishes too
+    except Exception:
+        daemon.kill()
+        raise
+    stream = f"127.0.0.1:{ports['stream']}"
+    return Server(
+        name="accessd",
+        process=daemon,
+        pids=[daemon.pid],
+        ws_url=f"ws://{stream}/ws/stream?token={token}",
+        sse_url=f"http://{stream}/sse/stream?channel={CHANNEL}&token={token}",
+        proto="accessd",
+        publish_url=f"http://127.0.0.1:{ports['internal']}/stream/publish",
+        token=token,
+        metrics_url=f"http://127.0.0.1:{ports['edge']}",
+        env=env,
+    )
+
+
+def require_nchan() -> None:
+    if not shutil.which("nginx") or not Path("/usr/lib/nginx/modules/ngx_nchan_module.so").exists():
+        raise SystemExit(
+            "--peer nchan needs nginx and its nchan module: apt-get install nginx-light libnginx-mod-nchan"
+        )
+
+
+def start_nchan(work: Path) -> Server:
+    require_nchan()
+    work.mkdir(parents=True, exist_ok=True)
+    work.chmod(0o755)  # nginx's worker runs as another user when started as root
+    (work / "tmp").mkdir(exist_ok=True)
+    port = free_port()
+    (work / "nchan.conf").write_text((HERE / "peers" / "nchan.conf").read_text().replace("@PORT@", str(port)))
+    master = subprocess.Popen(
+        ["nginx", "-p", str(work), "-c", "nchan.conf", "-e", str(work / "error.log")],
+        stdout=subprocess.DEVNULL,
+        stderr=open(work / "nginx.out", "wb"),
+    )
+    deadline = time.monotonic() + 15
+    while True:
+        workers = children(master.pid)
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            if workers:
+                break
+        except OSError:
+            pass
+        if master.poll() is not None or time.monotonic() > deadline:
+            master.kill()
+            raise RuntimeError(f"nginx did not start: {(work / 'nginx.out').read_text()[-500:]}")
+        time.sleep(0.05)
+    base = f"127.0.0.1:{port}"
+    return Server(
+        name="nginx+nchan",
+        process=master,
+        pids=[master.pid, *workers],
+        ws_url=f"ws://{base}/ws",
+        sse_url=f"http://{base}/sse",
+        proto="nchan",
+        publish_url=f"http://{base}/pub",
+    )
+
+
+def start_clients(
+    server: Server, work: Path, conns: int, procs: int, seconds: float, warmup: float, *flags: str
+) -> tuple[list[subprocess.Popen], list[Path]]:
+    """Client processes connecting ``conns`` subscribers in all; they wait for ``go()`` to start counting."""
+    url = server.sse_url if "--sse" in flags else server.ws_url
+    per = [conns // procs + (1 if i < conns % procs else 0) for i in range(procs)]
+    tag = time.monotonic_ns()  # each batch of clients has its own ready and go files
+    ready_files = [work / f"ready-{server.proto}-{tag}-{i}" for i in range(procs)]
+    clients = [
+        subprocess.Popen(
+            [
+                PYTHON,
+                str(HERE / "_fanout_client.py"),
+                url,
+                CHANNEL,
+                "--conns",
+                str(count),
+                "--seconds",
+                str(seconds),
+                "--warmup",
+                str(warmup),
+                "--ready-file",
+                str(ready),
+                "--proto",
+                server.proto,
+                *flags,
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for count, ready in zip(per, ready_files, strict=True)
+    ]
+    deadline = time.monotonic() + 180
+    while not all(f.exists() for f in ready_files):
+        if time.monotonic() > deadline or any(c.poll() is not None for c in clients):
+            for c in clients:
+                c.kill()
+            raise RuntimeError("clients did not connect within 180 s")
+        time.sleep(0.1)
+    return clients, ready_files
+
+
+def go(ready_files: list[Path]) -> None:
+    for f in ready_files:
+        Path(str(f) + ".go").write_text("go")
+
+
+def collect(clients: list[subprocess.Popen]) -> dict:
+    """The client processes' figures, merged."""
+    outputs = [json.loads(c.communicate(timeout=120)[0].strip().splitlines()[-1]) for c in clients]
+    merged = {
+        k: sum(o[k] for o in outputs) for k in ("received", "lost", "duplicates", "connected", "errors")
+    }
+    merged["hist"] = {}
+    for out in outputs:
+        for bucket, count in out["hist"].items():
+            merged["hist"][int(bucket)] = merged["hist"].get(int(bucket), 0) + count
+    merged["last_error"] = next((o["last_error"] for o in outputs if "last_error" in o), "")
+    return merged
 
 
 def scrape(url: str) -> dict[str, float]:
@@ -85,16 +294,35 @@ def percentiles(hist: dict[int, int], ps: tuple[float, ...]) -> list[float]:
     return out + [float(items[-1][0])] * (len(ps) - len(out)) if items else [0.0] * len(ps)
 
 
-async def publish_loop(url: str, token: str, rate: float, seconds: float) -> int:
-    """Publish on schedule: each POST starts at its slot even if earlier ones are still in flight."""
+def payload(n: int, size: int) -> bytes:
+    """A JSON body of ``size`` bytes (or more, if it cannot fit) with the sequence number and send time."""
+    head = f'{{"n":{n},"t":{time.time() * 1000:.3f},"pad":"'
+    return (head + "x" * max(0, size - len(head) - 2) + '"}').encode()
+
+
+async def publish_loop(server: Server, rate: float, seconds: float, size: int) -> int:
+    """Publish on schedule: each POST starts at its slot even if earlier ones are still in flight.
+    ``size`` 0: the original accessd body without a send time."""
     sent = 0
     limits = httpx.Limits(max_connections=32)
+    headers = {"Content-Type": "application/json"}
+    if server.token:
+        headers["Authorization"] = f"Bearer {server.token}"
+
+    async def post(n: int) -> None:
+        if server.proto == "nchan":
+            body = payload(n, size)
+        elif size:
+            body = b'{"channel":"%s","key":"k%d","data":%s}' % (CHANNEL.encode(), n % 8, payload(n, size))
+        else:
+            data = {"n": n, "pad": "x" * 64}
+            body = json.dumps({"channel": CHANNEL, "key": f"k{n % 8}", "data": data}).encode()
+        await client.post(server.publish_url, content=body, headers=headers)
+
     async with httpx.AsyncClient(timeout=30, limits=limits) as client, trio.open_nursery() as nursery:
         start = trio.current_time()
         while trio.current_time() - start < seconds:
-            body = {"channel": CHANNEL, "key": f"k{sent % 8}", "data": {"n": sent, "pad": "x" * 64}}
-            headers = {"Authorization": f"Bearer {token}"}
-            nursery.start_soon(partial(client.post, f"{url}/stream/publish", json=body, headers=headers))
+            nursery.start_soon(post, sent)
             sent += 1
             await trio.sleep_until(start + sent / rate)
     return sent
@@ -123,6 +351,48 @@ async def publish_to_kafka(bootstrap: str, rate: float, seconds: float) -> int:
     return sent
 
 
+def run_leg(server: Server, work: Path, args: argparse.Namespace, size: int, lag_key: str) -> dict:
+    """Connect the clients, publish for warm-up + ``args.seconds``, measure the server over the last part."""
+    flags = ["--lag-key", lag_key, *(["--raw"] if args.raw_clients else [])]
+    clients, ready_files = start_clients(server, work, args.conns, args.procs, args.seconds, WARMUP_S, *flags)
+    try:
+        connect_rss = server.rss()
+        go(ready_files)
+
+        async def drive() -> dict:
+            result: dict = {"before": {}, "after": {}}
+            async with trio.open_nursery() as nursery:
+
+                async def pub() -> None:
+                    seconds = args.seconds + WARMUP_S + 1
+                    if args.broker == "kafka":  # producers write to Kafka, not through accessd
+                        bootstrap = server.env["ACCESS_KAFKA_BOOTSTRAP"]
+                        result["sent"] = await publish_to_kafka(bootstrap, args.rate, seconds)
+                    else:
+                        result["sent"] = await publish_loop(server, args.rate, seconds, size)
+
+                nursery.start_soon(pub)
+                await trio.sleep(WARMUP_S)  # the clients' warm-up
+                if server.metrics_url:
+                    result["before"] = await trio.to_thread.run_sync(scrape, server.metrics_url)
+                result["cpu0"] = server.cpu()
+                await trio.sleep(args.seconds)
+                result["cpu1"] = server.cpu()
+                if server.metrics_url:
+                    result["after"] = await trio.to_thread.run_sync(scrape, server.metrics_url)
+            return result
+
+        result = trio.run(drive)
+        result |= collect(clients)
+    finally:
+        for c in clients:
+            if c.poll() is None:
+                c.kill()
+    result["connect_rss"], result["peak"] = connect_rss, server.peak()
+    result["lag"] = percentiles(result["hist"], (0.50, 0.95, 0.99))
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--conns", type=int, default=1000)
@@ -136,23 +406,17 @@ def main() -> None:
         action="store_true",
         help="minimal WebSocket clients (real handshake and framing) that need less CPU than trio-websocket",
     )
+    parser.add_argument("--peer", choices=("nchan",), help="also run the same load against nginx+nchan")
+    parser.add_argument("--size", type=int, help="payload bytes with --peer (default 128)")
     args = parser.parse_args()
+    if args.peer and args.broker != "embedded":
+        parser.error("--peer compares against the embedded broker only")
+    if args.peer:
+        require_nchan()  # before the accessd leg, not after it
 
     work = Path(tempfile.mkdtemp(prefix="accessd-fanout-"))
-    policy = work / "grants.yaml"
-    policy.write_text(
-        "grants:\n  - {tenant_id: bench, subject: '*', action: subscribe, resource: 'channel:bench.*', "
-        "effect: allow}\n"
-    )
-    env, ports = daemon_env(
-        work / "state",
-        ACCESS_POLICY_FILE=str(policy),
-        ACCESS_MAX_CONNECTIONS=str(args.conns + 100),
-        ACCESS_STREAM_CONNECTS_PER_MINUTE="1000000",
-        ACCESS_STREAM_MAX_HANDSHAKES_PER_IP=str(args.conns + 100),  # every client is on one address
-    )
-    edge, stream, internal = ports["edge"], ports["stream"], ports["internal"]
     tansu = None
+    settings = {}
     if args.broker == "kafka":
         bootstrap = args.kafka_bootstrap
         if not bootstrap:
@@ -161,113 +425,81 @@ def main() -> None:
 
             tansu = tansu_broker(work)
             bootstrap = tansu.__enter__()
-        env["ACCESS_KAFKA_BOOTSTRAP"] = bootstrap
+        settings["ACCESS_KAFKA_BOOTSTRAP"] = bootstrap
         trio.run(publish_to_kafka, bootstrap, 1000.0, 0.0)  # the topic exists before anyone follows it
-    daemon = subprocess.Popen(
-        [PYTHON, "-m", "accessd", "run", "--role", "all"],
-        env=env,
-        stdout=open(work / "daemon.log", "wb"),
-        stderr=subprocess.STDOUT,
-    )
-    clients: list[subprocess.Popen] = []
     try:
-        wait_http(f"http://127.0.0.1:{internal}/health/ready")
-        token = mint_token(env, "bench", "publisher")  # ACCESS_PUBLISH_ROLE's default: it publishes too
-        ws_url = f"ws://127.0.0.1:{stream}/ws/stream?token={token}"
-        per = [
-            args.conns // args.procs + (1 if i < args.conns % args.procs else 0) for i in range(args.procs)
-        ]
-        ready_files = [work / f"ready-{i}" for i in range(args.procs)]
-        for count, ready in zip(per, ready_files, strict=True):
-            clients.append(
-                subprocess.Popen(
-                    [
-                        PYTHON,
-                        str(HERE / "_fanout_client.py"),
-                        ws_url,
-                        CHANNEL,
-                        "--conns",
-                        str(count),
-                        "--seconds",
-                        str(args.seconds),
-                        "--warmup",
-                        "3",
-                        "--ready-file",
-                        str(ready),
-                        *(["--raw"] if args.raw_clients else []),
-                    ],
-                    stdout=subprocess.PIPE,
-                    text=True,
-                )
-            )
-        deadline = time.monotonic() + 180
-        while not all(f.exists() for f in ready_files):
-            if time.monotonic() > deadline:
-                raise RuntimeError("clients did not connect within 180 s")
-            time.sleep(0.1)
-        connect_rss = rss_mib(daemon.pid)
-        for f in ready_files:
-            Path(str(f) + ".go").write_text("go")
-        publisher = f"http://127.0.0.1:{internal}"
-
-        async def drive() -> tuple[int, float, float]:
-            async with trio.open_nursery() as nursery:
-                result: dict = {}
-
-                async def pub() -> None:
-                    seconds = args.seconds + 4
-                    if args.broker == "kafka":  # producers write to Kafka, not through accessd
-                        result["sent"] = await publish_to_kafka(
-                            env["ACCESS_KAFKA_BOOTSTRAP"], args.rate, seconds
-                        )
-                    else:
-                        result["sent"] = await publish_loop(publisher, token, args.rate, seconds)
-
-                nursery.start_soon(pub)
-                await trio.sleep(3)  # the clients' warm-up
-                result["before"] = await trio.to_thread.run_sync(scrape, metrics_url)
-                cpu0 = cpu_seconds(daemon.pid)
-                await trio.sleep(args.seconds)
-                cpu1 = cpu_seconds(daemon.pid)
-                result["after"] = await trio.to_thread.run_sync(scrape, metrics_url)
-            return result["sent"], cpu0, cpu1, result["before"], result["after"]
-
-        metrics_url = f"http://127.0.0.1:{edge}"
-        sent, cpu0, cpu1, before, after = trio.run(drive)
-        outputs = [json.loads(c.communicate(timeout=120)[0].strip().splitlines()[-1]) for c in clients]
+        if args.peer:
+            return compare(args, work, args.size or 128)
+        daemon = start_accessd(work, args.conns, **settings)
+        try:
+            r = run_leg(daemon, work, args, args.size or 0, "ts")
+        finally:
+            daemon.stop()
     finally:
-        for c in clients:
-            if c.poll() is None:
-                c.kill()
-        peak = peak_rss_mib(daemon.pid) if daemon.poll() is None else 0.0
-        daemon.send_signal(signal.SIGTERM)
-        daemon.wait(60)
         if tansu is not None:
             tansu.__exit__(None, None, None)
 
-    hist: dict[int, int] = {}
-    for out in outputs:
-        for bucket, count in out["hist"].items():
-            hist[int(bucket)] = hist.get(int(bucket), 0) + count
-    received = sum(out["received"] for out in outputs)
-    errors = sum(out["errors"] for out in outputs)
-    p50, p95, p99 = percentiles(hist, (0.50, 0.95, 0.99))
-    rate = received / args.seconds
+    before, after, sent, (p50, p95, p99) = r["before"], r["after"], r["sent"], r["lag"]
+    rate = r["received"] / args.seconds
     server_delivered = after.get("delivered", 0.0) - before.get("delivered", 0.0)
-    cpu_us = (cpu1 - cpu0) / server_delivered * 1e6 if server_delivered else float("nan")
+    cpu_us = (r["cpu1"] - r["cpu0"]) / server_delivered * 1e6 if server_delivered else float("nan")
     s50, s95, s99 = histogram_quantiles(before, after, (0.50, 0.95, 0.99))
     drops = {k[8:]: int(after[k] - before.get(k, 0.0)) for k in after if k.startswith("dropped:")}
     drops_text = ", ".join(f"{k} {v:,}" for k, v in sorted(drops.items()) if v) or "none"
     body = f"""| connections | msgs/s published | deliveries/s (server / clients) | client lag P50 / P95 / P99 ms | server lag P50 / P95 / P99 ms | server CPU µs/delivery | RSS after connect / peak MiB | slow-consumer handling | client errors |
 |---|---|---|---|---|---|---|---|---|
-| {args.conns} | {args.rate:g} | {server_delivered / args.seconds:,.0f} / {rate:,.0f} | {p50:.0f} / {p95:.0f} / {p99:.0f} | {s50} / {s95} / {s99} | {cpu_us:.1f} | {connect_rss:.0f} / {peak:.0f} | {drops_text} | {errors} |
+| {args.conns} | {args.rate:g} | {server_delivered / args.seconds:,.0f} / {rate:,.0f} | {p50:.0f} / {p95:.0f} / {p99:.0f} | {s50} / {s95} / {s99} | {cpu_us:.1f} | {r["connect_rss"]:.0f} / {r["peak"]:.0f} | {drops_text} | {r["errors"]} |
 
 Broker: {args.broker}{" (published straight to Kafka by the bench)" if args.broker == "kafka" else " (published through POST /stream/publish)"}; {args.procs} client processes ({"minimal raw WebSocket clients" if args.raw_clients else "trio-websocket"}); {sent} messages published over \
-{args.seconds + 4:g} s, {args.seconds:g} s measured after a 3 s warm-up. Client lag = broker timestamp to arrival in a client process;
+{args.seconds + WARMUP_S + 1:g} s, {args.seconds:g} s measured after a 3 s warm-up. Client lag = broker timestamp to arrival in a client process;
 server lag = `accessd_stream_delivery_lag_seconds` (broker timestamp to the fan-out's socket writes), bucket
 bounds from the daemon's own histogram over the same window."""
     append_results(
         f"Fan-out: {args.conns} WebSocket subscribers × {args.rate:g} msg/s ({args.broker} broker)",
+        "python bench/fanout.py " + " ".join(sys.argv[1:]),
+        body,
+    )
+
+
+def compare(args: argparse.Namespace, work: Path, size: int) -> None:
+    """accessd, then nginx+nchan: the same clients, publisher, payload and windows, one after the other."""
+    results = {}
+    for start in (lambda: start_accessd(work / "accessd", args.conns), lambda: start_nchan(work / "nchan")):
+        server = start()
+        try:
+            results[server.name] = run_leg(server, work, args, size, "t")
+        finally:
+            server.stop()
+        time.sleep(1)  # let the sockets of the first leg close
+
+    rows = []
+    for name, r in results.items():
+        expected = r["received"] + r["lost"]
+        r["cpu_us"] = (r["cpu1"] - r["cpu0"]) / r["received"] * 1e6 if r["received"] else float("nan")
+        p50, p95, p99 = r["lag"]
+        rows.append(
+            f"| {name} | {r['received'] / args.seconds:,.0f} | {r['received']:,} / {expected:,} | "
+            f"{r['duplicates']} | {p50:.0f} / {p95:.0f} / {p99:.0f} | {r['cpu_us']:.1f} | "
+            f"{r['connect_rss']:.0f} / {r['peak']:.0f} | {r['connected']:,} / {r['errors']} |"
+        )
+    a, n = results["accessd"], results["nginx+nchan"]
+    ratio_lag = a["lag"][1] / n["lag"][1] if n["lag"][1] else float("nan")
+    sep = "|---" * 8 + "|"
+    body = f"""| server | deliveries/s | delivered / expected | duplicates | lag P50 / P95 / P99 ms | server CPU µs/delivery | RSS after connect / peak MiB | connected / client errors |
+{sep}
+{chr(10).join(rows)}
+
+**accessd / nchan: CPU per delivery {a["cpu_us"] / n["cpu_us"]:.2f}×, P95 lag {ratio_lag:.2f}×.**
+
+{args.conns} subscribers × {args.rate:g} msg/s of {size}-byte JSON payloads (sequence number and send time), \
+{args.procs} client processes ({"minimal raw WebSocket clients" if args.raw_clients else "trio-websocket"}), \
+published by HTTP POST ({a["sent"]} / {n["sent"]} messages over {args.seconds + WARMUP_S + 1:g} s), \
+{args.seconds:g} s measured after a {WARMUP_S:g} s warm-up, accessd first. Lag = the publisher's send time \
+to arrival in a client process (same clock); expected = what each connection's first and last sequence \
+numbers in the window span (gaps count as lost). Server CPU from /proc: accessd's process; nginx's master \
+and its one worker (bench/peers/nchan.conf), over the deliveries the clients counted."""
+    append_results(
+        f"Fan-out vs nginx+nchan: {args.conns} WebSocket subscribers × {args.rate:g} msg/s",
         "python bench/fanout.py " + " ".join(sys.argv[1:]),
         body,
     )
