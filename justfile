@@ -52,3 +52,7 @@ scale-test *ARGS:
 # deploy/ validated and scanned: kubernetes-validate (strict), the service manifests against their schema, checkov (own venv); CI runs it
 deploy-check:
     scripts/deploy-check.sh
+
+# the image built (on a Debian-packages base when no registry is reachable), run read-only, smoked, stopped with SIGTERM
+image-test:
+    scripts/image-test.sh
