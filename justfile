@@ -29,12 +29,13 @@ contract-check:
 contract-baseline: api-docs
     cp docs/openapi.yaml docs/asyncapi.yaml docs/baseline/
 
-# style, formatting, types (pyright, standard mode) and the package layering (import-linter); CI runs it
+# style, formatting, types (pyright, standard mode), the package layering (import-linter) and the Containerfile (hadolint); CI runs it
 lint:
     ruff check accessd tests bench scripts
     ruff format --check accessd tests bench scripts
     pyright
     lint-imports
+    hadolint Containerfile
 
 # benchmarks; each appends its figures to bench/RESULTS.md
 bench:
