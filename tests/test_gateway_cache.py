@@ -159,6 +159,8 @@ async def test_operators_invalidate_a_route_by_prefix(daemon_factory, tmp_path: 
         assert (await client.post(admin_url, json={"route": route}, headers=reader)).status_code == 403
         unknown = await client.post(admin_url, json={"route": "/api/v1/nope"}, headers=admin)
         assert unknown.status_code == 400 and unknown.json()["details"] == {"field": "route"}
+        not_a_string = await client.post(admin_url, json={"route": {"path": route}}, headers=admin)
+        assert not_a_string.status_code == 400 and not_a_string.json()["details"] == {"field": "route"}
         wrong_method = await client.get(admin_url, headers=admin)
         assert wrong_method.status_code == 405 and wrong_method.headers["allow"] == "POST"
 

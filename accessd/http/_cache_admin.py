@@ -40,9 +40,11 @@ async def read_request(receive: Any, table: RouteTable) -> tuple[str, str]:
     route, prefix = data.get("route"), data.get("prefix", "")
     if not isinstance(prefix, str) or len(prefix) > 2048:
         raise BadRequest("prefix: expected a string of at most 2048 characters", {"field": "prefix"})
+    if not isinstance(route, str):  # a list or object is unhashable: checked before the lookup
+        raise BadRequest("route: expected a route template (a string)", {"field": "route"})
     cached = {r.path for r in table.routes if r.cache_ttl_s is not None}
     if route not in cached:
-        raise BadRequest(f"route: {route!r} is not a cached route of the table", {"field": "route"})
+        raise BadRequest(f"route: {route[:200]!r} is not a cached route of the table", {"field": "route"})
     return route, prefix
 
 
