@@ -50,6 +50,9 @@ PONG, HEARTBEAT = "pong", "heartbeat"  # coalesced control frames: only the newe
 _COMPACT_AT = 64  # tombstones tolerated before the queue is rebuilt
 LINGER_S = 1.0  # after our close frame, how long the client may take to stop sending ...
 LINGER_MAX_BYTES = 256 * 1024  # ... and how much it may send meanwhile
+# Stands for both queues while nothing is pending (an empty deque is 760 bytes; most connections never queue).
+# Never appended to: _enqueue swaps in real deques first, and the writer swaps them out once drained.
+_NOTHING_QUEUED: deque = deque(maxlen=0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,8 +110,8 @@ class Connection:
         self._max_bytes = settings.stream_max_pending_bytes
         self._write_timeout_s = settings.stream_write_timeout_s
         self._head: memoryview | None = None  # a frame partly written: must finish before anything else
-        self._queue: deque[Pending] = deque()  # every pending frame in order, tombstones included
-        self._messages: deque[Pending] = deque()  # live pending messages in order: the drop candidates
+        self._queue: deque[Pending] = _NOTHING_QUEUED  # every pending frame in order, tombstones included
+        self._messages: deque[Pending] = _NOTHING_QUEUED  # live pending messages in order: drop candidates
         self._by_key: dict[tuple[str, str | None], Pending] = {}  # conflate: the pending one per key
         self._slots: dict[Hashable, Pending] = {}
         self._tombstones = 0
@@ -193,6 +196,8 @@ class Connection:
                 self.on_slow("overflow", 1)
                 self.close_with(self.overflow_close(), "too many unread replies", CLOSE_PROTOCOL)
                 return
+        if self._queue is _NOTHING_QUEUED:
+            self._queue, self._messages = deque(), deque()
         self._queue.append(item)
         self._pending_bytes += len(item.data)
         if message:
@@ -274,6 +279,7 @@ class Connection:
                 if self._head is None:
                     item = self._pop()
                     if item is None:
+                        self._queue = self._messages = _NOTHING_QUEUED  # caught up: give the deques back
                         break
                     data = item.render(item.skipped) if item.skipped and item.render else item.data
                     self._head = memoryview(data)
@@ -391,8 +397,7 @@ class Connection:
                 self._transport.close()
 
     def _clear(self) -> None:
-        self._queue.clear()
-        self._messages.clear()
+        self._queue = self._messages = _NOTHING_QUEUED
         self._by_key.clear()
         self._slots.clear()
         self._tombstones = 0

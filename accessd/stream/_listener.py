@@ -25,6 +25,7 @@ Cancellation: on shutdown the listening sockets close first, every session gets 
 
 from __future__ import annotations
 
+import functools
 import logging
 import secrets
 import socket
@@ -34,7 +35,6 @@ from typing import NoReturn
 import trio
 import trio.lowlevel
 from prometheus_client import CollectorRegistry
-from wsproto.events import AcceptConnection
 
 from ..errors import ApiError, BackendUnavailable, ConfigError, SubscribeError
 from ..policy import Identity, Network, RateLimiter, StreamTickets, Verify
@@ -51,7 +51,7 @@ from ._metrics import StreamMetrics
 from ._session import Authorize, Session
 from ._sse import SseSession, parse_event_id
 from ._transport import SocketTransport, StreamTransport, Transport
-from ._ws import WsSession, ws_handshake
+from ._ws import WsSession, ws_accept, ws_handshake
 
 log = logging.getLogger("accessd.stream")
 
@@ -61,7 +61,10 @@ SSE_HEADERS = [
     ("Connection", "close"),
     ("X-Accel-Buffering", "no"),
 ]
-Endpoint = Callable[[Connection, Request, HandshakeSlot, str], Awaitable[None]]
+# What a handshake that admitted its client hands on: the session and its body, run once the handshake's
+# frames (and the request they hold, about 2 KB with wsproto's handshake state) are gone.
+Started = tuple[Session, Callable[[], Awaitable[None]]]
+Endpoint = Callable[[Connection, Request, HandshakeSlot, str], Awaitable[Started | None]]
 
 
 class StreamListener:
@@ -171,7 +174,9 @@ class StreamListener:
                     self.metrics.refused.labels("handshake_limit").inc()
                     sock.close()
                     continue
-                nursery.start_soon(self._serve_socket, sock, slot)
+                transport = self._socket_transport(sock, slot)
+                if transport is not None:  # the connection's task starts at _serve: one frame less to keep
+                    nursery.start_soon(self._serve, transport, slot)
 
     async def _heartbeats(self) -> NoReturn:
         while True:
@@ -210,7 +215,7 @@ class StreamListener:
 
     # --- one connection --------------------------------------------------------------------------------
 
-    async def _serve_socket(self, sock: socket.socket, slot: HandshakeSlot) -> None:
+    def _socket_transport(self, sock: socket.socket, slot: HandshakeSlot) -> SocketTransport | None:
         try:
             # A fixed kernel send buffer: bounds kernel memory at thousands of connections (autotuning can
             # reach megabytes each) and makes a stalled client reach its pending-buffer policy predictably.
@@ -220,8 +225,8 @@ class StreamListener:
         except OSError:  # reset before we got to it
             slot.release()
             sock.close()
-            return
-        await self._serve(SocketTransport(sock), slot)
+            return None
+        return SocketTransport(sock)
 
     async def serve_stream(self, stream: trio.abc.Stream, peer_ip: str = "127.0.0.1") -> None:
         """Serve one client over any Trio stream, with the admission and sessions of an accepted socket."""
@@ -245,9 +250,11 @@ class StreamListener:
             async with trio.open_nursery() as nursery:
                 conn = Connection(transport, nursery, self.settings)
                 conn_id_var.set(conn.conn_id)
-                conn.on_slow = lambda reason, n: self.metrics.dropped.labels(reason).inc(n)
+                conn.on_slow = self._on_slow
                 try:
-                    await self._handshake(conn, slot)
+                    started = await self._handshake(conn, slot)
+                    if started is not None:
+                        await self._run_session(*started, slot)
                 finally:
                     nursery.cancel_scope.cancel()  # the writer, catch-ups: nothing more goes out
         except Exception as exc:
@@ -264,48 +271,55 @@ class StreamListener:
             trace_id_var.reset(trace_token)
             traceparent_var.reset(parent_token)
 
-    async def _handshake(self, conn: Connection, slot: HandshakeSlot) -> None:
+    def _on_slow(self, reason: str, n: int) -> None:
+        self.metrics.dropped.labels(reason).inc(n)
+
+    async def _handshake(self, conn: Connection, slot: HandshakeSlot) -> Started | None:
+        """Read and answer the request head; the session to run when a stream endpoint admitted it."""
         trace = secrets.token_hex(16)
         request: Request | None = None
         try:
             with trio.move_on_after(self.settings.stream_handshake_timeout_s):
                 request = await read_request(conn)
             if request is None:  # too slow, or gone before a whole head: hang up
-                return
+                return None
             traceparent = request.header("traceparent")
             trace = conn.trace_id = trace_id_from(traceparent)
             trace_id_var.set(trace)
             traceparent_var.set(traceparent)  # forwarded to a delegated verifier
             if request.path == "/health/live" and request.method in ("GET", "HEAD"):
                 await conn.send_all(json_response(200, {"status": "live"}))
-                return
+                return None
             endpoint = self._endpoints.get(request.path)
             if endpoint is None and request.path != "/asyncapi.json":
                 raise ApiError(404, "NOT_FOUND", "no such endpoint on the streaming listener")
             if request.method == "OPTIONS" and request.path == SSE_PATH:
                 await conn.send_all(self._browsers.preflight(request))
-                return
+                return None
             if request.method != "GET":
                 raise ApiError(405, "METHOD_NOT_ALLOWED", "use GET", headers={"Allow": "GET"})
             if endpoint is None:
                 await conn.send_all(json_body(200, asyncapi_json(request.header("host"))))
-                return
+                return None
             try:
                 self._browsers.check(request)
             except ApiError:
                 self.metrics.refused.labels("origin").inc()
                 raise
-            await endpoint(conn, request, slot, trace)
+            return await endpoint(conn, request, slot, trace)
         except ApiError as refusal:
             cors = self._browsers.cors_headers(request) if request is not None else []
             await conn.send_all(error_bytes(refusal, trace, cors))
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             pass  # the client went away (or we hung up) mid-handshake: the outcome says which
+        return None
 
     def _full(self) -> bool:
         return self._draining or len(self.sessions) >= self.settings.max_connections
 
-    async def _serve_ws(self, conn: Connection, request: Request, slot: HandshakeSlot, trace: str) -> None:
+    async def _serve_ws(
+        self, conn: Connection, request: Request, slot: HandshakeSlot, trace: str
+    ) -> Started | None:
         if "websocket" not in (request.header("upgrade") or "").lower():
             raise ApiError(426, "BAD_REQUEST", "a WebSocket upgrade is required")
         ws = ws_handshake(request)  # BadRequest (400) before any token work
@@ -316,15 +330,18 @@ class StreamListener:
             code = WS_CLOSE.get(refusal.code)
             if code is None:
                 raise
-            await conn.send_all(ws.send(AcceptConnection()))  # accept, then close: browsers see the code
+            await conn.send_all(ws_accept(ws)[0])  # accept, then close: browsers see the code
             conn.close_with(ws_close(code, refusal.message), refusal.message, code)
-            return
+            return None
+        accept, protocol = ws_accept(ws)
         session = WsSession(
-            conn, self.hub, identity, self._authorize, self.settings, ws=ws, verify=self._verify
+            conn, self.hub, identity, self._authorize, self.settings, ws=protocol, verify=self._verify
         )
-        await self._run_session(session, session.run(request.rest), slot)
+        return session, functools.partial(session.run, accept, request.rest)
 
-    async def _serve_sse(self, conn: Connection, request: Request, slot: HandshakeSlot, trace: str) -> None:
+    async def _serve_sse(
+        self, conn: Connection, request: Request, slot: HandshakeSlot, trace: str
+    ) -> Started | None:
         identity = await self._admission.identify(request, slot.ip)
         self._admission.check_capacity(self._full())
         channels = request.query.get("channel", [])
@@ -348,7 +365,7 @@ class StreamListener:
             except SubscribeError as exc:  # after the 200: the stream ends with a close event
                 session.close(CLOSE_AGAIN, exc.message)
 
-        await self._run_session(session, run(), slot)
+        return session, run
 
     async def _refuse_denied(
         self, identity: Identity, plan: list[tuple[str, str | None, str | None]]
@@ -364,12 +381,16 @@ class StreamListener:
             if denied is not None:
                 raise ApiError(403, "ENTITLEMENT_DENIED", denied)
 
-    async def _run_session(self, session: Session, body: Awaitable[None], slot: HandshakeSlot) -> None:
+    async def _run_session(
+        self, session: Session, body: Callable[[], Awaitable[None]], slot: HandshakeSlot
+    ) -> None:
         slot.release()
         self.sessions.add(session)
         started = trio.current_time()
         try:
-            await body
+            await body()
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            pass  # the client went away (or we hung up): the outcome says which
         finally:
             self.sessions.discard(session)
             await session.unsubscribe_all()  # shielded and bounded: nothing is left in the hub

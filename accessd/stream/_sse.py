@@ -22,19 +22,28 @@ from ._session import Session
 from ._source import decode_cursor, is_channel_name
 
 
+def _gap_frame(channel: str, n: int, cursor: str | None) -> bytes:
+    body = {"type": "gap", "channel": channel, "dropped": n, "cursor": cursor}
+    return sse_event(None, json.dumps(body).encode(), "gap")
+
+
+def _slow_close() -> bytes:
+    return b": slow consumer\n\n"
+
+
+def _overflow_close() -> bytes:
+    return b": too many unread events\n\n"
+
+
 class SseSession(Session):
     transport = "sse"
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.cursors: dict[str, str] = {}
-        self.conn.gap_frame = lambda channel, n, cursor: sse_event(
-            None,
-            json.dumps({"type": "gap", "channel": channel, "dropped": n, "cursor": cursor}).encode(),
-            "gap",
-        )
-        self.conn.slow_close = lambda: b": slow consumer\n\n"
-        self.conn.overflow_close = lambda: b": too many unread events\n\n"
+        self.conn.gap_frame = _gap_frame  # module functions, not lambdas: a closure per connection adds up
+        self.conn.slow_close = _slow_close
+        self.conn.overflow_close = _overflow_close
 
     def deliver(self, sub: Subscription, msg: Message) -> None:
         if self.floors and self._seen(sub, msg):
@@ -53,8 +62,7 @@ class SseSession(Session):
         return ";".join(f"{channel}={cursor}" for channel, cursor in sorted(self.cursors.items()))
 
     def gap(self, channel: str, dropped: int, cursor: str | None) -> None:
-        body = {"type": "gap", "channel": channel, "dropped": dropped, "cursor": cursor}
-        self.conn.offer(sse_event(None, json.dumps(body).encode(), "gap"))
+        self.conn.offer(_gap_frame(channel, dropped, cursor))
 
     def revoked(self, sub: Subscription, message: str) -> None:
         body = {"type": "error", "channel": sub.channel, "code": "ENTITLEMENT_DENIED", "message": message}

@@ -12,6 +12,7 @@ from typing import Any
 
 import trio
 from wsproto import ConnectionType, WSConnection
+from wsproto.connection import Connection as WsProtocol
 from wsproto.events import AcceptConnection, BytesMessage, CloseConnection, Ping, TextMessage
 from wsproto.events import Request as WsRequest
 from wsproto.utilities import RemoteProtocolError
@@ -26,18 +27,28 @@ from ._hub import Message, Subscription
 from ._session import Session
 
 
+def _gap_frame(channel: str, n: int, cursor: str | None) -> bytes:
+    return ws_json({"type": "gap", "channel": channel, "dropped": n, "cursor": cursor})
+
+
+def _slow_close() -> bytes:
+    return ws_close(CLOSE_SLOW, "slow consumer")
+
+
+def _overflow_close() -> bytes:
+    return ws_close(CLOSE_PROTOCOL, "too many unread replies")
+
+
 class WsSession(Session):
     transport = "ws"
 
-    def __init__(self, *args: Any, ws: WSConnection, verify: Verify, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, ws: WsProtocol, verify: Verify, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.verify = verify
-        self.ws = ws  # the upgrade request already parsed (see ws_handshake)
-        self.conn.gap_frame = lambda channel, n, cursor: ws_json(
-            {"type": "gap", "channel": channel, "dropped": n, "cursor": cursor}
-        )
-        self.conn.slow_close = lambda: ws_close(CLOSE_SLOW, "slow consumer")
-        self.conn.overflow_close = lambda: ws_close(CLOSE_PROTOCOL, "too many unread replies")
+        self.ws = ws  # the accepted connection's frame protocol (see ws_accept): the handshake is gone
+        self.conn.gap_frame = _gap_frame  # module functions, not lambdas: a closure per connection adds up
+        self.conn.slow_close = _slow_close
+        self.conn.overflow_close = _overflow_close
         self._errors = 0
         rate = self.settings.stream_max_ops_per_s
         self._ops = TokenBucket(rate, max(1.0, rate))  # a second's burst
@@ -60,7 +71,7 @@ class WsSession(Session):
         self.conn.offer(ws_json(body))
 
     def gap(self, channel: str, dropped: int, cursor: str | None) -> None:
-        self.send({"type": "gap", "channel": channel, "dropped": dropped, "cursor": cursor})
+        self.conn.offer(_gap_frame(channel, dropped, cursor))
 
     def revoked(self, sub: Subscription, message: str) -> None:
         self.send(
@@ -79,15 +90,13 @@ class WsSession(Session):
     def close(self, code: int, reason: str) -> None:
         self.conn.close_with(ws_close(code, reason), reason, code)
 
-    def _accept(self, rest: bytes) -> None:
-        self.conn.offer(self.ws.send(AcceptConnection()))
+    async def run(self, accept: bytes, rest: bytes) -> None:
+        """``accept``: the 101 response; ``rest``: bytes that came with the head."""
+        self.conn.offer(accept)
         # wsproto's server handshake drops bytes that came with the head; frames sent right behind it
         # (a client that subscribes without waiting for the 101) are fed back here.
         if rest:
             self.ws.receive_data(rest)
-
-    async def run(self, rest: bytes) -> None:
-        self._accept(rest)
         self.send({"type": "welcome", "conn_id": self.conn_id, "exp": self.identity.exp})
         with self.expiry:
             try:
@@ -208,7 +217,8 @@ class WsSession(Session):
 
 def ws_handshake(request: Request) -> WSConnection:
     """A server-side wsproto connection that has parsed the upgrade request; BadRequest when it is not
-    a valid WebSocket handshake (no Sec-WebSocket-Key, wrong version, ...). Nothing is sent yet."""
+    a valid WebSocket handshake (no Sec-WebSocket-Key, wrong version, ...). Nothing is sent yet: accept
+    with :func:`ws_accept`."""
     ws = WSConnection(ConnectionType.SERVER)
     try:
         ws.receive_data(request.head)
@@ -218,3 +228,11 @@ def ws_handshake(request: Request) -> WSConnection:
     if not any(isinstance(event, WsRequest) for event in events):
         raise BadRequest("not a WebSocket handshake")
     return ws
+
+
+def ws_accept(ws: WSConnection) -> tuple[bytes, WsProtocol]:
+    """The 101 response and the frame protocol that follows it. Only the latter is kept for the session:
+    the handshake's h11 state, events and request headers (about 2 KB) are dropped with ``ws``."""
+    accept = ws.send(AcceptConnection())
+    assert ws.connection is not None  # set by accepting
+    return accept, ws.connection
