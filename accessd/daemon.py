@@ -6,6 +6,7 @@ deadline, then the tree is cancelled. A second signal, or a signal while still s
 
 from __future__ import annotations
 
+import functools
 import logging
 import signal
 from typing import Any
@@ -25,7 +26,7 @@ from .http import (
     edge_blueprints,
     entitlements_blueprint,
     internal_auth_routes,
-    publish_blueprint,
+    stream_publish,
     write_demo_routes,
 )
 from .nurseries import DependencyProbes, Health, Phase, Supervisor, build_probes
@@ -183,9 +184,17 @@ async def _serve(
                 [
                     *internal_auth_routes(auth),
                     entitlements_blueprint(entitlements.decider, entitlements.store, auth.verify),
-                    publish_blueprint(stream.source, auth.verify, publish_role=settings.stream.publish_role),
                 ],
                 track=local_ingest,
+                fronts=[
+                    functools.partial(
+                        stream_publish,
+                        source=stream.source,
+                        verify=auth.verify,
+                        publish_role=settings.stream.publish_role,
+                        max_body_bytes=settings.server.max_body_bytes,
+                    )
+                ],
             )
             listeners.append(
                 HttpListener(

@@ -24,19 +24,18 @@ from accessd.http import (
     edge_blueprints,
     entitlements_blueprint,
     internal_auth_routes,
-    publish_blueprint,
     write_demo_routes,
 )
 from accessd.http._app import openapi_document
 from accessd.http._cache_admin import PATH as CACHE_ADMIN_PATH
 from accessd.http._metrics_track import PATH as TRACK_PATH
+from accessd.http._publish import PATH as PUBLISH_PATH
 from accessd.http._routes import load_routes
 from accessd.nurseries import Health
 from accessd.policy import StreamTickets
 from accessd.policy.auth import build_auth
 from accessd.policy.entitlements import build_entitlements
 from accessd.settings import load_settings
-from accessd.stream import EmbeddedBroker
 from accessd.telemetry import Metrics
 
 from ._daemon import Daemon, free_port
@@ -149,11 +148,10 @@ def built_apps(tmp_path: Path, env: dict[str, str]) -> dict[str, QuartTrio]:
     internal = [
         *internal_auth_routes(auth),
         entitlements_blueprint(entitlements.decider, entitlements.store, auth.verify),
-        publish_blueprint(EmbeddedBroker(16), auth.verify, publish_role=settings.stream.publish_role),
     ]
     return {
         "edge": create_app("edge", ctx, edge_blueprints(auth, check, StreamTickets(), demo_stream_port=8001)),
-        "internal": create_app("internal", ctx, internal),
+        "internal": create_app("internal", ctx, internal),  # /stream/publish is answered before Quart
     }
 
 
@@ -176,7 +174,7 @@ def test_every_route_of_both_apps_is_documented_and_every_documented_path_is_ser
             CACHE_ADMIN_PATH: {"POST"},
             TRACK_PATH: {"POST"},
         },
-        "internal": {TRACK_PATH: {"POST"}},
+        "internal": {TRACK_PATH: {"POST"}, PUBLISH_PATH: {"POST"}},
     }
     for role, app in apps.items():
         served = {**quart_routes(app), **before_quart[role]}

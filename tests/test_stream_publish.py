@@ -74,3 +74,29 @@ def test_publish_role_setting() -> None:
         load_settings(environ={"ACCESS_PUBLISH_ROLE": "admin"})
     with pytest.raises(ConfigError, match="ACCESS_PUBLISH_ROLE"):
         load_settings(environ={"ACCESS_PUBLISH_ROLE": "two words"})
+
+
+async def test_refusals_name_what_is_wrong(daemon_factory) -> None:
+    daemon = daemon_factory(role="internal", env={"ACCESS_MAX_BODY_BYTES": "2048"})
+    url = f"{daemon.internal_url}/stream/publish"
+    auth = {"Authorization": f"Bearer {token(daemon, 'publisher')}"}
+    good = {"channel": "pricing.curve.updates.v1", "data": {"p": 1}}
+    with trio.fail_after(60):
+        async with httpx.AsyncClient(timeout=10) as client:
+            anonymous = await client.post(url, json=good)
+            assert anonymous.status_code == 401 and anonymous.json()["code"] == "UNAUTHENTICATED"
+            wrong_method = await client.get(url, headers=auth)
+            assert wrong_method.status_code == 405 and wrong_method.headers["allow"] == "POST"
+            for body, field in (
+                ([1], "body"),
+                ({**good, "channel": "../x"}, "channel"),
+                ({**good, "key": ""}, "key"),
+                ({"channel": good["channel"]}, "data"),
+            ):
+                refused = await client.post(url, json=body, headers=auth)
+                assert refused.status_code == 400 and refused.json()["details"] == {"field": field}, body
+            not_json = await client.post(url, content=b"{", headers=auth)
+            assert not_json.status_code == 400 and not_json.json()["details"] == {"field": "body"}
+            too_large = await client.post(url, json={**good, "data": "x" * 4096}, headers=auth)
+            assert too_large.status_code == 413 and too_large.json()["code"] == "PAYLOAD_TOO_LARGE"
+            assert (await client.post(url, json=good, headers=auth)).status_code == 202

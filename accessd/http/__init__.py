@@ -19,5 +19,5 @@ from ._entitlements import entitlements_blueprint as entitlements_blueprint
 from ._errors import error_response as error_response
 from ._gateway import Gateway as Gateway
 from ._gateway import check_routes_file as check_routes_file
-from ._publish import publish_blueprint as publish_blueprint
+from ._publish import stream_publish as stream_publish
 from ._server import HttpListener as HttpListener

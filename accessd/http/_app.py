@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import re
-from collections.abc import Collection, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any, cast
@@ -56,9 +56,11 @@ def create_app(
     track: Ingest | None = None,
     track_auth: EdgeAuth | None = None,
     cors_origins: Origins | None = None,
+    fronts: Iterable[Callable[[Any], Any]] = (),
 ) -> QuartTrio:
     """``gateway``: its routes answer before Quart sees the request (everything else goes on to Quart);
     ``track``: ``POST /metrics/track`` into it, answered before the gateway (with ``track_auth``'s check);
+    ``fronts``: more plain ASGI endpoints, each wrapping what is inside it (``stream_publish``);
     ``cors_origins``: CORS for these browser origins, around all of them."""
     app = QuartTrio(f"accessd.{name}", static_folder=None)  # no file serving from the cwd
     app.config["MAX_CONTENT_LENGTH"] = ctx.max_body_bytes
@@ -75,6 +77,8 @@ def create_app(
     inner = gateway.wrap(app.asgi_app) if gateway is not None else app.asgi_app
     if track is not None:
         inner = metrics_track(inner, track, max_body_bytes=ctx.max_body_bytes, auth=track_auth)
+    for front in fronts:
+        inner = front(inner)
     if cors_origins:
         inner = cors(inner, cors_origins, gateway.match if gateway is not None else None)
     app.asgi_app = RequestPipeline(inner, ctx.metrics, ctx.tracing)  # type: ignore[method-assign]

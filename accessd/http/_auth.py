@@ -63,13 +63,24 @@ async def require_identity(verify: Verify, req: Request, role: str | None = None
     """
     identity = getattr(g, "identity", None)
     if not isinstance(identity, Identity):
-        token = bearer_token(req.headers.get("Authorization"))
-        if token is None:
-            raise ApiError(401, UNAUTHENTICATED, "a bearer token is required")
-        identity = await traced_auth(_verified(verify, token))
+        return await verified_identity(verify, req.headers.get("Authorization"), role)
+    _require_role(identity, role)
+    return identity
+
+
+async def verified_identity(verify: Verify, authorization: str | None, role: str | None = None) -> Identity:
+    """:func:`require_identity` for plain ASGI endpoints: the ``Authorization`` header's value."""
+    token = bearer_token(authorization)
+    if token is None:
+        raise ApiError(401, UNAUTHENTICATED, "a bearer token is required")
+    identity = await traced_auth(_verified(verify, token))
+    _require_role(identity, role)
+    return identity
+
+
+def _require_role(identity: Identity, role: str | None) -> None:
     if role is not None and role not in identity.roles:
         raise ApiError(403, "ENTITLEMENT_DENIED", f"the {role!r} role is required")
-    return identity
 
 
 async def _verified(verify: Verify, token: str) -> Identity:

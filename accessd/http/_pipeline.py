@@ -109,7 +109,12 @@ class RequestPipeline:
                     bounded.shield = True
                     await send(message)
                 return
-            await send(message)
+            try:
+                await send(message)
+            except trio.BusyResourceError:
+                # Hypercorn (trio) half-closes a connection whose client left without its send lock, so
+                # a response being written meanwhile meets the close: the client is gone, nothing to tell.
+                status = CLIENT_GONE
 
         try:
             await self._app(scope, receive_body if body_pending else receive, send_with_id)

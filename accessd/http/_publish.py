@@ -2,52 +2,76 @@
 
 The token must carry ``publish_role`` (``ACCESS_PUBLISH_ROLE``, default ``publisher``), a role only the IdP
 assigns: channels are shared by every tenant, so a tenant's own ``admin`` role must not be enough.
+Plain ASGI in front of Quart (see ``_asgi``): producers call it for every message, and through Quart a
+publish cost about twice the CPU (1,080 µs a request against ~500; ``bench/RESULTS.md``).
 """
 
 from __future__ import annotations
 
 import json
+from typing import Any
 
-from quart import Blueprint, Response, request
-
-from ..errors import ApiError, BackendUnavailable
+from ..errors import ApiError, BackendUnavailable, BadRequest
 from ..policy import Verify
 from ..stream import MAX_KEY_CHARS, Source, encode_cursor, is_channel_name
 from ..telemetry import traceparent_of
-from ._auth import require_identity
-from ._pipeline import span_var
+from ._asgi import read_body, send_error, send_json
+from ._auth import verified_identity
+from ._pipeline import ROUTE_KEY, span_var
+
+PATH = "/stream/publish"
 
 
-def publish_blueprint(source: Source, verify: Verify, *, publish_role: str) -> Blueprint:
-    api = Blueprint("stream", __name__)
+def stream_publish(
+    app: Any, source: Source, verify: Verify, *, publish_role: str, max_body_bytes: int
+) -> Any:
+    """``app`` with ``POST /stream/publish`` answered before it."""
 
-    @api.post("/stream/publish")
-    async def publish() -> Response:
-        await require_identity(verify, request, role=publish_role)
+    async def publish_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["path"] != PATH:
+            return await app(scope, receive, send)
+        scope[ROUTE_KEY] = PATH
         try:
-            body = json.loads(await request.get_data())
-        except (ValueError, RecursionError):  # not JSON, not UTF-8, or nested deeper than the parser goes
-            body = None
-        if not isinstance(body, dict):
-            raise ApiError(400, "BAD_REQUEST", "body must be a JSON object", {"field": "body"})
-        channel, key = body.get("channel"), body.get("key")
-        if not is_channel_name(channel):
-            raise ApiError(400, "BAD_REQUEST", "channel must be a topic name", {"field": "channel"})
-        if key is not None and (not isinstance(key, str) or not 0 < len(key) <= MAX_KEY_CHARS):
-            raise ApiError(400, "BAD_REQUEST", "key must be a non-empty string", {"field": "key"})
-        if "data" not in body:
-            raise ApiError(400, "BAD_REQUEST", "data is required", {"field": "data"})
-        value = json.dumps(body["data"], separators=(",", ":")).encode()
-        # The message carries this request's trace context so that delivery spans can link to it.
-        span = span_var.get()
-        traceparent = traceparent_of(span) if span is not None else request.headers.get("traceparent")
-        headers = (("traceparent", traceparent.encode()),) if traceparent else ()
-        try:
-            position = await source.publish(channel, key, value, headers)
-        except BackendUnavailable as exc:
-            raise ApiError(
-                503, "UPSTREAM_UNAVAILABLE", f"the broker did not take the message: {exc}"
-            ) from exc
-        return Response(json.dumps({"cursor": encode_cursor(position)}), 202, content_type="application/json")
+            if scope["method"] != "POST":
+                raise ApiError(405, "METHOD_NOT_ALLOWED", "use POST", headers={"Allow": "POST"})
+            headers = {name.lower(): value for name, value in scope["headers"]}
+            authorization = headers.get(b"authorization")
+            await verified_identity(
+                verify, authorization.decode("latin-1") if authorization else None, role=publish_role
+            )
+            channel, key, value = parse(await read_body(receive, max_body_bytes))
+            # The message carries this request's trace context so that delivery spans can link to it.
+            span = span_var.get()
+            inbound = headers.get(b"traceparent")
+            traceparent = traceparent_of(span) if span is not None else inbound and inbound.decode("latin-1")
+            try:
+                position = await source.publish(
+                    channel, key, value, (("traceparent", traceparent.encode()),) if traceparent else ()
+                )
+            except BackendUnavailable as exc:
+                raise ApiError(
+                    503, "UPSTREAM_UNAVAILABLE", f"the broker did not take the message: {exc}"
+                ) from exc
+        except ApiError as refusal:
+            return await send_error(send, refusal)
+        await send_json(send, 202, {"cursor": encode_cursor(position)})
 
-    return api
+    return publish_app
+
+
+def parse(body: bytes) -> tuple[str, str | None, bytes]:
+    """Channel, key and the data as compact JSON; BadRequest naming the field."""
+    try:
+        document = json.loads(body)
+    except (ValueError, RecursionError):  # not JSON, not UTF-8, or nested deeper than the parser goes
+        document = None
+    if not isinstance(document, dict):
+        raise BadRequest("body must be a JSON object", {"field": "body"})
+    channel, key = document.get("channel"), document.get("key")
+    if not is_channel_name(channel):
+        raise BadRequest("channel must be a topic name", {"field": "channel"})
+    if key is not None and (not isinstance(key, str) or not 0 < len(key) <= MAX_KEY_CHARS):
+        raise BadRequest("key must be a non-empty string", {"field": "key"})
+    if "data" not in document:
+        raise BadRequest("data is required", {"field": "data"})
+    return channel, key, json.dumps(document["data"], separators=(",", ":")).encode()
