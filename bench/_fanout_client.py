@@ -71,9 +71,11 @@ async def subscriber(
         stats["last_error"] = repr(exc)[:200]
 
 
-def _masked_text(payload: bytes) -> bytes:
+def _masked_text(payload: bytes, opcode: int = 0x1) -> bytes:
+    """A client frame (masked, final, payload under 126 bytes): text, or ``opcode`` 0xA for a pong."""
     mask = b"\x01\x02\x03\x04"
-    return bytes([0x81, 0x80 | len(payload)]) + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    return bytes([0x80 | opcode, 0x80 | len(payload)]) + mask + masked
 
 
 async def _open(url: str, head: str, body: bytes, until: bytes) -> tuple[trio.SocketStream, bytes]:
@@ -130,8 +132,12 @@ async def raw_subscriber(
                             length = int.from_bytes(buf[2:head_len], "big")
                         if len(buf) < head_len + length:
                             break
+                        opcode = buf[0] & 0x0F
                         frame, buf = buf[head_len : head_len + length], buf[head_len + length :]
-                        last = record(stats, last, frame)
+                        if opcode == 0x9:  # a ping: answered, as a browser does (nchan closes otherwise)
+                            await stream.send_all(_masked_text(frame[:125], 0xA))
+                        else:
+                            last = record(stats, last, frame)
     except (ConnectionError, OSError, trio.BrokenResourceError) as exc:
         stats["errors"] += 1
         stats["last_error"] = repr(exc)[:200]
