@@ -299,8 +299,12 @@ async def test_a_client_that_leaves_cancels_the_upstream_call(daemon_factory, tm
 async def test_reloads_lose_no_request_and_a_bad_edit_keeps_the_last_good_table(
     daemon_factory, tmp_path: Path
 ) -> None:
+    # The load below runs flat out for as long as the reloads take: past the `authenticated` tier's 1,000 a
+    # minute on a fast machine, so the tier is raised; a 429 would not be a request lost to a reload.
+    tiers = tmp_path / "tiers.yaml"
+    tiers.write_text("tiers:\n  authenticated: {limit: 1000000, period_s: 60, key: user}\n")
     async with (
-        gateway(daemon_factory, tmp_path) as (daemon, _, routes),
+        gateway(daemon_factory, tmp_path, ACCESS_RATE_LIMITS_FILE=str(tiers)) as (daemon, _, routes),
         httpx.AsyncClient(timeout=10) as client,
     ):
         alice = {"Authorization": f"Bearer {token(daemon, 'alice')}"}
