@@ -17,6 +17,7 @@ Usage: python bench/fanout.py --conns 1000 --rate 20 --seconds 20 [--procs 4] [-
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import shutil
 import signal
@@ -300,6 +301,9 @@ def payload(n: int, size: int) -> bytes:
     return (head + "x" * max(0, size - len(head) - 2) + '"}').encode()
 
 
+PUBLISH_STATUSES: collections.Counter[int] = collections.Counter()  # answers to publish_loop's POSTs
+
+
 async def publish_loop(server: Server, rate: float, seconds: float, size: int) -> int:
     """Publish on schedule: each POST starts at its slot even if earlier ones are still in flight.
     ``size`` 0: the original accessd body without a send time."""
@@ -317,7 +321,8 @@ async def publish_loop(server: Server, rate: float, seconds: float, size: int) -
         else:
             data = {"n": n, "pad": "x" * 64}
             body = json.dumps({"channel": CHANNEL, "key": f"k{n % 8}", "data": data}).encode()
-        await client.post(server.publish_url, content=body, headers=headers)
+        answer = await client.post(server.publish_url, content=body, headers=headers)
+        PUBLISH_STATUSES[answer.status_code] += 1
 
     async with httpx.AsyncClient(timeout=30, limits=limits) as client, trio.open_nursery() as nursery:
         start = trio.current_time()
