@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import logging
 import signal
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -18,6 +19,7 @@ from . import aio
 from .http import (
     DEMO_BIND,
     AppContext,
+    EdgeAuth,
     Gateway,
     HttpListener,
     create_app,
@@ -26,6 +28,7 @@ from .http import (
     edge_blueprints,
     entitlements_blueprint,
     internal_auth_routes,
+    metrics_track,
     stream_publish,
     write_demo_routes,
 )
@@ -168,12 +171,14 @@ async def _serve(
             health=health, metrics=metrics, max_body_bytes=server.max_body_bytes, tracing=tracing
         )
         listeners: list[HttpListener] = []
+
         if server.role in ("edge", "all"):
             demo_port = server.stream_bind.addresses[0][1] if server.demo else None
             blueprints = edge_blueprints(auth, edge_check, tickets, demo_port)
-            app = create_app(
-                "edge", ctx, blueprints, gateway, forward_ingest, edge_check, cors_origins=browsers.cors
-            )
+            fronts = []
+            if forward_ingest is not None:  # ACCESS_METRICS_ENDPOINT: the edge forwards samples
+                fronts.append(_track(forward_ingest, server.max_body_bytes, edge_check))
+            app = create_app("edge", ctx, blueprints, gateway, fronts, cors_origins=browsers.cors)
             listeners.append(
                 HttpListener("edge-http", app, server.edge_bind, shutdown, server.drain_timeout_s)
             )
@@ -185,15 +190,15 @@ async def _serve(
                     *internal_auth_routes(auth),
                     entitlements_blueprint(entitlements.decider, entitlements.store, auth.verify),
                 ],
-                track=local_ingest,
                 fronts=[
+                    *([_track(local_ingest, server.max_body_bytes)] if local_ingest is not None else []),
                     functools.partial(
                         stream_publish,
                         source=stream.source,
                         verify=auth.verify,
                         publish_role=settings.stream.publish_role,
-                        max_body_bytes=settings.server.max_body_bytes,
-                    )
+                        max_body_bytes=server.max_body_bytes,
+                    ),
                 ],
             )
             listeners.append(
@@ -221,6 +226,11 @@ async def _serve(
                 await listener.stopped.wait()
         log.info("stopped")
         root.cancel_scope.cancel()
+
+
+def _track(ingest: Ingest, max_body_bytes: int, check: EdgeAuth | None = None) -> Callable[[Any], Any]:
+    """A front answering ``POST /metrics/track`` into ``ingest`` (``check``: an edge's token check)."""
+    return functools.partial(metrics_track, ingest=ingest, max_body_bytes=max_body_bytes, auth=check)
 
 
 def _ingestion(settings: Settings, metrics: Metrics) -> tuple[Ingest | None, Ingest | None, list[Any]]:

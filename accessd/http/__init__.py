@@ -7,6 +7,7 @@ from ..errors import ApiError as ApiError
 from ._app import AppContext as AppContext
 from ._app import create_app as create_app
 from ._app import edge_blueprints as edge_blueprints
+from ._auth import EdgeAuth as EdgeAuth
 from ._auth import edge_auth as edge_auth
 from ._auth import edge_auth_routes as edge_auth_routes
 from ._auth import identity_body as identity_body
@@ -19,5 +20,6 @@ from ._entitlements import entitlements_blueprint as entitlements_blueprint
 from ._errors import error_response as error_response
 from ._gateway import Gateway as Gateway
 from ._gateway import check_routes_file as check_routes_file
+from ._metrics_track import metrics_track as metrics_track
 from ._publish import stream_publish as stream_publish
 from ._server import HttpListener as HttpListener

@@ -25,13 +25,12 @@ from ..nurseries import Health
 from ..policy import Origins, StreamTickets
 from ..policy.auth import AuthRuntime
 from ..primitives import DependencyState
-from ..telemetry import CONTENT_TYPE, Ingest, Metrics, Tracing
+from ..telemetry import CONTENT_TYPE, Metrics, Tracing
 from ._auth import EdgeAuth, edge_auth_routes
 from ._cors import cors
 from ._demo_page import DEMO_PATHS, demo_page_blueprint
 from ._errors import handle_api_error, handle_http_exception, handle_unexpected
 from ._gateway import Gateway
-from ._metrics_track import metrics_track
 from ._pipeline import ROUTE_KEY, RequestPipeline
 from ._tickets import ticket_blueprint
 
@@ -53,15 +52,13 @@ def create_app(
     ctx: AppContext,
     blueprints: Iterable[Blueprint] = (),
     gateway: Gateway | None = None,
-    track: Ingest | None = None,
-    track_auth: EdgeAuth | None = None,
-    cors_origins: Origins | None = None,
     fronts: Iterable[Callable[[Any], Any]] = (),
+    cors_origins: Origins | None = None,
 ) -> QuartTrio:
     """``gateway``: its routes answer before Quart sees the request (everything else goes on to Quart);
-    ``track``: ``POST /metrics/track`` into it, answered before the gateway (with ``track_auth``'s check);
-    ``fronts``: more plain ASGI endpoints, each wrapping what is inside it (``stream_publish``);
-    ``cors_origins``: CORS for these browser origins, around all of them."""
+    ``fronts``: plain ASGI endpoints answered before the gateway (``metrics_track``, ``stream_publish``),
+    each wrapping what comes before it in the list; ``cors_origins``: CORS for these browser origins, around
+    all of them."""
     app = QuartTrio(f"accessd.{name}", static_folder=None)  # no file serving from the cwd
     app.config["MAX_CONTENT_LENGTH"] = ctx.max_body_bytes
     app.config["PROVIDE_AUTOMATIC_OPTIONS"] = False
@@ -75,8 +72,6 @@ def create_app(
             cast("dict[str, Any]", request.scope)[ROUTE_KEY] = request.url_rule.rule
 
     inner = gateway.wrap(app.asgi_app) if gateway is not None else app.asgi_app
-    if track is not None:
-        inner = metrics_track(inner, track, max_body_bytes=ctx.max_body_bytes, auth=track_auth)
     for front in fronts:
         inner = front(inner)
     if cors_origins:
