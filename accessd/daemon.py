@@ -71,10 +71,8 @@ async def serve(
     tracing = Tracing(
         telemetry.otel_exporter if telemetry.enable_tracing else None, registry=metrics.registry
     )
-    try:
+    async with tracing.exporting():
         await _serve(settings, health, metrics, tracing, shutdown, handle_signals, task_status)
-    finally:
-        tracing.close()
 
 
 async def _serve(

@@ -17,10 +17,12 @@ from typing import Any
 import httpx
 import pytest
 import trio
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from prometheus_client import CollectorRegistry
 from trio_websocket import open_websocket_url
 
 from accessd.telemetry import Tracing
+from accessd.telemetry._otlp import export_request
 
 from ._daemon import Daemon, token
 from ._otlp import OtlpReceiver
@@ -277,22 +279,67 @@ async def test_a_collector_that_never_answers_costs_dropped_spans_not_time(black
     registry = CollectorRegistry()
     url = f"http://127.0.0.1:{blackhole.getsockname()[1]}"
     tracing = Tracing(url, max_queue_size=16, schedule_delay_ms=10, registry=registry)
-    try:
-        tracing.server_span("first", {}).end()
-        with trio.fail_after(10):  # the exporter thread takes it and hangs on the collector
+    async with tracing.exporting(close_timeout_s=0.5):
+        tracing.server_span("first").end()
+        with trio.fail_after(10):  # the exporter task takes it and hangs on the collector
             exporting, _ = await trio.to_thread.run_sync(blackhole.accept)
         with exporting:
             started = time.perf_counter()
             for n in range(1000):
-                tracing.server_span(f"GET /{n}", {}).end()
+                tracing.server_span(f"GET /{n}").end()
             elapsed = time.perf_counter() - started
             assert elapsed < 0.5, f"1000 spans took {elapsed:.3f} s"
             # The queue's 16 wait for the collector; the rest were dropped, and counted.
             assert registry.get_sample_value("accessd_trace_spans_dropped_total") == 1000 - 16
-    finally:
-        started = time.perf_counter()
-        tracing.close(timeout_s=0.5)
-        assert time.perf_counter() - started < 2  # a stop does not wait for the collector either
+            stopping = time.perf_counter()
+    assert time.perf_counter() - stopping < 2  # a stop does not wait for the collector either
+
+
+async def test_spans_are_sampled_as_the_sdk_variables_say(
+    otlp: OtlpReceiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``OTEL_TRACES_SAMPLER`` chooses, and a caller's sampled flag wins over the ratio."""
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", "parentbased_traceidratio")
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER_ARG", "0")
+    tracing = Tracing(otlp.url, schedule_delay_ms=10, registry=CollectorRegistry())
+    async with tracing.exporting():
+        dropped = tracing.server_span("new trace, ratio 0")
+        kept = tracing.server_span("sampled caller", f"00-{TRACE}-{CLIENT_SPAN}-01")
+        unsampled = tracing.server_span("unsampled caller", f"00-{PUBLISH_TRACE}-{CLIENT_SPAN}-00")
+        for span in (dropped, kept, unsampled):
+            tracing.child_span("step", span).end()
+            span.end()
+        assert not dropped.sampled and kept.sampled and not unsampled.sampled
+        assert unsampled.traceparent().endswith("-00")
+        await eventually(lambda: len(otlp.spans) == 2, within=10, every=0.05, what="the sampled trace")
+    assert {(s["name"], s["trace_id"], s["parent_id"]) for s in otlp.spans} == {
+        ("sampled caller", TRACE, CLIENT_SPAN),
+        ("step", TRACE, kept.span_id.to_bytes(8, "big").hex()),
+    }
+
+
+async def test_the_otlp_body_decodes_with_the_official_classes() -> None:
+    """Every field the encoder writes, read back by OpenTelemetry's generated protobuf classes."""
+    request = ExportTraceServiceRequest()
+    tracing = Tracing("http://127.0.0.1:9", registry=CollectorRegistry())
+    span = tracing.linked_span(
+        "deliver quotes.v1",
+        [f"00-{TRACE}-{CLIENT_SPAN}-01", "not a traceparent"],
+        {"s": "é" * 200, "t": True, "f": False, "i": -5, "big": 2**62, "x": 0.25},
+    )
+    span.end()
+    request.ParseFromString(export_request({"service.name": "accessd"}, "accessd", "9.9", [span]))
+    [resource_spans] = request.resource_spans
+    assert resource_spans.resource.attributes[0].key == "service.name"
+    [scope_spans] = resource_spans.scope_spans
+    assert (scope_spans.scope.name, scope_spans.scope.version) == ("accessd", "9.9")
+    [decoded] = scope_spans.spans
+    assert decoded.name == "deliver quotes.v1" and decoded.kind == 5  # CONSUMER
+    assert decoded.trace_id == span.trace_id.to_bytes(16, "big") and not decoded.parent_span_id
+    assert (decoded.start_time_unix_nano, decoded.end_time_unix_nano) == (span.start_ns, span.end_ns)
+    assert [(link.trace_id.hex(), link.span_id.hex()) for link in decoded.links] == [(TRACE, CLIENT_SPAN)]
+    values = {a.key: getattr(a.value, a.value.WhichOneof("value") or "") for a in decoded.attributes}
+    assert values == {"s": "é" * 200, "t": True, "f": False, "i": -5, "big": 2**62, "x": 0.25}
 
 
 async def test_a_daemon_tracing_to_a_dead_collector_answers_and_stops_in_time(

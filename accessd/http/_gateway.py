@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import trio
-from opentelemetry.trace import Span
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from ..errors import ApiError, BackendUnavailable, BadRequest, ConfigError, InvalidInput
@@ -38,7 +37,7 @@ from ..nurseries import Health
 from ..policy import CachedResponse, Identity, RateDecision, RateLimiter, ResponseCache, cache_key, client_ip
 from ..policy.entitlements import Decider, DecisionInput
 from ..primitives import BreakerState, CircuitBreaker, DependencyState
-from ..telemetry import LATENCY_BUCKETS, active_span_var
+from ..telemetry import LATENCY_BUCKETS, Span, active_span_var
 from . import _cache_admin as cache_admin
 from ._asgi import send_error
 from ._auth import EdgeAuth, auth_step

@@ -24,11 +24,11 @@ import time
 from typing import Any
 
 import trio
-from opentelemetry.trace import Span
 
 from ..telemetry import (
     ActiveSpan,
     Metrics,
+    Span,
     Tracing,
     active_span_var,
     req_id_var,
@@ -72,10 +72,10 @@ class RequestPipeline:
         method = scope["method"]
         span = None
         if self._tracing is not None:
-            span = self._tracing.server_span(method, {"traceparent": traceparent} if traceparent else {})
+            span = self._tracing.server_span(method, traceparent)
             span_var.set(span)
             active_span_var.set(ActiveSpan(self._tracing, span))
-            trace_id = trace_id_hex(span) or trace_id_from(None)
+            trace_id = trace_id_hex(span)
         else:
             trace_id = trace_id_from(traceparent)
             traceparent_var.set(traceparent)

@@ -1,7 +1,7 @@
 """Prometheus registry, JSON logging, request and trace ids, OpenTelemetry tracing.
 
 Layout: ``_metrics`` the registry, ``_logging`` JSON log lines, ``_ids`` the ids a request carries (trace id,
-request id), ``_tracing`` OpenTelemetry spans exported over OTLP.
+request id), ``_tracing`` spans exported over OTLP (``_otlp`` encodes them).
 """
 
 from ._custom import CustomMetrics as CustomMetrics
@@ -22,6 +22,7 @@ from ._metrics import CONTENT_TYPE as CONTENT_TYPE
 from ._metrics import LATENCY_BUCKETS as LATENCY_BUCKETS
 from ._metrics import Metrics as Metrics
 from ._tracing import ActiveSpan as ActiveSpan
+from ._tracing import Span as Span
 from ._tracing import Tracing as Tracing
 from ._tracing import active_span_var as active_span_var
 from ._tracing import outbound_traceparent as outbound_traceparent

@@ -1,45 +1,109 @@
-"""OpenTelemetry traces, exported over OTLP/HTTP when ``ACCESS_ENABLE_TRACING`` is on.
+"""Traces exported over OTLP/HTTP when ``ACCESS_ENABLE_TRACING`` is on.
 
-One ``Tracing`` per daemon (no global tracer provider). Off, it costs nothing: ``enabled`` is False and
-callers skip span work. On, the SDK's batch processor exports from its own thread (the SDK forces that
-thread; spans are handed to it through a bounded queue).
+One ``Tracing`` per daemon. Off, it costs nothing: ``enabled`` is False and callers skip span work. On, spans
+are this module's small ``Span`` records, queued when they end and posted in batches by an exporter task in
+the daemon's task tree (:meth:`Tracing.exporting`), encoded by ``_otlp``. The OpenTelemetry SDK chooses the
+sampler (its standard ``OTEL_TRACES_SAMPLER``/``OTEL_TRACES_SAMPLER_ARG``) and the resource
+(``OTEL_SERVICE_NAME``, ``OTEL_RESOURCE_ATTRIBUTES``); its spans and batch exporter are not used. Measured on
+the gateway, they cost about 41 µs to start and end and 31 µs to encode per span, on the request's core (the
+export thread holds the GIL), against a few µs here: a quarter of the gateway's throughput with every trace
+recorded (bench/metrics.py, RESULTS.md).
 
 Propagation: the REST pipeline puts the request's SERVER span in :data:`active_span_var` (tracing on) or the
 caller's ``traceparent`` in :data:`traceparent_var` (off); a step of the request (auth, entitlement, rate
 limit) opens a child span with :meth:`ActiveSpan.step`; any outbound call (a remote auth or entitlements
 role, whose code may not see the REST layer) sends :func:`outbound_traceparent`.
 
-Backpressure: drop newest. A span is handed to the batch processor only while its queue has room; when the
-collector is slow or away and the queue is full, the span is dropped at once and counted in
-``accessd_trace_spans_dropped_total``: a request never waits for the exporter. :meth:`Tracing.close` gives
-the last flush a bounded time, so a collector that is away cannot hold up the daemon's stop either.
+Backpressure: drop newest. A span that ends while the export queue is full is dropped at once and counted in
+``accessd_trace_spans_dropped_total``, as are the spans of a batch the collector refused or did not answer
+within the export timeout: a request never waits for the exporter. The last flush on stop is bounded, so a
+collector that is away cannot hold up the daemon's stop either.
 """
 
 from __future__ import annotations
 
 import contextvars
+import logging
 import random
-import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager
 
+import httpx
+import trio
 from opentelemetry import trace
-from opentelemetry.context import Context
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
-from opentelemetry.trace import Link, Span, SpanKind
-from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
-from opentelemetry.util.types import Attributes
+from opentelemetry.sdk.trace import TracerProvider, sampling
+from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 from prometheus_client import CollectorRegistry, Counter
 
 from .. import __version__
 from ._ids import traceparent_from
 from ._logging import trace_id_var
+from ._otlp import AttributeValue, export_request
 
-_PROPAGATOR = TraceContextTextMapPropagator()
-MAX_QUEUE_SIZE = 4096  # spans waiting for the exporter thread; beyond it, new spans are dropped
+log = logging.getLogger("accessd.tracing")
+
+MAX_QUEUE_SIZE = 4096  # ended spans waiting for the exporter; beyond it, new spans are dropped
+MAX_BATCH = 512  # spans per export request (the SDK's default batch size)
 CLOSE_TIMEOUT_S = 3.0  # the last flush on stop; a collector that is away gets no longer
+WARN_EVERY_S = 60.0  # an export failure is logged at most this often
+# OTLP's SpanKind values.
+INTERNAL, SERVER, CONSUMER = 1, 2, 5
+_HEADERS = {"Content-Type": "application/x-protobuf"}
+
+
+class Span:
+    """A span being recorded: ids, name, kind, times, attributes and links; queued for export when it ends
+    (sampled ones only). The methods are the few of OpenTelemetry's span API the daemon uses."""
+
+    __slots__ = (
+        "trace_id", "span_id", "parent_id", "sampled", "name", "kind",
+        "start_ns", "end_ns", "attributes", "links", "_tracing",
+    )  # fmt: skip
+
+    def __init__(
+        self,
+        tracing: Tracing,
+        name: str,
+        kind: int,
+        trace_id: int,
+        parent_id: int,
+        sampled: bool,
+        attributes: dict[str, AttributeValue] | None = None,
+        links: tuple[tuple[int, int], ...] = (),
+    ) -> None:
+        self._tracing = tracing
+        self.name = name
+        self.kind = kind
+        self.trace_id = trace_id
+        self.span_id = random.getrandbits(64) or 1
+        self.parent_id = parent_id
+        self.sampled = sampled
+        self.attributes = attributes if attributes is not None else {}
+        self.links = links
+        self.start_ns = time.time_ns()
+        self.end_ns = 0
+
+    def set_attribute(self, key: str, value: AttributeValue) -> None:
+        self.attributes[key] = value
+
+    def set_attributes(self, attributes: Mapping[str, AttributeValue]) -> None:
+        self.attributes.update(attributes)
+
+    def update_name(self, name: str) -> None:
+        self.name = name
+
+    def end(self) -> None:
+        if not self.end_ns:  # ends once
+            self.end_ns = time.time_ns()
+            if self.sampled:
+                self._tracing.finished(self)
+
+    def traceparent(self) -> str:
+        """W3C ``traceparent`` naming this span as the parent."""
+        return f"00-{self.trace_id:032x}-{self.span_id:016x}-{'01' if self.sampled else '00'}"
 
 
 class ActiveSpan:
@@ -64,8 +128,7 @@ class ActiveSpan:
             span.end()
 
     def traceparent(self) -> str:
-        ctx = self.span.get_span_context()
-        return f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-{ctx.trace_flags:02x}"
+        return self.span.traceparent()
 
 
 active_span_var: contextvars.ContextVar[ActiveSpan | None] = contextvars.ContextVar(
@@ -91,6 +154,15 @@ def outbound_traceparent() -> str | None:
     return f"00-{trace_id}-{random.getrandbits(64) or 1:016x}-01" if trace_id else None
 
 
+def _parent(traceparent: str | None) -> tuple[int, int, bool] | None:
+    """A valid ``traceparent``'s trace id, parent span id and sampled flag."""
+    value = traceparent_from(traceparent)
+    if value is None:
+        return None
+    _, trace_id, span_id, flags = value.split("-")
+    return int(trace_id, 16), int(span_id, 16), bool(int(flags, 16) & 1)
+
+
 class Tracing:
     def __init__(
         self,
@@ -104,131 +176,113 @@ class Tracing:
         self.enabled = exporter_url is not None
         self.dropped = Counter(
             "accessd_trace_spans_dropped",
-            "Spans dropped, not exported, because the export queue was full (the collector slow or away)",
+            "Spans not exported: the export queue was full, or the collector refused or did not answer",
             registry=registry,
         )
-        self._provider: TracerProvider | None = None
-        if exporter_url is None:
-            self._tracer = trace.NoOpTracer()
-            return
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-
-        self._provider = TracerProvider(
+        self._url = exporter_url.rstrip("/") + "/v1/traces" if exporter_url is not None else ""
+        self._delay_s = schedule_delay_ms / 1000
+        self._capacity = max_queue_size
+        self._timeout_s = export_timeout_s
+        self._queue: deque[Span] = deque()
+        self._full = trio.Event()  # a batch is ready before the delay is up
+        self._warned_at = -WARN_EVERY_S
+        # The SDK's choices from the environment, as its TracerProvider makes them.
+        provider = TracerProvider(
             resource=Resource.create({"service.name": "accessd", "service.version": __version__}),
-            shutdown_on_exit=False,  # close() does it, bounded; the SDK's exit hook could wait 30 s and more
+            shutdown_on_exit=False,
         )
-        exporter = OTLPSpanExporter(
-            endpoint=exporter_url.rstrip("/") + "/v1/traces", timeout=export_timeout_s
-        )
-        self._provider.add_span_processor(
-            BoundedSpanProcessor(exporter, max_queue_size, schedule_delay_ms, self.dropped)
-        )
-        self._tracer = self._provider.get_tracer("accessd")
+        self._sampler = provider.sampler
+        self._resource: dict[str, AttributeValue] = {
+            key: value
+            for key, value in provider.resource.attributes.items()
+            if isinstance(value, str | bool | int | float)
+        }
 
-    def server_span(self, name: str, headers: Mapping[str, str]) -> Span:
+    def server_span(self, name: str, traceparent: str | None = None) -> Span:
         """A SERVER span continuing the caller's ``traceparent`` (or a new trace)."""
-        return self._tracer.start_span(name, context=extract(headers), kind=SpanKind.SERVER)
+        parent = _parent(traceparent)
+        if parent is None:
+            trace_id = random.getrandbits(128) or 1
+            return Span(self, name, SERVER, trace_id, 0, self._sample(trace_id, None))
+        trace_id, parent_id, _ = parent
+        return Span(self, name, SERVER, trace_id, parent_id, self._sample(trace_id, parent))
 
     def child_span(self, name: str, parent: Span) -> Span:
-        """An INTERNAL span under ``parent`` (a step of a request)."""
-        return self._tracer.start_span(name, context=trace.set_span_in_context(parent))
+        """An INTERNAL span under ``parent`` (a step of a request); sampled as its parent is, which is what
+        each of the SDK's standard samplers decides for a local child."""
+        return Span(self, name, INTERNAL, parent.trace_id, parent.span_id, parent.sampled)
 
-    def linked_span(self, name: str, traceparents: list[str], attributes: Attributes) -> Span:
-        """A span linked to the producers' contexts (a message's publish), as messaging traces do."""
-        links = []
-        for traceparent in traceparents:
-            ctx = trace.get_current_span(extract({"traceparent": traceparent})).get_span_context()
-            if ctx.is_valid:
-                links.append(Link(ctx))
-        return self._tracer.start_span(name, kind=SpanKind.CONSUMER, links=links, attributes=attributes)
+    def linked_span(self, name: str, traceparents: list[str], attributes: dict[str, AttributeValue]) -> Span:
+        """A CONSUMER span (a new trace) linked to the producers' contexts, as messaging traces do."""
+        links = tuple((p[0], p[1]) for p in map(_parent, traceparents) if p is not None)
+        trace_id = random.getrandbits(128) or 1
+        return Span(self, name, CONSUMER, trace_id, 0, self._sample(trace_id, None), attributes, links)
 
-    def close(self, timeout_s: float = CLOSE_TIMEOUT_S) -> None:
-        """Flush what is queued and stop the exporter thread, waiting at most ``timeout_s``: the SDK's own
-        shutdown may wait 30 s and more on a collector that does not answer. Its threads are daemon threads:
-        what is left of them ends with the process."""
-        provider, self._provider = self._provider, None
-        if provider is not None:
-            closing = threading.Thread(target=provider.shutdown, name="otel-shutdown", daemon=True)
-            closing.start()
-            closing.join(timeout_s)
+    def _sample(self, trace_id: int, parent: tuple[int, int, bool] | None) -> bool:
+        if self._sampler is sampling.DEFAULT_ON:  # the default, parent-based always-on: no need to ask
+            return parent is None or parent[2]
+        context = None
+        if parent is not None:
+            flags = TraceFlags(TraceFlags.SAMPLED if parent[2] else TraceFlags.DEFAULT)
+            remote = SpanContext(parent[0], parent[1], is_remote=True, trace_flags=flags)
+            context = trace.set_span_in_context(NonRecordingSpan(remote))
+        return self._sampler.should_sample(context, trace_id, "").decision.is_sampled()
 
+    def finished(self, span: Span) -> None:
+        """Queue an ended span for export, or drop and count it when the queue is full."""
+        if len(self._queue) >= self._capacity:
+            self.dropped.inc()
+            return
+        self._queue.append(span)
+        if len(self._queue) >= MAX_BATCH:
+            self._full.set()
 
-class BoundedSpanProcessor(SpanProcessor):
-    """The SDK's ``BatchSpanProcessor`` behind a gate that knows how full its queue is.
+    @asynccontextmanager
+    async def exporting(self, close_timeout_s: float = CLOSE_TIMEOUT_S) -> AsyncIterator[None]:
+        """Export while inside: a batch every ``schedule_delay_ms`` (sooner when one is full); on the way out,
+        what is queued, for at most ``close_timeout_s``."""
+        if not self.enabled:
+            yield
+            return
+        async with httpx.AsyncClient(timeout=self._timeout_s) as client, trio.open_nursery() as nursery:
+            nursery.start_soon(self._export_loop, client)
+            try:
+                yield
+            finally:
+                with trio.move_on_after(close_timeout_s) as last:
+                    last.shield = True
+                    await self._export_queued(client)
+                nursery.cancel_scope.cancel()
 
-    The batch processor would drop the *oldest* span of a full queue and log a warning for every span it
-    drops (a line per span while the collector is away, written from the request path). Here a span is
-    handed over only while the queue has room; otherwise it is dropped and counted, silently. The fill level
-    is kept with public interfaces only: +1 for each span handed over, -n for each batch of n the processor
-    passes to the exporter (it takes a batch off the queue, then exports it), so it is never below the true
-    length and the batch processor itself never drops.
-    """
+    async def _export_loop(self, client: httpx.AsyncClient) -> None:
+        while True:
+            with trio.move_on_after(self._delay_s):
+                await self._full.wait()
+            self._full = trio.Event()
+            await self._export_queued(client)
 
-    def __init__(
-        self, exporter: SpanExporter, max_queue_size: int, schedule_delay_ms: float, dropped: Counter
-    ) -> None:
-        self._capacity = max_queue_size
-        self._dropped = dropped
-        self._queued = 0
-        self._lock = threading.Lock()  # the request thread adds, the exporter thread takes
-        self._batch = BatchSpanProcessor(
-            _Taken(exporter, self._taken),
-            max_queue_size=max_queue_size,
-            schedule_delay_millis=schedule_delay_ms,
-            max_export_batch_size=min(512, max_queue_size),  # 512: the SDK's default
-        )
-
-    def on_end(self, span: ReadableSpan) -> None:
-        if span.context is None or not span.context.trace_flags.sampled:
-            return  # what the batch processor ignores does not take room
-        with self._lock:
-            room = self._queued < self._capacity
-            if room:
-                self._queued += 1
-        if room:
-            self._batch.on_end(span)
-        else:
-            self._dropped.inc()
-
-    def _taken(self, count: int) -> None:
-        with self._lock:
-            self._queued = max(0, self._queued - count)
-
-    def shutdown(self) -> None:
-        self._batch.shutdown()
-
-    def force_flush(self, timeout_millis: int = 30000) -> bool:
-        return self._batch.force_flush(timeout_millis)
-
-
-class _Taken(SpanExporter):
-    """An exporter that reports each batch it is given (taken off the queue) before exporting it."""
-
-    def __init__(self, exporter: SpanExporter, taken: Callable[[int], None]) -> None:
-        self._exporter = exporter
-        self._report = taken
-
-    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-        self._report(len(spans))
-        return self._exporter.export(spans)
-
-    def shutdown(self) -> None:
-        self._exporter.shutdown()
-
-    def force_flush(self, timeout_millis: int = 30000) -> bool:
-        return self._exporter.force_flush(timeout_millis)
+    async def _export_queued(self, client: httpx.AsyncClient) -> None:
+        while self._queue:
+            batch = [self._queue.popleft() for _ in range(min(MAX_BATCH, len(self._queue)))]
+            body = export_request(self._resource, "accessd", __version__, batch)
+            try:
+                response = await client.post(self._url, content=body, headers=_HEADERS)
+                if response.status_code < 300:
+                    continue
+                problem = f"HTTP {response.status_code}"
+            except httpx.HTTPError as exc:
+                problem = f"{type(exc).__name__}: {exc}"
+            self.dropped.inc(len(batch))
+            if time.monotonic() - self._warned_at >= WARN_EVERY_S:
+                self._warned_at = time.monotonic()
+                log.warning(
+                    "trace export to %s failed (%s); %d spans dropped", self._url, problem, len(batch)
+                )
 
 
-def extract(headers: Mapping[str, str]) -> Context:
-    return _PROPAGATOR.extract({k.lower(): v for k, v in headers.items()})
+def traceparent_of(span: Span) -> str:
+    return span.traceparent()
 
 
-def traceparent_of(span: Span) -> str | None:
-    carrier: dict[str, str] = {}
-    _PROPAGATOR.inject(carrier, context=trace.set_span_in_context(span))
-    return carrier.get("traceparent")
-
-
-def trace_id_hex(span: Span) -> str | None:
-    ctx = span.get_span_context()
-    return format(ctx.trace_id, "032x") if ctx.is_valid else None
+def trace_id_hex(span: Span) -> str:
+    return f"{span.trace_id:032x}"
