@@ -9,9 +9,11 @@ module (bench/peers/nchan.conf: one worker, in memory; ``apt-get install nginx-l
 and prints both and their ratios. There the payload is ``--size`` bytes carrying the publisher's sequence
 number and send time, so lag (send to arrival), losses and duplicates are measured the same way for both,
 and CPU per delivery is the server processes' CPU (accessd's one; nginx's master and worker) over the
-deliveries the clients counted.
+deliveries the clients counted. ``--c-clients`` runs the same minimal clients compiled from C
+(bench/_fanout_client.c, gcc): one Python client process reads 30-35k frames/s, too few for 5,000 × 20.
 Usage: python bench/fanout.py --conns 1000 --rate 20 --seconds 20 [--procs 4] [--broker embedded|kafka]
        python bench/fanout.py --conns 1000 --rate 20 --seconds 20 --procs 1 --raw-clients --peer nchan
+       python bench/fanout.py --conns 5000 --rate 20 --seconds 20 --procs 1 --c-clients --peer nchan
 """
 
 from __future__ import annotations
@@ -197,14 +199,14 @@ def start_clients(
 ) -> tuple[list[subprocess.Popen], list[Path]]:
     """Client processes connecting ``conns`` subscribers in all; they wait for ``go()`` to start counting."""
     url = server.sse_url if "--sse" in flags else server.ws_url
+    program, flags = client_program(work, flags)
     per = [conns // procs + (1 if i < conns % procs else 0) for i in range(procs)]
     tag = time.monotonic_ns()  # each batch of clients has its own ready and go files
     ready_files = [work / f"ready-{server.proto}-{tag}-{i}" for i in range(procs)]
     clients = [
         subprocess.Popen(
             [
-                PYTHON,
-                str(HERE / "_fanout_client.py"),
+                *program,
                 url,
                 CHANNEL,
                 "--conns",
@@ -232,6 +234,19 @@ def start_clients(
             raise RuntimeError("clients did not connect within 180 s")
         time.sleep(0.1)
     return clients, ready_files
+
+
+def client_program(work: Path, flags: tuple[str, ...]) -> tuple[list[str], tuple[str, ...]]:
+    """The client processes' command and their flags: ``--c`` in ``flags`` picks the C client
+    (``_fanout_client.c``, compiled with gcc into ``work`` once), else the Python one."""
+    if "--c" not in flags:
+        return [PYTHON, str(HERE / "_fanout_client.py")], flags
+    if "--sse" in flags:
+        raise ValueError("the C client speaks WebSocket only")
+    binary = work / "fanout_client"
+    if not binary.exists():
+        subprocess.run(["gcc", "-O2", "-o", str(binary), str(HERE / "_fanout_client.c")], check=True)
+    return [str(binary)], tuple(f for f in flags if f != "--c")
 
 
 def go(ready_files: list[Path]) -> None:
@@ -358,7 +373,12 @@ async def publish_to_kafka(bootstrap: str, rate: float, seconds: float) -> int:
 
 def run_leg(server: Server, work: Path, args: argparse.Namespace, size: int, lag_key: str) -> dict:
     """Connect the clients, publish for warm-up + ``args.seconds``, measure the server over the last part."""
-    flags = ["--lag-key", lag_key, *(["--raw"] if args.raw_clients else [])]
+    flags = [
+        "--lag-key",
+        lag_key,
+        *(["--raw"] if args.raw_clients else []),
+        *(["--c"] if args.c_clients else []),
+    ]
     clients, ready_files = start_clients(server, work, args.conns, args.procs, args.seconds, WARMUP_S, *flags)
     try:
         connect_rss = server.rss()
@@ -398,6 +418,12 @@ def run_leg(server: Server, work: Path, args: argparse.Namespace, size: int, lag
     return result
 
 
+def client_kind(args: argparse.Namespace) -> str:
+    if args.c_clients:
+        return "minimal WebSocket clients in C, bench/_fanout_client.c"
+    return "minimal raw WebSocket clients" if args.raw_clients else "trio-websocket"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--conns", type=int, default=1000)
@@ -410,6 +436,11 @@ def main() -> None:
         "--raw-clients",
         action="store_true",
         help="minimal WebSocket clients (real handshake and framing) that need less CPU than trio-websocket",
+    )
+    parser.add_argument(
+        "--c-clients",
+        action="store_true",
+        help="the same minimal clients in C (compiled with gcc): for loads a Python client process cannot read",
     )
     parser.add_argument("--peer", choices=("nchan",), help="also run the same load against nginx+nchan")
     parser.add_argument("--size", type=int, help="payload bytes with --peer (default 128)")
@@ -455,7 +486,7 @@ def main() -> None:
 |---|---|---|---|---|---|---|---|---|
 | {args.conns} | {args.rate:g} | {server_delivered / args.seconds:,.0f} / {rate:,.0f} | {p50:.0f} / {p95:.0f} / {p99:.0f} | {s50} / {s95} / {s99} | {cpu_us:.1f} | {r["connect_rss"]:.0f} / {r["peak"]:.0f} | {drops_text} | {r["errors"]} |
 
-Broker: {args.broker}{" (published straight to Kafka by the bench)" if args.broker == "kafka" else " (published through POST /stream/publish)"}; {args.procs} client processes ({"minimal raw WebSocket clients" if args.raw_clients else "trio-websocket"}); {sent} messages published over \
+Broker: {args.broker}{" (published straight to Kafka by the bench)" if args.broker == "kafka" else " (published through POST /stream/publish)"}; {args.procs} client processes ({client_kind(args)}); {sent} messages published over \
 {args.seconds + WARMUP_S + 1:g} s, {args.seconds:g} s measured after a 3 s warm-up. Client lag = broker timestamp to arrival in a client process;
 server lag = `accessd_stream_delivery_lag_seconds` (broker timestamp to the fan-out's socket writes), bucket
 bounds from the daemon's own histogram over the same window."""
@@ -497,7 +528,7 @@ def compare(args: argparse.Namespace, work: Path, size: int) -> None:
 **accessd / nchan: CPU per delivery {a["cpu_us"] / n["cpu_us"]:.2f}×, P95 lag {ratio_lag:.2f}×.**
 
 {args.conns} subscribers × {args.rate:g} msg/s of {size}-byte JSON payloads (sequence number and send time), \
-{args.procs} client processes ({"minimal raw WebSocket clients" if args.raw_clients else "trio-websocket"}), \
+{args.procs} client processes ({client_kind(args)}), \
 published by HTTP POST ({a["sent"]} / {n["sent"]} messages over {args.seconds + WARMUP_S + 1:g} s), \
 {args.seconds:g} s measured after a {WARMUP_S:g} s warm-up, accessd first. Lag = the publisher's send time \
 to arrival in a client process (same clock); expected = what each connection's first and last sequence \

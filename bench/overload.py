@@ -13,7 +13,7 @@ message and heartbeat) and a probe that opens a new subscription every second. P
    subscribers that never read among the others;
 3. recovery: publish at ``--after-rate`` msg/s; the time from the end of the overload's schedule until the
    witness's lag stays under ``--lag-ok-ms``.
-Usage: python bench/overload.py --conns 2000 --seconds 10 [--procs 1]
+Usage: python bench/overload.py --conns 2000 --seconds 10 [--procs 1] [--c-clients]
 """
 
 from __future__ import annotations
@@ -148,6 +148,9 @@ def main() -> None:
     parser.add_argument("--stalled", type=int, default=20, help="subscribers that never read")
     parser.add_argument("--size", type=int, default=512, help="payload bytes")
     parser.add_argument(
+        "--c-clients", action="store_true", help="the subscribers in C (bench/_fanout_client.c, gcc)"
+    )
+    parser.add_argument(
         "--pending", type=int, default=200, help="ACCESS_STREAM_MAX_PENDING_MESSAGES (a live feed's bound)"
     )
     args = parser.parse_args()
@@ -160,7 +163,8 @@ def main() -> None:
         ACCESS_STREAM_MAX_PENDING_MESSAGES=str(args.pending),
     )
     total = CAPACITY_S + REST_S + args.seconds + args.after_seconds + 5
-    clients, ready = start_clients(server, work, args.conns, args.procs, total, 0, "--raw")
+    flags = ("--raw", "--c") if args.c_clients else ("--raw",)
+    clients, ready = start_clients(server, work, args.conns, args.procs, total, 0, *flags)
     go(ready)
     out: dict = {}
 
@@ -243,7 +247,8 @@ def main() -> None:
 | witness lag P95 after recovery ({args.after_rate:g} msg/s) | {out["lag_after_p95"]:.1f} ms |
 | witness closed? / client errors | {out["witness_closed"] or "no"} / {out["errors"]} |
 
-{args.conns:,} minimal WebSocket subscribers in {args.procs} client process(es) plus the witness, the \
+{args.conns:,} minimal WebSocket subscribers in {args.procs} client process(es) \
+({"C, bench/_fanout_client.c" if args.c_clients else "Python"}) plus the witness, the \
 stalled subscribers and the probes in the bench process; {args.size}-byte payloads, at most {args.pending} \
 pending messages per client (the default channel policy, `drop_oldest`), all on this machine (they compete with the daemon for the 2 cores). Targets \
 (issue 15): the daemon keeps serving (policies engage, heartbeats go out, a new subscriber connects within \
