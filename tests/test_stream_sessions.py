@@ -38,6 +38,29 @@ async def test_subscribe_and_receive_in_order(autojump_clock: MockClock) -> None
         assert [m["cursor"] for m in got] == ["0:1", "0:2", "0:3", "0:4", "0:5"]
 
 
+async def test_a_batch_reaches_each_client_in_one_write(autojump_clock: MockClock) -> None:
+    """Records the hub reads together (it fell behind) go to a client in one send, in order, each its own
+    frame with its cursor; one published alone still goes at once."""
+    async with stream_rig(memory=True) as rig, rig.open_ws(rig.token("batch")) as ws:
+        await subscribed(ws)
+        [session] = rig.listener.sessions
+        writes: list[int] = []
+        send = session.conn._send
+
+        def counted(data: bytes) -> int:
+            writes.append(len(data))
+            return send(data)
+
+        session.conn._send = counted
+        cursors = [rig.publish(CHANNEL, {"n": n}) for n in range(5)]
+        got = [await ws.recv() for _ in range(5)]
+        assert [(m["data"]["n"], m["cursor"]) for m in got] == list(enumerate(cursors))
+        assert len(writes) == 1
+        rig.publish(CHANNEL, {"n": 5})
+        assert (await ws.recv())["data"]["n"] == 5 and len(writes) == 2
+        assert rig.hub.stats.delivered["ws"] == 6
+
+
 async def test_heartbeats_go_out_every_period(autojump_clock: MockClock) -> None:
     async with stream_rig(memory=True, stream_heartbeat_s=15) as rig, rig.open_ws(rig.token("hb")) as ws:
         start = trio.current_time()

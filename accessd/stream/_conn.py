@@ -172,6 +172,34 @@ class Connection:
             self._enqueue(Pending(data, channel, key, render, cursor, slot), policy)
         return not self.closed
 
+    def send_frames(self, frames: list[bytes]) -> int:
+        """Several whole frames in one ``send`` when nothing is pending (the hub's batch for this client):
+        how many were taken (written, or begun: the begun one's rest is the head); the rest are for
+        :meth:`offer`, to queue under their policies. -1 once the connection is gone."""
+        if self.closed:
+            return -1
+        if self._head is not None or self._queue:
+            return 0
+        data = b"".join(frames)
+        try:
+            sent = self._send(data)
+        except BlockingIOError:
+            return 0
+        except OSError as exc:
+            self.abort(_send_failed(exc))
+            return -1
+        offset = 0
+        for taken, frame in enumerate(frames):
+            end = offset + len(frame)
+            if end > sent:
+                if sent == offset:
+                    return taken
+                self._head = memoryview(frame)[sent - offset :]
+                self._start_writer()
+                return taken + 1
+            offset = end
+        return len(frames)
+
     # --- slow consumers ----------------------------------------------------------------------------------
 
     def _enqueue(self, item: Pending, policy: str) -> None:

@@ -174,6 +174,11 @@ class Session:
     def deliver(self, sub: Subscription, msg: Message) -> None:
         raise NotImplementedError
 
+    def deliver_all(self, sub: Subscription, msgs: list[Message]) -> None:
+        """Several messages of one batch for ``sub``, in order (a transport may write them at once)."""
+        for msg in msgs:
+            self.deliver(sub, msg)
+
     def gap(self, channel: str, dropped: int, cursor: str | None) -> None:
         raise NotImplementedError
 

@@ -67,6 +67,15 @@ class WsSession(Session):
         )
         self.hub.stats.delivered["ws"] += 1
 
+    def deliver_all(self, sub: Subscription, msgs: list[Message]) -> None:
+        """One ``send`` for the frames the socket takes now; the rest queue as single deliveries do."""
+        taken = 0 if self.floors else self.conn.send_frames([msg.ws for msg in msgs])
+        if taken < 0:
+            return
+        self.hub.stats.delivered["ws"] += taken
+        for msg in msgs[taken:]:
+            self.deliver(sub, msg)
+
     def send(self, body: dict[str, Any]) -> None:
         self.conn.offer(ws_json(body))
 
