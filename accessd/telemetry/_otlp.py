@@ -60,9 +60,18 @@ def _any_value(value: AttributeValue) -> bytes:
     return _field(b"\x0a", str(value).encode())
 
 
+_KEYS: dict[str, bytes] = {}  # an attribute key's encoded field: the daemon uses a few dozen
+_MAX_KEYS = 1024
+
+
 def key_value(key: str, value: AttributeValue) -> bytes:
     """A ``KeyValue`` message (without its own tag)."""
-    return _field(b"\x0a", key.encode()) + _field(b"\x12", _any_value(value))
+    encoded = _KEYS.get(key)
+    if encoded is None:
+        encoded = _field(b"\x0a", key.encode())
+        if len(_KEYS) < _MAX_KEYS:
+            _KEYS[key] = encoded
+    return encoded + _field(b"\x12", _any_value(value))
 
 
 def _attributes(tag: bytes, attributes: Mapping[str, AttributeValue]) -> list[bytes]:

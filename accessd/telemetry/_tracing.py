@@ -27,8 +27,8 @@ import logging
 import random
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Iterator, Mapping
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
 
 import httpx
 import trio
@@ -115,20 +115,30 @@ class ActiveSpan:
         self.tracing = tracing
         self.span = span
 
-    @contextmanager
-    def step(self, name: str) -> Iterator[Span]:
-        """A child span around a step of the request; outbound calls made meanwhile name it as their parent.
-        The caller sets the step's decision as an attribute."""
-        span = self.tracing.child_span(name, self.span)
-        token = active_span_var.set(ActiveSpan(self.tracing, span))
-        try:
-            yield span
-        finally:
-            active_span_var.reset(token)
-            span.end()
+    def step(self, name: str) -> _Step:
+        """A child span around a step of the request (``with active.step("auth") as span``); outbound
+        calls made meanwhile name it as their parent. The caller sets the step's decision as an attribute."""
+        return _Step(self.tracing, self.tracing.child_span(name, self.span))
 
     def traceparent(self) -> str:
         return self.span.traceparent()
+
+
+class _Step:
+    """``ActiveSpan.step``'s context manager (a class: a generator-based one costs a few µs per step)."""
+
+    __slots__ = ("_active", "_token")
+
+    def __init__(self, tracing: Tracing, span: Span) -> None:
+        self._active = ActiveSpan(tracing, span)
+
+    def __enter__(self) -> Span:
+        self._token = active_span_var.set(self._active)
+        return self._active.span
+
+    def __exit__(self, *exc_info: object) -> None:
+        active_span_var.reset(self._token)
+        self._active.span.end()
 
 
 active_span_var: contextvars.ContextVar[ActiveSpan | None] = contextvars.ContextVar(
