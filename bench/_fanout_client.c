@@ -4,8 +4,11 @@
    30-35k frames/s on one core, so at 5,000 x 20 msg/s (100k deliveries/s) on a 2-core machine it, not the
    server, was the limit. This one reads several times that for a fraction of a core.
    Real handshake and framing: a masked subscribe frame (accessd), pongs for pings (nchan closes otherwise),
-   unmasked server frames with 2, 4 or 10 byte headers. Per connection: the newest sequence number ("n") for
-   losses and duplicates; the lag from the frame's timestamp ("ts" or "t", ms since the epoch) to arrival.
+   unmasked server frames with 2, 4 or 10 byte headers. Per connection, in the measured window: the distinct
+   sequence numbers ("n") received, their span (lost: what the span holds that never came) and repeats
+   (duplicates), so that a message published later but sequenced earlier (concurrent POSTs) is not counted
+   lost, as the Python client, which keeps only the newest number, would; the lag from the frame's
+   timestamp ("ts" or "t", ms since the epoch) to arrival.
    Build: gcc -O2 -o fanout_client bench/_fanout_client.c
    Usage: fanout_client URL CHANNEL --conns N --seconds S --warmup W --ready-file PATH
           [--proto accessd|nchan] [--lag-key ts|t] [--raw] */
@@ -28,15 +31,19 @@
 #define BUF_CAP (256 * 1024) /* per connection; a frame larger than this is an error */
 #define HIST_MS 600000       /* lag histogram, 1 ms buckets, up to 10 minutes */
 
+#define SEEN_BITS (1 << 16) /* sequence numbers seen in the window, modulo this */
+
 typedef struct {
     int fd;
     int streaming;           /* handshake done */
-    long long last;          /* newest sequence number, -1 before the first */
+    long long low, high;     /* lowest and highest sequence number in the window; low -1 before the first */
+    long long unique;        /* distinct sequence numbers in the window */
     size_t len;
     unsigned char *buf;
+    unsigned char seen[SEEN_BITS / 8];
 } conn_t;
 
-static long long received, lost, duplicates, connected, errors;
+static long long duplicates, connected, errors;
 static int measuring;
 static unsigned long long *hist;
 static char last_error[200];
@@ -82,17 +89,17 @@ static int number_after(const unsigned char *p, size_t n, const char *key, doubl
 
 static void record(conn_t *c, const unsigned char *frame, size_t n) {
     double seq_d;
-    if (!number_after(frame, n, "\"n\":", &seq_d)) return; /* welcome, subscribed, pings */
+    if (!measuring || !number_after(frame, n, "\"n\":", &seq_d)) return; /* welcome, subscribed, pings */
     long long seq = (long long)seq_d;
-    if (!measuring) {
-        if (seq > c->last) c->last = seq;
-        return;
-    }
-    if (seq <= c->last) {
+    unsigned bit = (unsigned)(seq % SEEN_BITS);
+    if (c->seen[bit / 8] & (1u << (bit % 8))) {
         duplicates++;
         return;
     }
-    if (c->last >= 0) lost += seq - c->last - 1;
+    c->seen[bit / 8] |= (unsigned char)(1u << (bit % 8));
+    if (c->low < 0 || seq < c->low) c->low = seq;
+    if (seq > c->high) c->high = seq;
+    c->unique++;
     double stamp;
     if (number_after(frame, n, lag_key, &stamp)) {
         double lag = now_ms() - stamp;
@@ -100,8 +107,6 @@ static void record(conn_t *c, const unsigned char *frame, size_t n) {
         if (bucket >= HIST_MS) bucket = HIST_MS - 1;
         hist[bucket]++;
     }
-    received++;
-    c->last = seq;
 }
 
 static int send_all(int fd, const unsigned char *p, size_t n) {
@@ -259,7 +264,7 @@ int main(int argc, char **argv) {
     memcpy(&addr.sin_addr, he->h_addr_list[0], sizeof addr.sin_addr);
     for (int i = 0; i < conns; i++) {
         conn_t *c = &cs[i];
-        c->last = -1;
+        c->low = -1;
         c->buf = malloc(BUF_CAP);
         c->fd = socket(AF_INET, SOCK_STREAM, 0);
         if (connect(c->fd, (struct sockaddr *)&addr, sizeof addr) < 0 ||
@@ -304,6 +309,13 @@ int main(int argc, char **argv) {
             started = t;
         } else if (phase == MEASURING && t - started >= seconds) {
             break;
+        }
+    }
+    long long received = 0, lost = 0;
+    for (int i = 0; i < conns; i++) {
+        if (cs[i].low >= 0) {
+            received += cs[i].unique;
+            lost += cs[i].high - cs[i].low + 1 - cs[i].unique;
         }
     }
     printf("{\"hist\": {");
