@@ -274,7 +274,12 @@ class Tracing:
     async def _export_queued(self, client: httpx.AsyncClient) -> None:
         while self._queue:
             batch = [self._queue.popleft() for _ in range(min(MAX_BATCH, len(self._queue)))]
-            body = export_request(self._resource, "accessd", __version__, batch)
+            try:
+                body = export_request(self._resource, "accessd", __version__, batch)
+            except Exception:  # a bug here must cost spans, never the daemon
+                log.exception("cannot encode %d spans for export; dropped", len(batch))
+                self.dropped.inc(len(batch))
+                continue
             try:
                 response = await client.post(self._url, content=body, headers=_HEADERS)
                 if response.status_code < 300:
