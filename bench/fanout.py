@@ -319,12 +319,11 @@ def payload(n: int, size: int) -> bytes:
 PUBLISH_STATUSES: collections.Counter[int] = collections.Counter()  # answers to publish_loop's POSTs
 
 
-async def publish_loop(server: Server, rate: float, seconds: float, size: int, in_flight: int = 32) -> int:
-    """Publish on schedule: each POST starts at its slot even if earlier ones are still in flight (at most
-    ``in_flight`` connections; beyond that a POST waits for one). ``size`` 0: the original accessd body
-    without a send time."""
+async def publish_loop(server: Server, rate: float, seconds: float, size: int) -> int:
+    """Publish on schedule: each POST starts at its slot even if earlier ones are still in flight.
+    ``size`` 0: the original accessd body without a send time."""
     sent = 0
-    limits = httpx.Limits(max_connections=in_flight)
+    limits = httpx.Limits(max_connections=32)
     headers = {"Content-Type": "application/json"}
     if server.token:
         headers["Authorization"] = f"Bearer {server.token}"
