@@ -297,6 +297,10 @@ int main(int argc, char **argv) {
         double t = mono_s();
         if (phase == CONNECTING && (connected + errors >= conns || t > phase_end)) {
             FILE *f = fopen(ready_file, "w");
+            if (!f) {
+                perror(ready_file);
+                return 2;
+            }
             fputs("ready", f);
             fclose(f);
             phase = READY;

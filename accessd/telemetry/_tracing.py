@@ -196,13 +196,17 @@ class Tracing:
         self._queue: deque[Span] = deque()
         self._full = trio.Event()  # a batch is ready before the delay is up
         self._warned_at = -WARN_EVERY_S
+        self._sampler: sampling.Sampler = sampling.ALWAYS_OFF
+        self._resource: dict[str, AttributeValue] = {}
+        if exporter_url is None:
+            return
         # The SDK's choices from the environment, as its TracerProvider makes them.
         provider = TracerProvider(
             resource=Resource.create({"service.name": "accessd", "service.version": __version__}),
             shutdown_on_exit=False,
         )
         self._sampler = provider.sampler
-        self._resource: dict[str, AttributeValue] = {
+        self._resource = {
             key: value
             for key, value in provider.resource.attributes.items()
             if isinstance(value, str | bool | int | float)
