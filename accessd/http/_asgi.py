@@ -1,14 +1,37 @@
-"""Plain ASGI for the endpoints that answer before Quart (the gateway's, ``/metrics/track``): a request
-body under a limit, a JSON answer, the uniform error body. Quart costs about a millisecond a request here;
-these endpoints are on hot paths."""
+"""Plain ASGI for the endpoints that answer before Quart (the gateway's, ``/metrics/track``,
+``/stream/publish``): a POST endpoint's frame, a request body under a limit, a JSON answer, the uniform error
+body. Quart costs about a millisecond a request here; these endpoints are on hot paths."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from ..errors import ApiError, BadRequest
 from ..telemetry import trace_id_var
+from ._pipeline import ROUTE_KEY
+
+Handler = Callable[[dict[str, Any], Any], Awaitable[tuple[int, object]]]
+
+
+def post_endpoint(app: Any, path: str, handle: Handler) -> Any:
+    """``app`` with ``POST path`` answered before it: ``handle(scope, receive)`` gives the status and the JSON
+    document; an ApiError it raises is the answer instead. Another method on ``path`` is a 405."""
+
+    async def endpoint(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["path"] != path:
+            return await app(scope, receive, send)
+        scope[ROUTE_KEY] = path
+        try:
+            if scope["method"] != "POST":
+                raise ApiError(405, "METHOD_NOT_ALLOWED", "use POST", headers={"Allow": "POST"})
+            status, document = await handle(scope, receive)
+        except ApiError as refusal:
+            return await send_error(send, refusal)
+        await send_json(send, status, document)
+
+    return endpoint
 
 
 async def read_body(receive: Any, limit: int) -> bytes:

@@ -16,9 +16,8 @@ from typing import Any
 
 from ..errors import ApiError, BadRequest
 from ..telemetry import Ingest, Overloaded, Rejected
-from ._asgi import read_body, send_error, send_json
+from ._asgi import post_endpoint, read_body
 from ._auth import EdgeAuth
-from ._pipeline import ROUTE_KEY
 from ._proxy import read_inbound
 
 PATH = "/metrics/track"
@@ -27,22 +26,13 @@ PATH = "/metrics/track"
 def metrics_track(app: Any, ingest: Ingest, *, max_body_bytes: int, auth: EdgeAuth | None = None) -> Any:
     """``app`` with ``POST /metrics/track`` answered before it."""
 
-    async def track_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or scope["path"] != PATH:
-            return await app(scope, receive, send)
-        scope[ROUTE_KEY] = PATH
-        try:
-            if scope["method"] != "POST":
-                raise ApiError(405, "METHOD_NOT_ALLOWED", "use POST", headers={"Allow": "POST"})
-            if auth is not None:
-                head = read_inbound(scope)
-                await auth.identify(head.authorization, head.peer, head.forwarded)
-            accepted = accept(ingest, await read_body(receive, max_body_bytes))
-        except ApiError as refusal:
-            return await send_error(send, refusal)
-        await send_json(send, 202, {"accepted": accepted})
+    async def track(scope: dict[str, Any], receive: Any) -> tuple[int, object]:
+        if auth is not None:
+            head = read_inbound(scope)
+            await auth.identify(head.authorization, head.peer, head.forwarded)
+        return 202, {"accepted": accept(ingest, await read_body(receive, max_body_bytes))}
 
-    return track_app
+    return post_endpoint(app, PATH, track)
 
 
 def accept(ingest: Ingest, body: bytes) -> int:

@@ -34,7 +34,6 @@ from ..telemetry import (
     req_id_var,
     request_id_from,
     trace_id_from,
-    trace_id_hex,
     trace_id_var,
     traceparent_var,
 )
@@ -75,7 +74,7 @@ class RequestPipeline:
             span = self._tracing.server_span(method, traceparent)
             span_var.set(span)
             active_span_var.set(ActiveSpan(self._tracing, span))
-            trace_id = trace_id_hex(span)
+            trace_id = f"{span.trace_id:032x}"
         else:
             trace_id = trace_id_from(traceparent)
             traceparent_var.set(traceparent)

@@ -27,7 +27,7 @@ import trio
 
 from ..errors import ApiError
 from ..policy import Identity, Network, is_trusted
-from ..telemetry import req_id_var, trace_id_var, traceparent_of
+from ..telemetry import req_id_var, trace_id_var
 from ._pipeline import span_var
 
 log = logging.getLogger("accessd.gateway")
@@ -130,7 +130,7 @@ def request_headers(
     out.append((b"x-request-id", (req_id_var.get() or "").encode()))
     span = span_var.get()
     # With tracing on, the upstream's parent is this request's server span; without, a fresh span id.
-    traceparent = traceparent_of(span) if span is not None else None
+    traceparent = span.traceparent() if span is not None else None
     traceparent = traceparent or f"00-{trace_id_var.get()}-{random.getrandbits(64) or 1:016x}-01"
     out.append((b"traceparent", traceparent.encode()))
     if identity is not None:

@@ -14,10 +14,9 @@ from typing import Any
 from ..errors import ApiError, BackendUnavailable, BadRequest
 from ..policy import Verify
 from ..stream import MAX_KEY_CHARS, Source, encode_cursor, is_channel_name
-from ..telemetry import traceparent_of
-from ._asgi import read_body, send_error, send_json
+from ._asgi import post_endpoint, read_body
 from ._auth import verified_identity
-from ._pipeline import ROUTE_KEY, span_var
+from ._pipeline import span_var
 
 PATH = "/stream/publish"
 
@@ -27,36 +26,28 @@ def stream_publish(
 ) -> Any:
     """``app`` with ``POST /stream/publish`` answered before it."""
 
-    async def publish_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or scope["path"] != PATH:
-            return await app(scope, receive, send)
-        scope[ROUTE_KEY] = PATH
+    async def publish(scope: dict[str, Any], receive: Any) -> tuple[int, object]:
+        headers = dict(scope["headers"])  # ASGI names are lower case
+        authorization = headers.get(b"authorization")
+        await verified_identity(
+            verify, authorization.decode("latin-1") if authorization else None, role=publish_role
+        )
+        channel, key, value = parse(await read_body(receive, max_body_bytes))
+        # The message carries this request's trace context so that delivery spans can link to it.
+        span = span_var.get()
+        inbound = headers.get(b"traceparent")
+        traceparent = span.traceparent() if span is not None else inbound and inbound.decode("latin-1")
         try:
-            if scope["method"] != "POST":
-                raise ApiError(405, "METHOD_NOT_ALLOWED", "use POST", headers={"Allow": "POST"})
-            headers = {name.lower(): value for name, value in scope["headers"]}
-            authorization = headers.get(b"authorization")
-            await verified_identity(
-                verify, authorization.decode("latin-1") if authorization else None, role=publish_role
+            position = await source.publish(
+                channel, key, value, (("traceparent", traceparent.encode()),) if traceparent else ()
             )
-            channel, key, value = parse(await read_body(receive, max_body_bytes))
-            # The message carries this request's trace context so that delivery spans can link to it.
-            span = span_var.get()
-            inbound = headers.get(b"traceparent")
-            traceparent = traceparent_of(span) if span is not None else inbound and inbound.decode("latin-1")
-            try:
-                position = await source.publish(
-                    channel, key, value, (("traceparent", traceparent.encode()),) if traceparent else ()
-                )
-            except BackendUnavailable as exc:
-                raise ApiError(
-                    503, "UPSTREAM_UNAVAILABLE", f"the broker did not take the message: {exc}"
-                ) from exc
-        except ApiError as refusal:
-            return await send_error(send, refusal)
-        await send_json(send, 202, {"cursor": encode_cursor(position)})
+        except BackendUnavailable as exc:
+            raise ApiError(
+                503, "UPSTREAM_UNAVAILABLE", f"the broker did not take the message: {exc}"
+            ) from exc
+        return 202, {"cursor": encode_cursor(position)}
 
-    return publish_app
+    return post_endpoint(app, PATH, publish)
 
 
 def parse(body: bytes) -> tuple[str, str | None, bytes]:

@@ -26,6 +26,4 @@ from ._tracing import Span as Span
 from ._tracing import Tracing as Tracing
 from ._tracing import active_span_var as active_span_var
 from ._tracing import outbound_traceparent as outbound_traceparent
-from ._tracing import trace_id_hex as trace_id_hex
-from ._tracing import traceparent_of as traceparent_of
 from ._tracing import traceparent_var as traceparent_var

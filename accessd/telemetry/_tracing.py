@@ -120,9 +120,6 @@ class ActiveSpan:
         calls made meanwhile name it as their parent. The caller sets the step's decision as an attribute."""
         return _Step(self.tracing, self.tracing.child_span(name, self.span))
 
-    def traceparent(self) -> str:
-        return self.span.traceparent()
-
 
 class _Step:
     """``ActiveSpan.step``'s context manager (a class: a generator-based one costs a few µs per step)."""
@@ -156,7 +153,7 @@ def outbound_traceparent() -> str | None:
     a fresh parent id, so the callee logs the same ``trace_id``. None outside a request."""
     active = active_span_var.get()
     if active is not None:
-        return active.traceparent()
+        return active.span.traceparent()
     forwarded = traceparent_from(traceparent_var.get())
     if forwarded is not None:
         return forwarded
@@ -297,11 +294,3 @@ class Tracing:
                 log.warning(
                     "trace export to %s failed (%s); %d spans dropped", self._url, problem, len(batch)
                 )
-
-
-def traceparent_of(span: Span) -> str:
-    return span.traceparent()
-
-
-def trace_id_hex(span: Span) -> str:
-    return f"{span.trace_id:032x}"
