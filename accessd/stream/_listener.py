@@ -36,7 +36,8 @@ import trio
 import trio.lowlevel
 from prometheus_client import CollectorRegistry
 
-from ..errors import ApiError, BackendUnavailable, ConfigError, SubscribeError
+from ..errors import ApiError, BackendUnavailable, SubscribeError
+from ..nurseries import listen, url_of
 from ..policy import Identity, Network, RateLimiter, StreamTickets, Verify
 from ..settings import Binds, StreamSettings
 from ..telemetry import conn_id_var, trace_id_from, trace_id_var, traceparent_var
@@ -106,34 +107,10 @@ class StreamListener:
         self._endpoints: dict[str, Endpoint] = {"/ws/stream": self._serve_ws, "/sse/stream": self._serve_sse}
         self.stopped = trio.Event()
 
-    # --- sockets ---------------------------------------------------------------------------------------
-
-    def _listen(self) -> list[socket.socket]:
-        sockets = []
-        try:
-            for host, port in self._binds.addresses:
-                family = socket.AF_INET6 if ":" in host else socket.AF_INET
-                sock = socket.socket(family, socket.SOCK_STREAM)
-                sockets.append(sock)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                sock.bind((host, port))
-                sock.listen(1024)
-                sock.setblocking(False)
-        except OSError as exc:
-            for sock in sockets:
-                sock.close()
-            raise ConfigError(
-                self._binds.setting, f"cannot listen on {self._binds}: {exc.strerror or exc}"
-            ) from exc
-        return sockets
-
     async def run(self, *, task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve until the shutdown trigger, then drain (returns: a clean stop)."""
-        sockets = self._listen()
-        urls = []
-        for sock in sockets:
-            host, port = sock.getsockname()[:2]
-            urls.append(f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}")
+        sockets = listen(self._binds)
+        urls = [url_of(sock) for sock in sockets]
         try:
             async with trio.open_nursery() as nursery:
                 for sock in sockets:

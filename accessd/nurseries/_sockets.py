@@ -1,0 +1,33 @@
+"""Listening sockets for a bind group, opened before serving so that a busy or invalid address is a
+ConfigError naming the setting (exit 2), not a traceback from inside a listener."""
+
+from __future__ import annotations
+
+import socket
+
+from ..errors import ConfigError
+from ..settings import Binds
+
+
+def listen(binds: Binds, backlog: int = 1024) -> list[socket.socket]:
+    """One non-blocking listening socket per address of ``binds``; all or none."""
+    sockets: list[socket.socket] = []
+    try:
+        for host, port in binds.addresses:
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+            sock.listen(backlog)
+            sock.setblocking(False)
+    except OSError as exc:
+        for sock in sockets:
+            sock.close()
+        raise ConfigError(binds.setting, f"cannot listen on {binds}: {exc.strerror or exc}") from exc
+    return sockets
+
+
+def url_of(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
