@@ -200,31 +200,3 @@ async def test_keep_alive_still_reuses_connections_whose_body_was_read() -> None
             assert status.startswith(b"HTTP/1.1 200") and json.loads(body) == {"status": "live"}
             await stream.aclose()
             shutdown.set()
-
-
-async def test_a_response_meeting_hypercorns_close_is_counted_as_the_client_gone() -> None:
-    """Hypercorn (trio) half-closes a connection whose client left outside its send lock; a response being
-    written then gets ``BusyResourceError``. The pipeline takes it as the client gone, not as a crash."""
-    from accessd.http._pipeline import CLIENT_GONE, RequestPipeline
-    from accessd.telemetry import Metrics
-
-    async def app(scope, receive, send) -> None:
-        await send({"type": "http.response.start", "status": 202, "headers": []})
-        await send({"type": "http.response.body", "body": b"{}"})
-
-    async def closing(message) -> None:
-        raise trio.BusyResourceError("another task is currently sending data on this SocketStream")
-
-    async def receive() -> dict:
-        return {"type": "http.request", "body": b"", "more_body": False}
-
-    metrics = Metrics()
-    scope = {"type": "http", "method": "POST", "path": "/x", "headers": [], "query_string": b""}
-    await RequestPipeline(app, metrics, None)(scope, receive, closing)
-    counted = {
-        sample.labels["status"]
-        for family in metrics.registry.collect()
-        for sample in family.samples
-        if sample.name == "accessd_http_requests_total"
-    }
-    assert counted == {str(CLIENT_GONE)}

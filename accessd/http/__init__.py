@@ -1,7 +1,7 @@
-"""REST listeners (Quart-trio on Hypercorn), the request pipeline, the uniform error body, every REST
-endpoint: auth (edge check, ``/auth/verify``, dev JWKS), entitlements (check, grants), stream publishing;
-and the gateway (``ACCESS_ROUTES_FILE`` routes proxied to upstreams). Endpoints are blueprints built over
-the policy and stream objects the daemon hands in."""
+"""REST listeners (Quart-trio apps on our own h11 server), the request pipeline, the uniform error body,
+every REST endpoint: auth (edge check, ``/auth/verify``, dev JWKS), entitlements (check, grants), stream
+publishing; and the gateway (``ACCESS_ROUTES_FILE`` routes proxied to upstreams). Endpoints are blueprints
+built over the policy and stream objects the daemon hands in."""
 
 from ..errors import ApiError as ApiError
 from ._app import AppContext as AppContext

@@ -58,7 +58,8 @@ log = logging.getLogger("accessd.gateway")
 
 SETTING = "ACCESS_ROUTES_FILE"
 # A body over the limit is read on (and dropped) for at most this much before the 413: HTTP/1.1 has no way to
-# stop a client mid-body but to read it or close, and Hypercorn only closes once the request was read.
+# stop a client mid-body but to read it or close, and a close with unread data in the socket is a reset
+# that can reach the client before the answer does.
 DISCARD_MAX_BYTES, DISCARD_S = 16 << 20, 5.0
 BREAKER_STATES = {
     BreakerState.CLOSED: DependencyState.OK,

@@ -11,9 +11,7 @@ in a child task, which inherits the context variables set here (trace id, reques
 only Quart knows, the matched route, comes back through the ASGI scope (see ``note_route``).
 
 A response that completes before the request body was read (an early 413 refused from ``Content-Length``, a
-401 before the body) goes out with ``Connection: close``, and its last send is shielded (bounded): Hypercorn
-then closes the connection from inside that send, while quart-trio cancels the request's nursery as soon as
-the disconnect reaches it, which would otherwise cut the close half-way and leave the connection hanging.
+401 before the body) goes out with ``Connection: close``: the connection cannot carry another request.
 """
 
 from __future__ import annotations
@@ -22,8 +20,6 @@ import contextvars
 import logging
 import time
 from typing import Any
-
-import trio
 
 from ..telemetry import (
     ActiveSpan,
@@ -43,7 +39,6 @@ log = logging.getLogger("accessd.http")
 ROUTE_KEY = "accessd.route"
 UNMATCHED = "unmatched"
 CLIENT_GONE = 499  # nginx's status for a request whose client closed the connection before the answer
-CLOSE_TIMEOUT_S = 5.0  # bound on the shielded last send of a response that closes the connection
 span_var: contextvars.ContextVar[Span | None] = contextvars.ContextVar("span", default=None)
 
 
@@ -84,7 +79,6 @@ class RequestPipeline:
         status = 500  # until the app answers; an app that raises leaves it so
         answered = False
         request_id_header = (b"x-request-id", request_id.encode())
-        closing = False
 
         async def receive_body() -> dict[str, Any]:
             nonlocal body_pending
@@ -94,26 +88,15 @@ class RequestPipeline:
             return message
 
         async def send_with_id(message: dict[str, Any]) -> None:
-            nonlocal status, closing, answered
+            nonlocal status, answered
             if message["type"] == "http.response.start":
                 answered = True
                 status = message["status"]
                 headers = [*message.get("headers", ()), request_id_header]
                 if body_pending:  # answered before the body was read: it cannot be reused
-                    closing = True
                     headers.append((b"connection", b"close"))
                 message["headers"] = headers
-            elif closing and message["type"] == "http.response.body" and not message.get("more_body", False):
-                with trio.move_on_after(CLOSE_TIMEOUT_S) as bounded:
-                    bounded.shield = True
-                    await send(message)
-                return
-            try:
-                await send(message)
-            except trio.BusyResourceError:
-                # Hypercorn (trio) half-closes a connection whose client left without its send lock, so
-                # a response being written meanwhile meets the close: the client is gone, nothing to tell.
-                status = CLIENT_GONE
+            await send(message)
 
         try:
             await self._app(scope, receive_body if body_pending else receive, send_with_id)

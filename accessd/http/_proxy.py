@@ -139,13 +139,8 @@ def request_headers(
     return out
 
 
-# Hypercorn adds its own Date and Server to every answer; the upstream's would be second copies (nginx
-# replaces both the same way).
-SERVER_SET = frozenset({b"date", b"server"})
-
-
 def response_headers(headers: Sequence[tuple[bytes, bytes]]) -> Headers:
-    drop = _dropped(headers) | SERVER_SET
+    drop = _dropped(headers)  # the upstream's Date and Server: our server puts its own in their place
     return [(name.lower(), value) for name, value in headers if name.lower() not in drop]
 
 

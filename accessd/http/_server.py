@@ -214,7 +214,7 @@ class _Connection:
         self.method = request.method
         try:
             scope = self._scope(request)
-        except BadRequest as refusal:
+        except ApiError as refusal:
             return await self._send_error(refusal)
         try:
             await self.listener.app(scope, self.receive, self.send)
@@ -239,6 +239,12 @@ class _Connection:
         self.ended.set()
 
     def _scope(self, request: h11.Request) -> dict[str, Any]:
+        # h11 bounds only a head still incomplete; one that came whole in a single read is bounded here.
+        if (
+            len(request.target) + sum(len(name) + len(value) + 4 for name, value in request.headers)
+            > MAX_HEAD_BYTES
+        ):
+            raise ApiError(431, "BAD_REQUEST", f"the request head is over {MAX_HEAD_BYTES} bytes")
         target = request.target
         if not target.startswith(b"/") and target != b"*":  # absolute form: the path is what counts
             parts = urlsplit(target)

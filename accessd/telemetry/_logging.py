@@ -39,7 +39,7 @@ class JsonFormatter(logging.Formatter):
 
 
 def configure_logging(level: str) -> None:
-    """Route every logger (ours, Hypercorn's, the libraries') through one JSON handler on stdout."""
+    """Route every logger (ours and the libraries') through one JSON handler on stdout."""
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(JsonFormatter())
     root = logging.getLogger()

@@ -1,0 +1,217 @@
+"""accessd's HTTP/1.1 server (accessd.http._server) through real sockets, with plain ASGI apps: keep-alive,
+pipelining, HEAD, 100-continue, streamed answers, malformed heads, failing apps, clients that leave."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import trio
+
+from accessd.http import HttpListener
+from accessd.settings import Binds
+
+from .test_http import assert_closed, read_response
+
+App = Callable[[dict[str, Any], Any, Any], Awaitable[None]]
+LOOPBACK = Binds((("127.0.0.1", 0),), "ACCESS_EDGE_BIND")
+
+
+async def answer(send: Any, body: bytes, status: int = 200, headers: list | None = None) -> None:
+    length = [(b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": (headers or []) + length})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def echo(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """Answers with what it saw: method, path, query and the body's length."""
+    size = 0
+    while True:
+        message = await receive()
+        size += len(message.get("body", b""))
+        if not message.get("more_body", False):
+            break
+    seen = {"method": scope["method"], "path": scope["path"], "query": scope["query_string"].decode()}
+    await answer(send, json.dumps({**seen, "size": size}).encode())
+
+
+@asynccontextmanager
+async def serving(app: App, drain_s: float = 1.0) -> AsyncIterator[tuple[HttpListener, Any]]:
+    """The listener on a free port; yields it and a function opening a raw connection to it."""
+    shutdown = trio.Event()
+    listener = HttpListener("t", app, LOOPBACK, shutdown, drain_s)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            (url,) = await nursery.start(listener.run)
+            host, port = url.removeprefix("http://").rsplit(":", 1)
+
+            async def connect() -> trio.SocketStream:
+                return await trio.open_tcp_stream(host, int(port))
+
+            yield listener, connect
+            shutdown.set()
+
+
+async def test_pipelined_requests_are_answered_in_order_on_one_connection() -> None:
+    async with serving(echo) as (_, connect):
+        stream, buffer = await connect(), bytearray()
+        await stream.send_all(
+            b"GET /a?x=1 HTTP/1.1\r\nHost: t\r\n\r\n"
+            b"POST /b HTTP/1.1\r\nHost: t\r\nContent-Length: 3\r\n\r\nabc"
+            b"POST /c HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nxy\r\n0\r\n\r\n"
+        )
+        answers = [json.loads((await read_response(stream, buffer))[2]) for _ in range(3)]
+        assert answers == [
+            {"method": "GET", "path": "/a", "query": "x=1", "size": 0},
+            {"method": "POST", "path": "/b", "query": "", "size": 3},
+            {"method": "POST", "path": "/c", "query": "", "size": 2},
+        ]
+        await stream.aclose()
+
+
+async def test_every_answer_has_one_date_and_one_server_and_head_has_no_body() -> None:
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await answer(send, b"twelve bytes", headers=[(b"server", b"upstream"), (b"date", b"yesterday")])
+
+    async with serving(app) as (_, connect):
+        stream, buffer = await connect(), bytearray()
+        await stream.send_all(b"HEAD / HTTP/1.1\r\nHost: t\r\n\r\n")
+        while b"\r\n\r\n" not in buffer:
+            buffer += await stream.receive_some(65536)
+        head, _, rest = bytes(buffer).partition(b"\r\n\r\n")
+        lines = head.lower().split(b"\r\n")
+        assert b"content-length: 12" in lines and rest == b""
+        assert [line for line in lines if line.startswith((b"date:", b"server:"))] == [
+            lines[-2],
+            b"server: accessd",
+        ]
+        assert not lines[-2].endswith(b"yesterday")
+        buffer.clear()
+        await stream.send_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")  # the connection is still usable
+        assert (await read_response(stream, buffer))[2] == b"twelve bytes"
+        await stream.aclose()
+
+
+async def test_100_continue_is_sent_only_when_the_app_reads_the_body() -> None:
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["path"] == "/refuse":  # answers from the head alone
+            return await answer(send, b"no", status=413)
+        await echo(scope, receive, send)
+
+    async with serving(app) as (_, connect):
+        stream, buffer = await connect(), bytearray()
+        await stream.send_all(
+            b"POST /take HTTP/1.1\r\nHost: t\r\nContent-Length: 4\r\nExpect: 100-continue\r\n\r\n"
+        )
+        while b"\r\n\r\n" not in buffer:
+            buffer += await stream.receive_some(65536)
+        assert bytes(buffer).startswith(b"HTTP/1.1 100 ")
+        del buffer[: buffer.index(b"\r\n\r\n") + 4]
+        await stream.send_all(b"body")
+        assert json.loads((await read_response(stream, buffer))[2])["size"] == 4
+
+        other, buffer = await connect(), bytearray()
+        await other.send_all(
+            b"POST /refuse HTTP/1.1\r\nHost: t\r\nContent-Length: 4\r\nExpect: 100-continue\r\n\r\n"
+        )
+        status, headers, _ = await read_response(other, buffer)
+        assert status.startswith(b"HTTP/1.1 413")
+        await assert_closed(other, buffer)  # the body it never sent cannot be skipped: closed
+        await stream.aclose()
+
+
+async def test_malformed_and_oversized_heads_get_error_bodies_and_others_go_on() -> None:
+    async with serving(echo) as (_, connect):
+        for head, status in [
+            (b"GET / HTTP/1.1\r\nHost: t\r\nBad Header\r\n\r\n", b"400"),
+            (b"GET /\xff HTTP/1.1\r\nHost: t\r\n\r\n", b"400"),
+            (b"GET / HTTP/1.1\r\nHost: t\r\nX-Big: " + b"a" * 17000 + b"\r\n\r\n", b"431"),
+        ]:
+            stream, buffer = await connect(), bytearray()
+            await stream.send_all(head)
+            line, headers, body = await read_response(stream, buffer)
+            assert line.startswith(b"HTTP/1.1 " + status), line
+            error = json.loads(body)
+            assert set(error) == {"trace_id", "code", "message", "details"} and len(error["trace_id"]) == 32
+            assert headers[b"content-type"] == b"application/json"
+            await stream.aclose()
+        stream, buffer = await connect(), bytearray()
+        await stream.send_all(b"GET http://elsewhere.example/p?q=1 HTTP/1.1\r\nHost: t\r\n\r\n")
+        assert json.loads((await read_response(stream, buffer))[2])["path"] == "/p"  # absolute form
+        await stream.aclose()
+
+
+async def test_an_app_that_fails_before_answering_is_a_500_body_and_after_a_dropped_connection() -> None:
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["path"] == "/late":
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"half", "more_body": True})
+        raise RuntimeError("secret internals")
+
+    async with serving(app) as (_, connect):
+        stream, buffer = await connect(), bytearray()
+        await stream.send_all(b"GET /early HTTP/1.1\r\nHost: t\r\n\r\n")
+        status, _, body = await read_response(stream, buffer)
+        assert status.startswith(b"HTTP/1.1 500") and json.loads(body)["code"] == "INTERNAL"
+        assert b"secret" not in body
+        await stream.send_all(b"GET /late HTTP/1.1\r\nHost: t\r\n\r\n")
+        received = b""
+        while chunk := await stream.receive_some(65536):  # a chunked answer cut off: then the close
+            received += chunk
+        assert (
+            received.startswith(b"HTTP/1.1 200")
+            and b"half" in received
+            and not received.endswith(b"0\r\n\r\n")
+        )
+        await stream.aclose()
+
+
+async def test_a_streamed_answer_goes_out_as_it_is_written() -> None:
+    more = trio.Event()
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"first", "more_body": True})
+        await more.wait()
+        await send({"type": "http.response.body", "body": b"second"})
+
+    async with serving(app) as (_, connect):
+        stream, buffer = await connect(), bytearray()
+        await stream.send_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+        while b"first" not in buffer:
+            buffer += await stream.receive_some(65536)
+        assert b"transfer-encoding: chunked" in buffer.lower()
+        more.set()
+        while not buffer.endswith(b"0\r\n\r\n"):
+            buffer += await stream.receive_some(65536)
+        assert b"second" in buffer
+        await stream.aclose()
+
+
+async def test_a_client_that_leaves_is_a_disconnect_for_the_app() -> None:
+    entered, left = trio.Event(), trio.Event()
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        assert (await receive())["type"] == "http.request"
+        entered.set()
+        if (await receive())["type"] == "http.disconnect":  # nothing but the client leaving can come
+            left.set()
+
+    async with serving(app) as (_, connect):
+        stream = await connect()
+        await stream.send_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+        await entered.wait()
+        await stream.aclose()
+        await left.wait()
+
+
+async def test_shutdown_closes_idle_keep_alive_connections_at_once() -> None:
+    async with serving(echo, drain_s=5.0) as (listener, connect):
+        stream, buffer = await connect(), bytearray()
+        await stream.send_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+        await read_response(stream, buffer)  # now idle, kept alive
+        stopping = trio.current_time()
+    assert listener.stopped.is_set() and trio.current_time() - stopping < 1  # not the 5 s drain
+    await assert_closed(stream, buffer)
