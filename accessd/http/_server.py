@@ -150,6 +150,7 @@ class _Connection:
         self.pending: Any = None  # an h11 event read ahead while merging body events
         self.gone = trio.Event()  # the client left (a write failed or the socket hit its end)
         self.ended = trio.Event()  # answered or gone: nothing more for this request
+        self.watching = trio.CancelScope()  # a receive() reading on only to notice the client leaving
         self.bodiless = False  # HEAD, 1xx, 204, 304: a response with no body
 
     async def serve(self) -> None:
@@ -236,7 +237,7 @@ class _Connection:
 
     def _left(self) -> None:
         self.gone.set()
-        self.ended.set()
+        self._end()
 
     def _scope(self, request: h11.Request) -> dict[str, Any]:
         # h11 bounds only a head still incomplete; one that came whole in a single read is bounded here.
@@ -300,25 +301,28 @@ class _Connection:
         return DISCONNECT
 
     async def _until_ended(self) -> None:
-        """Read on so that a client that leaves is noticed; what it sends meanwhile (a pipelined request)
-        waits in h11's buffer, up to a bound past which reading stops."""
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._watch_socket)
-            await self.ended.wait()
-            nursery.cancel_scope.cancel()
+        """Read on so that a client that leaves is noticed, until the answer is complete (``_end`` cancels
+        the read); what the client sends meanwhile (a pipelined request) waits in h11's buffer, up to a
+        bound past which reading stops."""
+        with trio.CancelScope() as self.watching:
+            if self.ended.is_set():
+                return
+            try:
+                while len(self.h11.trailing_data[0]) < MAX_HEAD_BYTES:
+                    data = await self.stream.receive_some(READ_BYTES)
+                    if not data:
+                        break
+                    self.h11.receive_data(data)
+                else:
+                    await self.ended.wait()  # enough buffered: only a failed write will tell
+                    return
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+            self._left()
 
-    async def _watch_socket(self) -> None:
-        try:
-            while len(self.h11.trailing_data[0]) < MAX_HEAD_BYTES:
-                data = await self.stream.receive_some(READ_BYTES)
-                if not data:
-                    break
-                self.h11.receive_data(data)
-            else:
-                return  # enough buffered: only a failed write will tell
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
-        self._left()
+    def _end(self) -> None:
+        self.ended.set()
+        self.watching.cancel()
 
     async def send(self, message: dict[str, Any]) -> None:
         kind = message["type"]
@@ -337,7 +341,7 @@ class _Connection:
         if not message.get("more_body", False):
             out += self.h11.send(h11.EndOfMessage())
             self.answered = True
-            self.ended.set()
+            self._end()
         if out:
             await self._write(out)
 
