@@ -1,7 +1,8 @@
-"""Baselines on Hypercorn's trio worker answering /health/live with accessd's body: a bare ASGI app, or
-(``--quart``) a bare Quart-trio app with one route and no hooks, to split framework cost from ours.
+"""Baselines answering /health/live with accessd's body: a bare ASGI app on Hypercorn's trio worker, or
+(``--quart``) a bare Quart-trio app with one route and no hooks, to split framework cost from ours, or
+(``--accessd``) the bare ASGI app on accessd's own HTTP server (accessd.http.HttpListener), its ceiling.
 
-Usage: python bench/bare_asgi.py PORT [--quart]
+Usage: python bench/bare_asgi.py PORT [--quart | --accessd]
 """
 
 from __future__ import annotations
@@ -45,7 +46,21 @@ def quart_app():  # noqa: ANN201
     return quart
 
 
+async def on_accessd_server(port: int) -> None:
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parents[1]))
+    from accessd.http import HttpListener
+    from accessd.settings import Binds
+
+    binds = Binds((("127.0.0.1", port),), "ACCESS_EDGE_BIND")
+    await HttpListener("bare", app, binds, trio.Event(), 1.0).run()
+
+
 if __name__ == "__main__":
+    if "--accessd" in sys.argv:
+        trio.run(on_accessd_server, int(sys.argv[1]))
+        sys.exit()
     if "--quart" in sys.argv:
         app = quart_app()
     config = Config()
