@@ -100,6 +100,8 @@ class _Node:
     param_name: str = ""
     routes: dict[str, Route] = field(default_factory=dict)  # method -> route (at the template's end)
     template: str = ""
+    names: tuple[str, ...] = ()  # the template's placeholders in order
+    allowed: frozenset[str] = frozenset()  # the methods its routes serve
 
 
 @dataclass(frozen=True)
@@ -129,8 +131,10 @@ class RouteTable:
                         node.param = _Node(param_name=name)
                     node = node.param
             node.template = route.path
+            node.names = tuple(_param_names(route.path))
             for method in route.methods:
                 node.routes[method] = route
+            node.allowed = frozenset(node.routes)
 
     def match(self, method: str, raw_path: str) -> Match | None:
         """The route for a request, or None when no template matches the path. BadRequest for paths that
@@ -148,7 +152,7 @@ class RouteTable:
         for node, values in _walk(self._root, segments, 0, []):
             route = node.routes.get(method) or (node.routes.get("GET") if method == "HEAD" else None)
             if route is not None:
-                return _matched(route, node, values, frozenset(node.routes))
+                return _matched(route, node, values, node.allowed)
             first = first or (node, values)
             allowed |= node.routes.keys()
         if first is None:
@@ -157,8 +161,9 @@ class RouteTable:
 
 
 def _matched(route: Route | None, node: _Node, values: list[str], allowed: frozenset[str]) -> Match:
-    raw = dict(zip(_param_names(node.template), values, strict=True))
-    return Match(route, node.template, allowed, raw, {name: _decoded(value) for name, value in raw.items()})
+    raw = dict(zip(node.names, values, strict=True))
+    params = {name: _decoded(value) if "%" in value else value for name, value in raw.items()}
+    return Match(route, node.template, allowed, raw, params)
 
 
 def _walk(node: _Node, segments: list[str], i: int, values: list[str]) -> Iterator[tuple[_Node, list[str]]]:
