@@ -61,6 +61,7 @@ SETTING = "ACCESS_ROUTES_FILE"
 # stop a client mid-body but to read it or close, and a close with unread data in the socket is a reset
 # that can reach the client before the answer does.
 DISCARD_MAX_BYTES, DISCARD_S = 16 << 20, 5.0
+WATCH_AFTER_S = 0.05  # a client that leaves within this of its request's end is noticed at this point
 BREAKER_STATES = {
     BreakerState.CLOSED: DependencyState.OK,
     BreakerState.HALF_OPEN: DependencyState.DEGRADED,
@@ -561,9 +562,11 @@ class Gateway:
 
 async def _cancel_on_disconnect(receive: Any, body: RequestBody | None, scope: trio.CancelScope) -> None:
     """Once the request body is read, the next ASGI message can only be the client leaving: that cancels
-    the upstream call (and whatever of the response is still being written)."""
+    the upstream call (and whatever of the response is still being written). Watching starts after
+    ``WATCH_AFTER_S``: most calls are over by then, and a sleep costs less than watching the socket."""
     if body is not None:
         await body.done.wait()
+    await trio.sleep(WATCH_AFTER_S)
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
