@@ -34,7 +34,7 @@ from _common import (
     spawn,
     wait_http,
 )
-from gateway import load, measure, upstream
+from gateway import load, measure, median_round, upstream
 
 COLLECTOR = """
 import sys
@@ -74,10 +74,6 @@ def exposed_total(metrics_url: str) -> float:
     return sum(
         float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("bench_jobs_total")
     )
-
-
-def median_round(runs: list[dict], key: str) -> dict:
-    return sorted(runs, key=lambda r: r[key])[len(runs) // 2]
 
 
 def main() -> None:
