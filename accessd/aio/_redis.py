@@ -2,7 +2,7 @@
 
 Crossing the trio-asyncio boundary costs ~0.2-0.3 ms, so requests never cross one by one: they hand a small
 operation to :class:`RedisBatcher` over a bounded memory channel and await its answer; the batcher drains
-whatever is queued and sends it as one pipeline (one crossing per tick). Lua scripts (:class:`RedisScript`)
+whatever is queued and sends it in one write (one crossing per tick). Lua scripts (:class:`RedisScript`)
 go by SHA (``EVALSHA``); a Redis that does not know one (first use, a restart, ``SCRIPT FLUSH``) answers
 NOSCRIPT, and those operations go again in a second round trip that loads the script first.
 """
@@ -17,7 +17,7 @@ from typing import Any, NoReturn
 
 import redis.asyncio as aioredis
 import trio
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, ResponseError
 
 from ..errors import BackendUnavailable
 from ..primitives import Backoff, DependencyReporter, DependencyState, Retries, ignore_state
@@ -270,18 +270,32 @@ async def _pipeline(client: Any, batch: list[_Op]) -> tuple[list[Any], bool]:
 
 
 async def _execute(client: Any, ops: list[_Op], load: Sequence[RedisScript] = ()) -> list[Any]:
-    pipe = client.pipeline(transaction=False)
-    for script in load:
-        pipe.script_load(script.source)
+    """One write of every command and their replies in order (an error reply as its exception). On one
+    connection of the client's pool, without redis-py's Pipeline: its retry and bookkeeping layers were a
+    third of a batch's awaits, each a hop through trio-asyncio. A connection left mid-batch (an error, a
+    cancelled deadline) is disconnected, never handed back with replies unread."""
+    commands: list[tuple[Any, ...]] = [("SCRIPT", "LOAD", script.source) for script in load]
     for op in ops:
         if op.kind == _GET:
-            pipe.get(op.key)
+            commands.append(("GET", op.key))
         elif op.kind == _SET:
-            pipe.set(op.key, op.value, px=op.ttl_ms)
+            commands.append(("SET", op.key, op.value, "PX", op.ttl_ms))
         else:
             assert op.script is not None
-            pipe.evalsha(op.script.sha, 1, op.key, *op.args)
+            commands.append(("EVALSHA", op.script.sha, 1, op.key, *op.args))
+    pool = client.connection_pool
+    connection = await pool.get_connection()
     try:
-        return await pipe.execute(raise_on_error=False)
+        await connection.send_packed_command(connection.pack_commands(commands))
+        replies: list[Any] = []
+        for _ in commands:
+            try:
+                replies.append(await connection.read_response())
+            except ResponseError as exc:
+                replies.append(exc)
+        return replies
+    except BaseException:
+        await connection.disconnect()
+        raise
     finally:
-        await pipe.reset()
+        await pool.release(connection)
