@@ -35,7 +35,7 @@ import trio.lowlevel
 from ..errors import ApiError, BadRequest
 from ..nurseries import listen, url_of
 from ..settings import Binds
-from ..telemetry import trace_id_from
+from ..telemetry import trace_id_from, trace_id_var
 from ._errors import CODES_BY_STATUS
 
 log = logging.getLogger("accessd.http")
@@ -223,14 +223,13 @@ class _Connection:
             log.exception("unhandled error answering %s %s", scope["method"], scope["path"])
             if self.started:
                 return self._left()  # half a response went out: only a close tells the client
-            await self._send_error(
-                ApiError(500, "INTERNAL", "internal error; quote the trace_id when reporting it")
-            )
+            internal = ApiError(500, "INTERNAL", "internal error; quote the trace_id when reporting it")
+            await self._send_error(internal, trace_id_var.get())  # the request's, as in its log line
         if not self.answered:
             self._left()  # the app returned without finishing its answer: only a close ends it
 
-    async def _send_error(self, error: ApiError) -> None:
-        body, fields = error.answer(trace_id_from(None))
+    async def _send_error(self, error: ApiError, trace_id: str | None = None) -> None:
+        body, fields = error.answer(trace_id or trace_id_from(None))
         headers = [(name.lower().encode(), value.encode("latin-1")) for name, value in fields]
         self.start = {"type": "http.response.start", "status": error.status, "headers": headers}
         await self.send({"type": "http.response.body", "body": body})
