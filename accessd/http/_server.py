@@ -1,10 +1,10 @@
 """The REST listeners' HTTP/1.1 server: ASGI over h11 on Trio, one task per connection in our own tree.
 
-Why not Hypercorn (which served here until 0.x): around each request its trio worker spent about 500 µs of
-CPU on this project's machines (a task and a queue per request, an event round trip per ASGI message, the
-head and the body written apart), more than the gateway's whole pipeline. Here the app runs in the
+Why not Hypercorn (which served here before): a bare app cost about 650 µs of CPU per request on its trio
+worker on this project's machines (a task and a queue per request, an event round trip per ASGI message, the
+head and the body written apart), most of what the gateway's whole pipeline costs. Here the app runs in the
 connection's task, the body is read only when the app asks for it, and a response's head and first body go
-out in one ``send``; a bare app answers about 4× the requests per second (bench/RESULTS.md).
+out in one ``send``: the same bare app costs about 215 µs (``bench/gateway.py``, bench/RESULTS.md).
 
 What it serves: HTTP/1.1 and 1.0 with keep-alive and pipelining, request bodies read on demand (flow control:
 nothing is read that the app has not asked for), ``Expect: 100-continue``, responses streamed (chunked when
