@@ -12,6 +12,7 @@ import trio
 
 from accessd.http import HttpListener
 from accessd.settings import Binds
+from accessd.telemetry import trace_id_var
 
 from .test_http import assert_closed, read_response
 
@@ -145,6 +146,7 @@ async def test_malformed_and_oversized_heads_get_error_bodies_and_others_go_on()
 
 async def test_an_app_that_fails_before_answering_is_a_500_body_and_after_a_dropped_connection() -> None:
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        trace_id_var.set("ab" * 16)  # as the request pipeline sets it for the request's log line
         if scope["path"] == "/late":
             await send({"type": "http.response.start", "status": 200, "headers": []})
             await send({"type": "http.response.body", "body": b"half", "more_body": True})
@@ -154,7 +156,9 @@ async def test_an_app_that_fails_before_answering_is_a_500_body_and_after_a_drop
         stream, buffer = await connect(), bytearray()
         await stream.send_all(b"GET /early HTTP/1.1\r\nHost: t\r\n\r\n")
         status, _, body = await read_response(stream, buffer)
-        assert status.startswith(b"HTTP/1.1 500") and json.loads(body)["code"] == "INTERNAL"
+        error = json.loads(body)
+        assert status.startswith(b"HTTP/1.1 500") and error["code"] == "INTERNAL"
+        assert error["trace_id"] == "ab" * 16  # the one to quote: the request's, as logged
         assert b"secret" not in body
         await stream.send_all(b"GET /late HTTP/1.1\r\nHost: t\r\n\r\n")
         received = b""
