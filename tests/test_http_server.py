@@ -3,18 +3,25 @@ pipelining, HEAD, 100-continue, streamed answers, malformed heads, failing apps,
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
+import pytest
 import trio
+from hypothesis import given
+from hypothesis import strategies as st
 
 from accessd.http import HttpListener
 from accessd.settings import Binds
 from accessd.telemetry import trace_id_var
 
+from ._stream import read_until_closed
 from .test_http import assert_closed, read_response
+from .test_stream_fuzz import FUZZ_SETTINGS, header_names, header_values, request_heads, targets
 
 App = Callable[[dict[str, Any], Any, Any], Awaitable[None]]
 LOOPBACK = Binds((("127.0.0.1", 0),), "ACCESS_EDGE_BIND")
@@ -39,11 +46,13 @@ async def echo(scope: dict[str, Any], receive: Any, send: Any) -> None:
 
 
 @asynccontextmanager
-async def serving(app: App, drain_s: float = 1.0) -> AsyncIterator[tuple[HttpListener, Any]]:
+async def serving(
+    app: App, drain_s: float = 1.0, within_s: float = 10.0
+) -> AsyncIterator[tuple[HttpListener, Any]]:
     """The listener on a free port; yields it and a function opening a raw connection to it."""
     shutdown = trio.Event()
     listener = HttpListener("t", app, LOOPBACK, shutdown, drain_s)
-    with trio.fail_after(10):
+    with trio.fail_after(within_s):
         async with trio.open_nursery() as nursery:
             (url,) = await nursery.start(listener.run)
             host, port = url.removeprefix("http://").rsplit(":", 1)
@@ -219,3 +228,47 @@ async def test_shutdown_closes_idle_keep_alive_connections_at_once() -> None:
         stopping = trio.current_time()
     assert listener.stopped.is_set() and trio.current_time() - stopping < 1  # not the 5 s drain
     await assert_closed(stream, buffer)
+
+
+@st.composite
+def well_formed_heads(draw: st.DrawFn) -> bytes:
+    """A head h11 accepts (request line, Host), with a fuzzed target, headers and body framing: these reach
+    the server's own code (target decoding, scope, body reads) rather than h11's refusals."""
+    method = draw(st.sampled_from([b"GET", b"POST", b"HEAD", b"PUT"]))
+    lines = [method + b" " + draw(targets).encode("utf-8", "surrogatepass") + b" HTTP/1.1", b"Host: t"]
+    for name, value in draw(st.lists(st.tuples(header_names, header_values), max_size=4)):
+        lines.append(name.encode("utf-8", "surrogatepass") + b": " + value.encode("utf-8", "surrogatepass"))
+    framing = draw(
+        st.sampled_from([b"", b"Content-Length: 3", b"Transfer-Encoding: chunked", b"Expect: 100-continue"])
+    )
+    body = draw(st.sampled_from([b"", b"abc", b"3\r\nabc\r\n0\r\n\r\n", b"zz\r\n"]))
+    return b"\r\n".join([*lines, framing]) + b"\r\n\r\n" + body
+
+
+async def test_fuzzed_request_heads_never_fail_the_server(caplog: pytest.LogCaptureFixture) -> None:
+    """Malformed and cut-short heads (the streaming fuzz's strategy, plus raw bytes): each ends with an answer
+    that is never a 5xx, or a hang-up, within 5 s of the client's EOF; nothing is logged as a failure, and a
+    well-formed request on a new connection is answered after every case (the listener never fell over)."""
+    async with serving(echo, within_s=300) as (_, connect):
+
+        async def one(data: bytes) -> None:
+            stream = await connect()
+            async with stream:
+                with contextlib.suppress(trio.BrokenResourceError):
+                    await stream.send_all(data)
+                    await stream.send_eof()
+                answer = await read_until_closed(stream, within=5)
+            assert not answer.startswith(b"HTTP/1.1 5"), answer[:200]
+            witness, buffer = await connect(), bytearray()
+            await witness.send_all(b"GET /witness HTTP/1.1\r\nHost: t\r\n\r\n")
+            assert json.loads((await read_response(witness, buffer))[2])["path"] == "/witness"
+            await witness.aclose()
+
+        @FUZZ_SETTINGS
+        @given(request_heads() | well_formed_heads() | st.binary(max_size=300))
+        def case(data: bytes) -> None:
+            trio.from_thread.run(one, data)
+
+        with caplog.at_level(logging.ERROR, logger="accessd.http"):
+            await trio.to_thread.run_sync(case)
+    assert not [record for record in caplog.records if record.levelno >= logging.ERROR]

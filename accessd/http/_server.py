@@ -36,7 +36,6 @@ from ..errors import ApiError, BadRequest
 from ..nurseries import listen, url_of
 from ..settings import Binds
 from ..telemetry import trace_id_from, trace_id_var
-from ._errors import CODES_BY_STATUS
 
 log = logging.getLogger("accessd.http")
 
@@ -202,11 +201,12 @@ class _Connection:
             self.h11.receive_data(await self.stream.receive_some(READ_BYTES))
 
     async def _refuse(self, exc: h11.RemoteProtocolError) -> None:
-        """A head h11 cannot take: its status hint (400, or 431 for an oversized head) with our error body."""
+        """A head h11 cannot take: 431 for an oversized head, else 400 (also where h11 hints 501, an unknown
+        transfer coding: malformed requests are 4xx), with our error body."""
         if self.h11.our_state not in (h11.IDLE, h11.SEND_RESPONSE) or self.started:
             return
-        status = exc.error_status_hint
-        error = ApiError(status, CODES_BY_STATUS.get(status, "BAD_REQUEST"), str(exc))
+        status = 431 if exc.error_status_hint == 431 else 400
+        error = ApiError(status, "BAD_REQUEST", str(exc))
         body, fields = error.answer(trace_id_from(None))
         head = [(name.encode(), value.encode()) for name, value in fields] + [(b"connection", b"close")]
         await self._write(_raw_response(status, head) + body)
@@ -247,7 +247,10 @@ class _Connection:
             raise ApiError(431, "BAD_REQUEST", f"the request head is over {MAX_HEAD_BYTES} bytes")
         target = request.target
         if not target.startswith(b"/") and target != b"*":  # absolute form: the path is what counts
-            parts = urlsplit(target)
+            try:
+                parts = urlsplit(target)
+            except ValueError as exc:  # e.g. "http://[::1": an unclosed IPv6 authority
+                raise BadRequest(f"bad request target: {exc}") from exc
             target = (parts.path or b"/") + (b"?" + parts.query if parts.query else b"")
         raw_path, _, query = target.partition(b"?")
         try:
