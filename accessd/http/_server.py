@@ -20,6 +20,7 @@ cancelled.
 
 from __future__ import annotations
 
+import functools
 import logging
 import socket
 import time
@@ -33,7 +34,7 @@ import trio
 import trio.lowlevel
 
 from ..errors import ApiError, BadRequest
-from ..nurseries import listen, url_of
+from ..nurseries import accept_each, listen, url_of
 from ..settings import Binds
 from ..telemetry import trace_id_from, trace_id_var
 
@@ -72,7 +73,7 @@ class HttpListener:
         try:
             async with trio.open_nursery() as nursery:
                 for sock in sockets:
-                    nursery.start_soon(self._accept_loop, sock, nursery)
+                    nursery.start_soon(accept_each, sock, functools.partial(self._take, nursery))
                 task_status.started([url_of(sock) for sock in sockets])
                 await self._shutdown.wait()
                 self.draining = True
@@ -89,25 +90,11 @@ class HttpListener:
                 sock.close()
             self.stopped.set()
 
-    async def _accept_loop(self, listening: socket.socket, nursery: trio.Nursery) -> None:
-        while True:
-            try:
-                await trio.lowlevel.wait_readable(listening)
-            except trio.ClosedResourceError:
-                return
-            while True:
-                try:
-                    sock, _ = listening.accept()
-                except BlockingIOError:
-                    break
-                except OSError as exc:  # EMFILE and friends: back off instead of spinning
-                    log.warning("accept failed: %s", exc)
-                    await trio.sleep(0.1)
-                    break
-                sock.setblocking(False)
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
-                nursery.start_soon(_Connection(self, stream).serve)
+    def _take(self, nursery: trio.Nursery, sock: socket.socket, peer: Any) -> None:
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+        nursery.start_soon(_Connection(self, stream).serve)
 
     def request_started(self) -> None:
         if self.in_flight == 0:
@@ -202,14 +189,11 @@ class _Connection:
 
     async def _refuse(self, exc: h11.RemoteProtocolError) -> None:
         """A head h11 cannot take: 431 for an oversized head, else 400 (also where h11 hints 501, an unknown
-        transfer coding: malformed requests are 4xx), with our error body."""
+        transfer coding: malformed requests are 4xx), with our error body; h11 still writes an answer then."""
         if self.h11.our_state not in (h11.IDLE, h11.SEND_RESPONSE) or self.started:
             return
         status = 431 if exc.error_status_hint == 431 else 400
-        error = ApiError(status, "BAD_REQUEST", str(exc))
-        body, fields = error.answer(trace_id_from(None))
-        head = [(name.encode(), value.encode()) for name, value in fields] + [(b"connection", b"close")]
-        await self._write(_raw_response(status, head) + body)
+        await self._send_error(ApiError(status, "BAD_REQUEST", str(exc), headers={"Connection": "close"}))
 
     async def _answer(self, request: h11.Request) -> None:
         self.method = request.method
@@ -383,13 +367,6 @@ class _Connection:
 
 def _address(address: Any) -> tuple[str, int] | None:
     return (address[0], address[1]) if isinstance(address, tuple) else None
-
-
-def _raw_response(status: int, headers: list[tuple[bytes, bytes]]) -> bytes:
-    """A response head written without h11 (whose state no longer allows one after a protocol error)."""
-    lines = [b"HTTP/1.1 %d %s" % (status, REASONS.get(status, b"")), *(n + b": " + v for n, v in headers)]
-    lines += [b"date: " + _http_date(), b"server: accessd"]
-    return b"\r\n".join(lines) + b"\r\n\r\n"
 
 
 _date: tuple[int, bytes] = (0, b"")

@@ -7,6 +7,7 @@ from ._health import Health as Health
 from ._health import Phase as Phase
 from ._probes import DependencyProbes as DependencyProbes
 from ._probes import build_probes as build_probes
+from ._sockets import accept_each as accept_each
 from ._sockets import listen as listen
 from ._sockets import url_of as url_of
 from ._supervisor import Component as Component

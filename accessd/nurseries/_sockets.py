@@ -1,12 +1,21 @@
 """Listening sockets for a bind group, opened before serving so that a busy or invalid address is a
-ConfigError naming the setting (exit 2), not a traceback from inside a listener."""
+ConfigError naming the setting (exit 2), not a traceback from inside a listener; and the accept loop both
+listeners run on them."""
 
 from __future__ import annotations
 
+import logging
 import socket
+from collections.abc import Callable
+from typing import Any
+
+import trio
+import trio.lowlevel
 
 from ..errors import ConfigError
 from ..settings import Binds
+
+log = logging.getLogger("accessd.nurseries")
 
 
 def listen(binds: Binds, backlog: int = 1024) -> list[socket.socket]:
@@ -31,3 +40,23 @@ def listen(binds: Binds, backlog: int = 1024) -> list[socket.socket]:
 def url_of(sock: socket.socket) -> str:
     host, port = sock.getsockname()[:2]
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+async def accept_each(listening: socket.socket, take: Callable[[socket.socket, Any], None]) -> None:
+    """Hand every connection accepted on ``listening`` (non-blocking) to ``take(sock, peer)``, until the
+    socket is closed. A failing accept (EMFILE and friends) backs off 0.1 s instead of spinning."""
+    while True:
+        try:
+            await trio.lowlevel.wait_readable(listening)
+        except trio.ClosedResourceError:
+            return
+        while True:
+            try:
+                sock, peer = listening.accept()
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                log.warning("accept failed: %s", exc)
+                await trio.sleep(0.1)
+                break
+            take(sock, peer)

@@ -30,14 +30,14 @@ import logging
 import secrets
 import socket
 from collections.abc import Awaitable, Callable
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import trio
 import trio.lowlevel
 from prometheus_client import CollectorRegistry
 
 from ..errors import ApiError, BackendUnavailable, SubscribeError
-from ..nurseries import listen, url_of
+from ..nurseries import accept_each, listen, url_of
 from ..policy import Identity, Network, RateLimiter, StreamTickets, Verify
 from ..settings import Binds, StreamSettings
 from ..telemetry import conn_id_var, trace_id_from, trace_id_var, traceparent_var
@@ -114,7 +114,7 @@ class StreamListener:
         try:
             async with trio.open_nursery() as nursery:
                 for sock in sockets:
-                    nursery.start_soon(self._accept_loop, sock, nursery)
+                    nursery.start_soon(accept_each, sock, functools.partial(self._take, nursery))
                 nursery.start_soon(self._heartbeats)
                 task_status.started(urls)
                 await self._shutdown.wait()
@@ -131,29 +131,15 @@ class StreamListener:
                 sock.close()
             self.stopped.set()
 
-    async def _accept_loop(self, listening: socket.socket, nursery: trio.Nursery) -> None:
-        while True:
-            try:
-                await trio.lowlevel.wait_readable(listening)
-            except trio.ClosedResourceError:
-                return
-            while True:
-                try:
-                    sock, peer = listening.accept()
-                except BlockingIOError:
-                    break
-                except OSError as exc:  # EMFILE and friends: back off instead of spinning
-                    log.warning("accept failed: %s", exc)
-                    await trio.sleep(0.1)
-                    break
-                slot = self._handshakes.acquire(peer[0] if isinstance(peer, tuple) else str(peer))
-                if slot is None:  # too many heads in flight: hang up before reading a byte
-                    self.metrics.refused.labels("handshake_limit").inc()
-                    sock.close()
-                    continue
-                transport = self._socket_transport(sock, slot)
-                if transport is not None:  # the connection's task starts at _serve: one frame less to keep
-                    nursery.start_soon(self._serve, transport, slot)
+    def _take(self, nursery: trio.Nursery, sock: socket.socket, peer: Any) -> None:
+        slot = self._handshakes.acquire(peer[0] if isinstance(peer, tuple) else str(peer))
+        if slot is None:  # too many heads in flight: hang up before reading a byte
+            self.metrics.refused.labels("handshake_limit").inc()
+            sock.close()
+            return
+        transport = self._socket_transport(sock, slot)
+        if transport is not None:  # the connection's task starts at _serve: one frame less to keep
+            nursery.start_soon(self._serve, transport, slot)
 
     async def _heartbeats(self) -> NoReturn:
         while True:
