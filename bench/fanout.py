@@ -13,7 +13,7 @@ deliveries the clients counted. ``--c-clients`` runs the same minimal clients co
 (bench/_fanout_client.c, gcc): one Python client process reads 30-35k frames/s, too few for 5,000 × 20.
 Usage: python bench/fanout.py --conns 1000 --rate 20 --seconds 20 [--procs 4] [--broker embedded|kafka]
        python bench/fanout.py --conns 1000 --rate 20 --seconds 20 --procs 1 --raw-clients --peer nchan
-       python bench/fanout.py --conns 5000 --rate 20 --seconds 20 --procs 1 --c-clients --peer nchan
+       python bench/fanout.py --conns 5000 --rate 20 --seconds 20 --procs 1 --c-clients --peer nchan --rounds 3
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import json
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -38,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).parents[1]))
 from _common import (  # noqa: E402
     PYTHON,
     append_results,
-    cpu_seconds,
+    cpu_times,
     daemon_env,
     free_port,
     mint_token,
@@ -94,8 +95,10 @@ class Server:
     metrics_url: str = ""
     env: dict[str, str] = field(default_factory=dict)
 
-    def cpu(self) -> float:
-        return sum(cpu_seconds(pid) for pid in self.pids)
+    def cpu(self) -> tuple[float, float]:
+        """(user, system) CPU seconds of the server's processes."""
+        times = [cpu_times(pid) for pid in self.pids]
+        return sum(t[0] for t in times), sum(t[1] for t in times)
 
     def rss(self) -> float:
         return sum(rss_mib(pid) for pid in self.pids)
@@ -444,6 +447,7 @@ def main() -> None:
     )
     parser.add_argument("--peer", choices=("nchan",), help="also run the same load against nginx+nchan")
     parser.add_argument("--size", type=int, help="payload bytes with --peer (default 128)")
+    parser.add_argument("--rounds", type=int, default=1, help="with --peer: legs of each server, interleaved")
     args = parser.parse_args()
     if args.peer and args.broker != "embedded":
         parser.error("--peer compares against the embedded broker only")
@@ -478,7 +482,7 @@ def main() -> None:
     before, after, sent, (p50, p95, p99) = r["before"], r["after"], r["sent"], r["lag"]
     rate = r["received"] / args.seconds
     server_delivered = after.get("delivered", 0.0) - before.get("delivered", 0.0)
-    cpu_us = (r["cpu1"] - r["cpu0"]) / server_delivered * 1e6 if server_delivered else float("nan")
+    cpu_us = (sum(r["cpu1"]) - sum(r["cpu0"])) / server_delivered * 1e6 if server_delivered else float("nan")
     s50, s95, s99 = histogram_quantiles(before, after, (0.50, 0.95, 0.99))
     drops = {k[8:]: int(after[k] - before.get(k, 0.0)) for k in after if k.startswith("dropped:")}
     drops_text = ", ".join(f"{k} {v:,}" for k, v in sorted(drops.items()) if v) or "none"
@@ -498,42 +502,65 @@ bounds from the daemon's own histogram over the same window."""
 
 
 def compare(args: argparse.Namespace, work: Path, size: int) -> None:
-    """accessd, then nginx+nchan: the same clients, publisher, payload and windows, one after the other."""
-    results = {}
-    for start in (lambda: start_accessd(work / "accessd", args.conns), lambda: start_nchan(work / "nchan")):
-        server = start()
-        try:
-            results[server.name] = run_leg(server, work, args, size, "t")
-        finally:
-            server.stop()
-        time.sleep(1)  # let the sockets of the first leg close
+    """accessd and nginx+nchan in turn, ``--rounds`` times with the order alternating: the same clients,
+    publisher, payload and windows. Ratios are taken within a round (the machine's speed drifts between
+    rounds); the headline is their median."""
+    starters = {
+        "accessd": lambda w: start_accessd(w, args.conns),
+        "nginx+nchan": start_nchan,
+    }
+    rounds: list[dict[str, dict]] = []
+    for i in range(args.rounds):
+        results = {}
+        for name in list(starters) if i % 2 == 0 else list(starters)[::-1]:
+            server = starters[name](work / f"{i}-{name}")
+            try:
+                results[name] = run_leg(server, work, args, size, "t")
+            finally:
+                server.stop()
+            time.sleep(1)  # let the sockets of the leg close
+        for r in results.values():
+            user, system = (after - before for before, after in zip(r["cpu0"], r["cpu1"], strict=True))
+            per = 1e6 / r["received"] if r["received"] else float("nan")
+            r["cpu_us"], r["user_us"], r["sys_us"] = (user + system) * per, user * per, system * per
+        rounds.append(results)
 
     rows = []
-    for name, r in results.items():
-        expected = r["received"] + r["lost"]
-        r["cpu_us"] = (r["cpu1"] - r["cpu0"]) / r["received"] * 1e6 if r["received"] else float("nan")
-        p50, p95, p99 = r["lag"]
-        rows.append(
-            f"| {name} | {r['received'] / args.seconds:,.0f} | {r['received']:,} / {expected:,} | "
-            f"{r['duplicates']} | {p50:.0f} / {p95:.0f} / {p99:.0f} | {r['cpu_us']:.1f} | "
-            f"{r['connect_rss']:.0f} / {r['peak']:.0f} | {r['connected']:,} / {r['errors']} |"
-        )
-    a, n = results["accessd"], results["nginx+nchan"]
-    ratio_lag = a["lag"][1] / n["lag"][1] if n["lag"][1] else float("nan")
-    sep = "|---" * 8 + "|"
-    body = f"""| server | deliveries/s | delivered / expected | duplicates | lag P50 / P95 / P99 ms | server CPU µs/delivery | RSS after connect / peak MiB | connected / client errors |
+    for i, results in enumerate(rounds, 1):
+        for name in ("accessd", "nginx+nchan"):
+            r = results[name]
+            expected = r["received"] + r["lost"]
+            p50, p95, p99 = r["lag"]
+            rows.append(
+                f"| {i} | {name} | {r['received'] / args.seconds:,.0f} | {r['received']:,} / {expected:,} | "
+                f"{r['duplicates']} | {p50:.0f} / {p95:.0f} / {p99:.0f} | {r['cpu_us']:.1f} "
+                f"({r['user_us']:.1f} + {r['sys_us']:.1f}) | {r['connect_rss']:.0f} / {r['peak']:.0f} | "
+                f"{r['connected']:,} / {r['errors']} |"
+            )
+    cpu_ratios = [r["accessd"]["cpu_us"] / r["nginx+nchan"]["cpu_us"] for r in rounds]
+    lag_ratios = [
+        r["accessd"]["lag"][1] / r["nginx+nchan"]["lag"][1] if r["nginx+nchan"]["lag"][1] else float("nan")
+        for r in rounds
+    ]
+    per_round = ", ".join(f"{c:.2f}" for c in cpu_ratios)
+    lag_round = ", ".join(f"{c:.2f}" for c in lag_ratios)
+    sep = "|---" * 9 + "|"
+    a = rounds[0]["accessd"]
+    body = f"""| round | server | deliveries/s | delivered / expected | duplicates | lag P50 / P95 / P99 ms | server CPU µs/delivery (user + system) | RSS after connect / peak MiB | connected / client errors |
 {sep}
 {chr(10).join(rows)}
 
-**accessd / nchan: CPU per delivery {a["cpu_us"] / n["cpu_us"]:.2f}×, P95 lag {ratio_lag:.2f}×.**
+**accessd / nchan, median of {len(rounds)} round(s): CPU per delivery {statistics.median(cpu_ratios):.2f}× \
+(rounds {per_round}), P95 lag {statistics.median(lag_ratios):.2f}× (rounds {lag_round}).**
 
 {args.conns} subscribers × {args.rate:g} msg/s of {size}-byte JSON payloads (sequence number and send time), \
 {args.procs} client processes ({client_kind(args)}), \
-published by HTTP POST ({a["sent"]} / {n["sent"]} messages over {args.seconds + WARMUP_S + 1:g} s), \
-{args.seconds:g} s measured after a {WARMUP_S:g} s warm-up, accessd first. Lag = the publisher's send time \
-to arrival in a client process (same clock); expected = what each connection's first and last sequence \
-numbers in the window span (gaps count as lost). Server CPU from /proc: accessd's process; nginx's master \
-and its one worker (bench/peers/nchan.conf), over the deliveries the clients counted."""
+published by HTTP POST ({a["sent"]} messages over {args.seconds + WARMUP_S + 1:g} s per leg), \
+{args.seconds:g} s measured after a {WARMUP_S:g} s warm-up; accessd first in odd rounds, nchan first in even \
+ones. Lag = the publisher's send time to arrival in a client process (same clock); expected = what each \
+connection's first and last sequence numbers in the window span (gaps count as lost). Server CPU from /proc, \
+user + system: accessd's process; nginx's master and its one worker (bench/peers/nchan.conf), over the \
+deliveries the clients counted."""
     append_results(
         f"Fan-out vs nginx+nchan: {args.conns} WebSocket subscribers × {args.rate:g} msg/s",
         "python bench/fanout.py " + " ".join(sys.argv[1:]),

@@ -100,6 +100,14 @@ class Pending:
 class Connection:
     """Owns one client's transport (in production a non-blocking socket; see ``_transport``)."""
 
+    # Slots: one compact object per connection, so the fan-out's per-delivery reads touch less memory.
+    __slots__ = (
+        "_transport", "_send", "nursery", "conn_id", "trace_id", "_max_messages", "_max_bytes",
+        "_write_timeout_s", "_head", "_queue", "_messages", "_by_key", "_slots", "_tombstones",
+        "_pending_bytes", "_behind_since", "_writing", "_idle", "closed", "outcome", "_receiving",
+        "_writer_waiting", "_linger", "on_slow", "gap_frame", "slow_close", "overflow_close",
+    )  # fmt: skip
+
     def __init__(self, transport: Transport, nursery: trio.Nursery, settings: StreamSettings) -> None:
         self._transport = transport
         self._send = transport.send_nowait
@@ -134,6 +142,26 @@ class Connection:
 
     # --- the hot path ----------------------------------------------------------------------------------
 
+    def send_now(self, data: bytes) -> bool:
+        """Write ``data`` at once if nothing is pending: True when that settled it (taken whole, or begun
+        with the rest as the head; or the connection is gone), False when it must be queued (see
+        :meth:`queue`). The fan-out's common case is this one call and one ``send``."""
+        if self._head is not None or self._queue or self.closed:
+            return self.closed
+        try:
+            sent = self._send(data)
+        except BlockingIOError:
+            return False
+        except OSError as exc:
+            self.abort(_send_failed(exc))
+            return True
+        if sent != len(data):
+            if not sent:
+                return False
+            self._head = memoryview(data)[sent:]
+            self._start_writer()
+        return True
+
     def offer(
         self,
         data: bytes,
@@ -149,28 +177,26 @@ class Connection:
 
         ``slot`` (control frames only): a pending frame of the same slot is replaced, not added to.
         """
-        if self.closed:
-            return False
-        if self._head is None and not self._queue:
-            try:
-                sent = self._send(data)
-            except BlockingIOError:
-                sent = 0
-            except OSError as exc:
-                self.abort(_send_failed(exc))
-                return False
-            if sent == len(data):
-                return True
-            if sent:
-                self._head = memoryview(data)[sent:]
-                self._start_writer()
-                return True
+        if not self.send_now(data):
+            self.queue(data, channel, key, policy, render, cursor, slot)
+        return not self.closed
+
+    def queue(
+        self,
+        data: bytes,
+        channel: str | None = None,
+        key: str | None = None,
+        policy: str = DROP_OLDEST,
+        render: Callable[[int], bytes] | None = None,
+        cursor: str | None = None,
+        slot: Hashable | None = None,
+    ) -> None:
+        """Queue what :meth:`send_now` could not write (arguments as for :meth:`offer`)."""
         if slot is not None and (older := self._slots.get(slot)) is not None:
             self._pending_bytes += len(data) - len(older.data)
             older.data = data
         else:
             self._enqueue(Pending(data, channel, key, render, cursor, slot), policy)
-        return not self.closed
 
     def send_frames(self, frames: list[bytes]) -> int:
         """Several whole frames in one ``send`` when nothing is pending (the hub's batch for this client):

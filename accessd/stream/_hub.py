@@ -26,7 +26,7 @@ from typing import Any, NoReturn, Protocol
 import trio
 
 from ..telemetry import Tracing
-from ._conn import CONFLATE, DROP_OLDEST
+from ._conn import CONFLATE, DROP_OLDEST, Connection
 from ._frames import json_payload, message_body, sse_event, ws_text
 from ._source import Gap, Position, Record, Source, encode_cursor
 
@@ -85,9 +85,11 @@ class Message:
 
 
 class Subscriber(Protocol):
-    """A session (WebSocket or SSE) as the hub sees it."""
+    """A session (WebSocket or SSE) as the hub sees it. ``direct``: a connection that takes a message's
+    shared WebSocket frame as it is (see :class:`Subscription`), or None."""
 
     transport: str
+    direct: Connection | None
 
     def deliver(self, sub: Subscription, msg: Message) -> None: ...
 
@@ -96,7 +98,7 @@ class Subscriber(Protocol):
     def gap(self, channel: str, dropped: int, cursor: str | None) -> None: ...
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Subscription:
     session: Subscriber
     sub_id: str
@@ -107,6 +109,9 @@ class Subscription:
     backlog: list[Message] = field(default_factory=list)
     backlog_dropped: int = 0
     hidden: Callable[[str], bool] | None = None  # unkeyed: keys this subscriber must not get
+    # The fan-out's fast path: a live message goes to this connection as ``Message.ws`` with one
+    # ``send_now``; only when that cannot settle it does the session's ``deliver`` run (and queue it).
+    direct: Connection | None = None
 
 
 @dataclass(eq=False)
@@ -187,6 +192,7 @@ class Hub:
                     position = await self._source.follow(channel)
                     ch = self._channels[channel] = _Channel(channel, dict(position))
         sub = Subscription(session, sub_id, channel, key, self.policy_for(channel, key), live=since is None)
+        sub.direct = session.direct
         if key is None:
             sub.hidden = hidden
             (ch.everything if hidden is None else ch.filtered).add(sub)
@@ -318,20 +324,26 @@ class Hub:
             ch.messages += 1
             ch.deliveries += len(targets)
             msg = Message(record, encode_cursor(ch.position), data)
+            ws = msg.ws
+            direct = 0
             for sub in targets:
                 if sub.live:
-                    if gathered is None:
-                        sub.session.deliver(sub, msg)
-                    elif (share := gathered.get(sub)) is None:
-                        gathered[sub] = [msg]
+                    if gathered is not None:
+                        if (share := gathered.get(sub)) is None:
+                            gathered[sub] = [msg]
+                        else:
+                            share.append(msg)
+                    elif (conn := sub.direct) is not None and conn.send_now(ws):
+                        direct += 1
                     else:
-                        share.append(msg)
+                        sub.session.deliver(sub, msg)
                 elif len(sub.backlog) < self._backlog_limit:
                     sub.backlog.append(msg)
                 else:
                     sub.backlog.pop(0)
                     sub.backlog.append(msg)
                     sub.backlog_dropped += 1
+            stats.delivered["ws"] += direct
             self.observe_lag(max(0.0, time.time() - record.ts_ms / 1000))
             if self._tracing is not None and record.headers:
                 self._trace_delivery(record, len(targets))

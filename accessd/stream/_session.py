@@ -61,6 +61,9 @@ class Session:
         self.conn_id = conn.conn_id
         self.subs: dict[tuple[str, str | None], Subscription] = {}
         self.floors: dict[int, Position] = {}  # id(sub) -> offsets already seen (resume ahead of the hub)
+        # Set where every subscriber of a message gets the same bytes (WebSocket): the hub writes them to
+        # this connection itself, skipping deliver(), for subscriptions without a floor.
+        self.direct: Connection | None = None
         self.expiry = trio.CancelScope()
         self._set_expiry(identity.exp)
 
@@ -104,6 +107,7 @@ class Session:
         if position is not None:
             if any(position.get(p, 0) > o for p, o in live.items()):
                 self.floors[id(sub)] = position
+                sub.direct = None  # deliver() must skip what the client has seen
             self.conn.nursery.start_soon(self._catch_up, sub, position, live)
         return sub, encode_cursor(position if position is not None else live)
 

@@ -55,7 +55,8 @@ class SseSession(Session):
         else:
             self.cursors[record.channel] = msg.cursor
             data = f"id: {self.event_id()}\n".encode() + msg.sse_tail
-        self.conn.offer(data, channel=record.channel, key=record.key, policy=sub.policy, cursor=msg.cursor)
+        if not self.conn.send_now(data):
+            self.conn.queue(data, record.channel, record.key, sub.policy, None, msg.cursor)
         self.hub.stats.delivered["sse"] += 1
 
     def event_id(self) -> str:

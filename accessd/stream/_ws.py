@@ -44,6 +44,7 @@ class WsSession(Session):
 
     def __init__(self, *args: Any, ws: WsProtocol, verify: Verify, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.direct = self.conn  # every subscriber gets a message's same frame: the hub may send it itself
         self.verify = verify
         self.ws = ws  # the accepted connection's frame protocol (see ws_accept): the handshake is gone
         self.conn.gap_frame = _gap_frame  # module functions, not lambdas: a closure per connection adds up
@@ -56,15 +57,9 @@ class WsSession(Session):
     def deliver(self, sub: Subscription, msg: Message) -> None:
         if self.floors and self._seen(sub, msg):
             return
-        record = msg.record
-        self.conn.offer(
-            msg.ws,
-            channel=record.channel,
-            key=record.key,
-            policy=sub.policy,
-            render=msg.ws_conflated,
-            cursor=msg.cursor,
-        )
+        if not self.conn.send_now(msg.ws):
+            record = msg.record
+            self.conn.queue(msg.ws, record.channel, record.key, sub.policy, msg.ws_conflated, msg.cursor)
         self.hub.stats.delivered["ws"] += 1
 
     def deliver_all(self, sub: Subscription, msgs: list[Message]) -> None:
