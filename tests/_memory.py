@@ -46,6 +46,7 @@ class MemoryWs:
         self.ws = WSConnection(ConnectionType.CLIENT)
         self._events: deque[Event] = deque()
         self.pings = 0
+        self.ping_times: list[float] = []  # trio.current_time() of each ping received
 
     async def _next_event(self) -> Event:
         while not self._events:
@@ -80,6 +81,7 @@ class MemoryWs:
                     return json.loads("".join(parts))
             elif isinstance(event, Ping):
                 self.pings += 1
+                self.ping_times.append(trio.current_time())
                 await self.stream.send_all(self.ws.send(event.response()))
             elif isinstance(event, CloseConnection):
                 raise WsClosed(event.code, event.reason)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+from contextlib import AsyncExitStack
 
 import pytest
 import trio
@@ -65,9 +66,34 @@ async def test_heartbeats_go_out_every_period(autojump_clock: MockClock) -> None
     async with stream_rig(memory=True, stream_heartbeat_s=15) as rig, rig.open_ws(rig.token("hb")) as ws:
         start = trio.current_time()
         await subscribed(ws)
-        with trio.move_on_after(46):
+        with trio.move_on_after(60):
             await ws.recv()  # nothing else to read: only the pings arrive (answered by the client)
-        assert ws.pings == 3 and trio.current_time() - start >= 45
+        first, *rest = ws.ping_times
+        assert first - start <= 15 and len(ws.ping_times) == 4
+        assert [round(b - a, 6) for a, b in zip(ws.ping_times, rest, strict=False)] == [15, 15, 15]
+
+
+async def test_heartbeats_are_spread_over_the_period(autojump_clock: MockClock) -> None:
+    """Pings to many sessions go out a few at a time over the period, not in one burst (their pongs would
+    come back in one burst too, and deliveries would wait behind them)."""
+    settings = {"stream_heartbeat_s": 15, "stream_connects_per_minute": 1000}
+    async with stream_rig(memory=True, **settings) as rig, AsyncExitStack() as stack:
+        clients = [await stack.enter_async_context(rig.open_ws(rig.token(f"c{n}"))) for n in range(40)]
+        start = trio.current_time()
+        async with trio.open_nursery() as nursery:
+            for ws in clients:
+                nursery.start_soon(read_until_cancelled, ws)
+            await trio.sleep(15)
+            nursery.cancel_scope.cancel()
+        firsts = [ws.ping_times[0] for ws in clients]
+        assert all(start < t <= start + 15 for t in firsts)
+        assert len(set(firsts)) == 40  # each its own step: 40 of the period's 64
+        assert max(firsts) - min(firsts) >= 39 * 15 / 64 - 1e-6
+
+
+async def read_until_cancelled(ws: MemoryWs) -> None:
+    while True:
+        await ws.recv()
 
 
 async def test_the_token_expiry_closes_4001_on_time(autojump_clock: MockClock) -> None:

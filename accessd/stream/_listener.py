@@ -30,7 +30,7 @@ import logging
 import secrets
 import socket
 from collections.abc import Awaitable, Callable
-from typing import Any, NoReturn
+from typing import Any
 
 import trio
 import trio.lowlevel
@@ -46,6 +46,7 @@ from ._browser import SSE_PATH, BrowserAccess
 from ._conn import Connection
 from ._document import asyncapi_json
 from ._frames import CLOSE_AGAIN, CLOSE_INTERNAL, ws_close
+from ._heartbeat import HeartbeatWheel
 from ._http11 import Request, error_bytes, json_body, json_response, read_request, response_head
 from ._hub import Hub
 from ._metrics import StreamMetrics
@@ -93,6 +94,7 @@ class StreamListener:
         self._authorize = authorize
         self._shutdown = shutdown
         self.sessions: set[Session] = set()
+        self._heartbeats = HeartbeatWheel(settings.stream_heartbeat_s)
         self._draining = False
         self.metrics = StreamMetrics(registry, self.sessions, hub.stats)
         self._handshakes = HandshakeSlots(settings, trusted_proxies)
@@ -115,7 +117,7 @@ class StreamListener:
             async with trio.open_nursery() as nursery:
                 for sock in sockets:
                     nursery.start_soon(accept_each, sock, functools.partial(self._take, nursery))
-                nursery.start_soon(self._heartbeats)
+                nursery.start_soon(self._heartbeats.run)
                 task_status.started(urls)
                 await self._shutdown.wait()
                 self._draining = True
@@ -140,12 +142,6 @@ class StreamListener:
         transport = self._socket_transport(sock, slot)
         if transport is not None:  # the connection's task starts at _serve: one frame less to keep
             nursery.start_soon(self._serve, transport, slot)
-
-    async def _heartbeats(self) -> NoReturn:
-        while True:
-            await trio.sleep(self.settings.stream_heartbeat_s)
-            for session in list(self.sessions):
-                session.heartbeat()
 
     async def revalidate_all(self, concurrency: int = 32) -> None:
         """After a policy change: every session re-checks its subscriptions (see Session.revalidate).
@@ -351,6 +347,7 @@ class StreamListener:
     ) -> None:
         slot.release()
         self.sessions.add(session)
+        beats = self._heartbeats.add(session)
         started = trio.current_time()
         try:
             await body()
@@ -358,6 +355,7 @@ class StreamListener:
             pass  # the client went away (or we hung up): the outcome says which
         finally:
             self.sessions.discard(session)
+            beats.discard(session)
             await session.unsubscribe_all()  # shielded and bounded: nothing is left in the hub
             log.info(
                 "%s session %s of %s ended after %.1fs: %s",
