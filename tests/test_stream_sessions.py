@@ -76,8 +76,10 @@ async def test_heartbeats_go_out_every_period(autojump_clock: MockClock) -> None
 async def test_heartbeats_are_spread_over_the_period(autojump_clock: MockClock) -> None:
     """Pings to many sessions go out a few at a time over the period, not in one burst (their pongs would
     come back in one burst too, and deliveries would wait behind them)."""
-    settings = {"stream_heartbeat_s": 15, "stream_connects_per_minute": 1000}
-    async with stream_rig(memory=True, **settings) as rig, AsyncExitStack() as stack:
+    async with (
+        stream_rig(memory=True, stream_heartbeat_s=15, stream_connects_per_minute=1000) as rig,
+        AsyncExitStack() as stack,
+    ):
         clients = [await stack.enter_async_context(rig.open_ws(rig.token(f"c{n}"))) for n in range(40)]
         start = trio.current_time()
         async with trio.open_nursery() as nursery:
