@@ -7,7 +7,8 @@
    unmasked server frames with 2, 4 or 10 byte headers. Per connection, in the measured window: the distinct
    sequence numbers ("n") received, their span (lost: what the span holds that never came) and repeats
    (duplicates), so that a message published later but sequenced earlier (concurrent POSTs) is not counted
-   lost, as the Python client, which keeps only the newest number, would; the lag from the frame's
+   lost, as the Python client, which keeps only the newest number, would (nor is one of the span that
+   arrives in the settling second after the window); the lag from the frame's
    timestamp ("ts" or "t", ms since the epoch) to arrival.
    Build: gcc -O2 -o fanout_client bench/_fanout_client.c
    Usage: fanout_client URL CHANNEL --conns N --seconds S --warmup W --ready-file PATH
@@ -38,6 +39,7 @@ typedef struct {
     int streaming;           /* handshake done */
     long long low, high;     /* lowest and highest sequence number in the window; low -1 before the first */
     long long unique;        /* distinct sequence numbers in the window */
+    long long late;          /* of the window's span, arrived in the settling second after it */
     size_t len;
     unsigned char *buf;
     unsigned char seen[SEEN_BITS / 8];
@@ -45,6 +47,7 @@ typedef struct {
 
 static long long duplicates, connected, errors;
 static int measuring;
+static int settling; /* after the window: late frames within its span are not lost (published out of order) */
 static unsigned long long *hist;
 static char last_error[200];
 static const char *lag_key = "\"ts\":";
@@ -89,9 +92,16 @@ static int number_after(const unsigned char *p, size_t n, const char *key, doubl
 
 static void record(conn_t *c, const unsigned char *frame, size_t n) {
     double seq_d;
-    if (!measuring || !number_after(frame, n, "\"n\":", &seq_d)) return; /* welcome, subscribed, pings */
+    if (!(measuring || settling) || !number_after(frame, n, "\"n\":", &seq_d)) return; /* welcome, pings */
     long long seq = (long long)seq_d;
     unsigned bit = (unsigned)(seq % SEEN_BITS);
+    if (settling) {
+        if (c->low >= 0 && seq > c->low && seq < c->high && !(c->seen[bit / 8] & (1u << (bit % 8)))) {
+            c->seen[bit / 8] |= (unsigned char)(1u << (bit % 8));
+            c->late++;
+        }
+        return;
+    }
     if (c->seen[bit / 8] & (1u << (bit % 8))) {
         duplicates++;
         return;
@@ -288,7 +298,7 @@ int main(int argc, char **argv) {
     }
     char go_file[4200];
     snprintf(go_file, sizeof go_file, "%s.go", ready_file);
-    enum { CONNECTING, READY, WARMUP, MEASURING } phase = CONNECTING;
+    enum { CONNECTING, READY, WARMUP, MEASURING, SETTLING } phase = CONNECTING;
     double phase_end = mono_s() + 120, started = 0;
     struct epoll_event evs[1024];
     for (;;) {
@@ -312,6 +322,11 @@ int main(int argc, char **argv) {
             measuring = 1;
             started = t;
         } else if (phase == MEASURING && t - started >= seconds) {
+            phase = SETTLING;
+            measuring = 0;
+            settling = 1;
+            phase_end = t + 1;
+        } else if (phase == SETTLING && t >= phase_end) {
             break;
         }
     }
@@ -319,7 +334,7 @@ int main(int argc, char **argv) {
     for (int i = 0; i < conns; i++) {
         if (cs[i].low >= 0) {
             received += cs[i].unique;
-            lost += cs[i].high - cs[i].low + 1 - cs[i].unique;
+            lost += cs[i].high - cs[i].low + 1 - cs[i].unique - cs[i].late;
         }
     }
     printf("{\"hist\": {");

@@ -555,10 +555,13 @@ def compare(args: argparse.Namespace, work: Path, size: int) -> None:
 
 {args.conns} subscribers × {args.rate:g} msg/s of {size}-byte JSON payloads (sequence number and send time), \
 {args.procs} client processes ({client_kind(args)}), \
-published by HTTP POST ({a["sent"]} messages over {args.seconds + WARMUP_S + 1:g} s per leg), \
+published by HTTP POST ({a["sent"]} messages over {args.seconds + WARMUP_S + 1:g} s per leg; answers over \
+all legs by status: {", ".join(f"{k}: {v:,}" for k, v in sorted(PUBLISH_STATUSES.items()))}), \
 {args.seconds:g} s measured after a {WARMUP_S:g} s warm-up; accessd first in odd rounds, nchan first in even \
 ones. Lag = the publisher's send time to arrival in a client process (same clock); expected = what each \
-connection's first and last sequence numbers in the window span (gaps count as lost). Server CPU from /proc, \
+connection's first and last sequence numbers in the window span (gaps count as lost; the C clients read one \
+more second, and a number of the span that comes then — published out of order by concurrent POSTs — is \
+late, not lost). Server CPU from /proc, \
 user + system: accessd's process; nginx's master and its one worker (bench/peers/nchan.conf), over the \
 deliveries the clients counted."""
     append_results(
