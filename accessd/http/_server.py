@@ -136,7 +136,7 @@ class _Connection:
         self.pending: Any = None  # an h11 event read ahead while merging body events
         self.gone = trio.Event()  # the client left (a write failed or the socket hit its end)
         self.ended = trio.Event()  # answered or gone: nothing more for this request
-        self.watching = trio.CancelScope()  # a receive() reading on only to notice the client leaving
+        self.watching: trio.CancelScope | None = None  # a receive() reading on to notice the client leave
         self.bodiless = False  # HEAD, 1xx, 204, 304: a response with no body
 
     async def serve(self) -> None:
@@ -308,7 +308,8 @@ class _Connection:
 
     def _end(self) -> None:
         self.ended.set()
-        self.watching.cancel()
+        if self.watching is not None:  # cancel() only when needed: it costs a task repr each time
+            self.watching.cancel()
 
     async def send(self, message: dict[str, Any]) -> None:
         kind = message["type"]
