@@ -27,6 +27,9 @@ from ._hub import Message, Subscription
 from ._session import Session
 
 
+_HEARTBEAT = ws_ping(b"hb")  # the same frame for every session: built once
+
+
 def _gap_frame(channel: str, n: int, cursor: str | None) -> bytes:
     return ws_json({"type": "gap", "channel": channel, "dropped": n, "cursor": cursor})
 
@@ -89,7 +92,7 @@ class WsSession(Session):
         )
 
     def heartbeat(self) -> None:
-        self.conn.offer(ws_ping(b"hb"), slot=HEARTBEAT)
+        self.conn.offer(_HEARTBEAT, slot=HEARTBEAT)
 
     def close(self, code: int, reason: str) -> None:
         self.conn.close_with(ws_close(code, reason), reason, code)
