@@ -26,7 +26,6 @@ from ._http11 import Request
 from ._hub import Message, Subscription
 from ._session import Session
 
-
 _HEARTBEAT = ws_ping(b"hb")  # the same frame for every session: built once
 
 
