@@ -95,10 +95,13 @@ class Server:
     metrics_url: str = ""
     env: dict[str, str] = field(default_factory=dict)
 
-    def cpu(self) -> tuple[float, float]:
+    def cpu_times(self) -> tuple[float, float]:
         """(user, system) CPU seconds of the server's processes."""
         times = [cpu_times(pid) for pid in self.pids]
         return sum(t[0] for t in times), sum(t[1] for t in times)
+
+    def cpu(self) -> float:
+        return sum(self.cpu_times())
 
     def rss(self) -> float:
         return sum(rss_mib(pid) for pid in self.pids)
@@ -403,9 +406,9 @@ def run_leg(server: Server, work: Path, args: argparse.Namespace, size: int, lag
                 await trio.sleep(WARMUP_S)  # the clients' warm-up
                 if server.metrics_url:
                     result["before"] = await trio.to_thread.run_sync(scrape, server.metrics_url)
-                result["cpu0"] = server.cpu()
+                result["cpu0"] = server.cpu_times()
                 await trio.sleep(args.seconds)
-                result["cpu1"] = server.cpu()
+                result["cpu1"] = server.cpu_times()
                 if server.metrics_url:
                     result["after"] = await trio.to_thread.run_sync(scrape, server.metrics_url)
             return result

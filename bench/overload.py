@@ -2,13 +2,14 @@
 
 One daemon (embedded broker), ``--conns`` minimal WebSocket subscribers on one channel in client processes,
 and in this process a witness subscriber (wsproto over a plain socket: it answers pings and times every
-message and heartbeat) and a probe that opens a new subscription every second. Phases:
+message), a quiet one on a channel nobody publishes to (its heartbeats: a connection that carries messages
+gets no pings) and a probe that opens a new subscription every second. Phases:
 1. capacity: publish far above what can be delivered for a few seconds; the daemon's own delivered counter
    (``accessd_stream_messages_delivered_total``) over that time, scaled to a whole core by the daemon's CPU
    meanwhile (the clients share the machine's two cores and may saturate first), is the daemon's capacity
    C deliveries/s;
 2. rest, then overload: publish on a schedule of 2 × C / conns messages/s for ``--seconds`` (each POST at
-   its slot, however many are still in flight): heartbeats reaching the witness, each probe's time to
+   its slot, however many are still in flight): heartbeats reaching the quiet one, each probe's time to
    ``subscribed``, the witness's lag, and the slow-consumer drops the daemon counts, with ``--stalled``
    subscribers that never read among the others;
 3. recovery: publish at ``--after-rate`` msg/s; the time from the end of the overload's schedule until the
@@ -47,6 +48,7 @@ from fanout import (  # noqa: E402
 TS = re.compile(r'"ts": ?(\d+)')
 SEQ = re.compile(r'"n": ?(\d+)')
 HEARTBEAT_S = 1.0
+QUIET_CHANNEL = "bench.quiet.v1"  # nothing is published here: its subscriber gets heartbeats
 CAPACITY_S = 4.0
 REST_S = 6.0
 
@@ -77,10 +79,10 @@ async def ws_open(url: str) -> tuple[trio.SocketStream, WSConnection]:
             raise ConnectionError(f"refused: {event!r}")
 
 
-async def subscribe(url: str) -> tuple[trio.SocketStream, WSConnection, list]:
+async def subscribe(url: str, channel: str = CHANNEL) -> tuple[trio.SocketStream, WSConnection, list]:
     """Open and subscribe; returns once ``subscribed`` arrived, with any events read past it."""
     stream, ws = await ws_open(url)
-    op = {"op": "subscribe", "id": "s", "channel": CHANNEL}
+    op = {"op": "subscribe", "id": "s", "channel": channel}
     await stream.send_all(ws.send(TextMessage(data=json.dumps(op))))
     while True:
         data = await stream.receive_some(65536)
@@ -93,8 +95,10 @@ async def subscribe(url: str) -> tuple[trio.SocketStream, WSConnection, list]:
                 return stream, ws, events[i + 1 :]
 
 
-async def watch(url: str, witness: Witness, task_status=trio.TASK_STATUS_IGNORED) -> None:
-    stream, ws, pending = await subscribe(url)
+async def watch(
+    url: str, witness: Witness, channel: str = CHANNEL, task_status=trio.TASK_STATUS_IGNORED
+) -> None:
+    stream, ws, pending = await subscribe(url, channel)
     task_status.started()
     async with stream:
         while True:
@@ -169,9 +173,10 @@ def main() -> None:
     out: dict = {}
 
     async def drive() -> None:
-        witness = Witness()
+        witness, quiet = Witness(), Witness()
         async with trio.open_nursery() as nursery:
             await nursery.start(watch, server.ws_url, witness)
+            await nursery.start(watch, server.ws_url, quiet, QUIET_CHANNEL)
             stalled = [(await subscribe(server.ws_url))[0] for _ in range(args.stalled)]  # never read
             # 1. capacity: offered 4x a fast machine's rate; delivered/s is what this one manages.
             before = await trio.to_thread.run_sync(scrape, server.metrics_url)
@@ -205,7 +210,7 @@ def main() -> None:
                 k.split(":", 1)[1]: after[k] - before.get(k, 0.0) for k in after if k.startswith("dropped:")
             }
             out["probes"], out["probe_failures"] = probes, failures
-            beats = [t for t in witness.heartbeats if start <= t <= end]
+            beats = [t for t in quiet.heartbeats if start <= t <= end]
             gaps = [b - a for a, b in zip([start, *beats], [*beats, end], strict=True)]
             out["heartbeats"], out["heartbeat_gap"] = len(beats), max(gaps)
             # 3. recovery at a normal rate.
@@ -241,7 +246,7 @@ def main() -> None:
 | witness lag during the overload: P95 / max | {out["lag_during"][0]:,.0f} / {out["lag_during"][1]:,.0f} ms |
 | messages of the overload the witness received | {out["witness_got"]:,} of {out["sent"]:,} |
 | slow-consumer drops counted meanwhile (`accessd_stream_dropped_total`; {args.stalled} subscribers never read) | {drops} |
-| heartbeats reaching the witness (every {HEARTBEAT_S:g} s) / longest gap | {out["heartbeats"]} / {out["heartbeat_gap"]:.2f} s |
+| heartbeats reaching the quiet subscriber (every {HEARTBEAT_S:g} s) / longest gap | {out["heartbeats"]} / {out["heartbeat_gap"]:.2f} s |
 | new subscriber, connect to `subscribed`: P50 / max (n) | {probes[len(probes) // 2] if probes else float("nan"):.3f} / {probes[-1] if probes else float("nan"):.3f} s ({len(probes)}; failed: {len(out["probe_failures"])}) |
 | recovery: end of the overload's schedule until the witness's lag stays < {args.lag_ok_ms:g} ms | **{out["recovered_s"]:.2f} s** |
 | witness lag P95 after recovery ({args.after_rate:g} msg/s) | {out["lag_after_p95"]:.1f} ms |

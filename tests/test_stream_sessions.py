@@ -73,6 +73,32 @@ async def test_heartbeats_go_out_every_period(autojump_clock: MockClock) -> None
         assert [round(b - a, 6) for a, b in zip(ws.ping_times, rest, strict=False)] == [15, 15, 15]
 
 
+async def test_a_connection_carrying_messages_gets_no_ping(autojump_clock: MockClock) -> None:
+    """Messages every 5 s keep the connection from being quiet: no pings meanwhile. Once the channel goes
+    quiet, pings resume within two periods of its last message, and a keyed subscription (which the channel's
+    other keys do not reach) is pinged however busy the channel is."""
+    async with (
+        stream_rig(memory=True, stream_heartbeat_s=15) as rig,
+        rig.open_ws(rig.token("busy")) as busy,
+        rig.open_ws(rig.token("keyed")) as keyed,
+    ):
+        await subscribed(busy)
+        await keyed.send({"op": "subscribe", "channel": CHANNEL, "key": "other"})
+        assert (await keyed.recv())["type"] == "subscribed"
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read_until_cancelled, keyed)
+            for n in range(12):
+                rig.publish(CHANNEL, {"n": n})
+                assert (await busy.recv())["data"]["n"] == n
+                await trio.sleep(5)
+            assert busy.pings == 0 and keyed.pings >= 3
+            last = trio.current_time() - 5
+            with trio.move_on_after(30):
+                await busy.recv()  # only pings come now (answered while reading)
+            nursery.cancel_scope.cancel()
+        assert busy.ping_times and busy.ping_times[0] - last <= 30
+
+
 async def test_heartbeats_are_spread_over_the_period(autojump_clock: MockClock) -> None:
     """Pings to many sessions go out a few at a time over the period, not in one burst (their pongs would
     come back in one burst too, and deliveries would wait behind them)."""

@@ -122,6 +122,7 @@ class _Channel:
     filtered: set[Subscription] = field(default_factory=set)  # unkeyed, some keys hidden
     by_key: dict[str, set[Subscription]] = field(default_factory=dict)
     messages: int = 0  # fanned out to at least one subscriber
+    last_fanout: float = float("-inf")  # Trio time of the latest such message
     deliveries: int = 0  # messages times the subscribers each was offered to
 
     def __len__(self) -> int:
@@ -322,6 +323,7 @@ class Hub:
                 self._invalid(record)
                 continue
             ch.messages += 1
+            ch.last_fanout = trio.current_time()
             ch.deliveries += len(targets)
             msg = Message(record, encode_cursor(ch.position), data)
             ws = msg.ws
@@ -386,6 +388,14 @@ class Hub:
         cursor = encode_cursor(ch.position)
         for session in {sub.session for sub in ch.all()}:
             session.gap(ch.name, gap.dropped, cursor)
+
+    def carried_since(self, sub: Subscription, since: float) -> bool:
+        """Whether ``sub`` (live, taking every key of its channel) was offered a message after ``since``
+        (Trio time): its connection has not been quiet since then."""
+        if not sub.live or sub.key is not None or sub.hidden is not None:
+            return False
+        ch = self._channels.get(sub.channel)
+        return ch is not None and ch.last_fanout > since
 
     def channel_figures(self) -> list[tuple[str, int, int, int]]:
         """``(channel, subscribers, messages, deliveries)`` of every followed channel, counts since it was
