@@ -1,6 +1,7 @@
 """One client's connection: direct non-blocking writes, and a bounded pending buffer for slow readers.
 
-The hub calls :meth:`Connection.offer` with bytes shared by every subscriber. While the transport has room
+The hub writes bytes shared by every subscriber with :meth:`Connection.send_now`; what that cannot settle,
+the session queues (:meth:`Connection.queue`); :meth:`Connection.offer` does both. While the transport has room
 (on a socket: the kernel buffer) the bytes go straight out with one ``send`` — no task switch, no copy.
 Only when it is full does the rest wait in this connection's pending buffer, drained by a writer task
 started on demand.

@@ -1,8 +1,10 @@
 """The hub: channel subscriptions, one pump from the broker, fan-out of shared bytes.
 
 Per message: decide routing once (the channel's all-keys set plus its key's set), build the outgoing bytes
-once (lazily per transport), offer the same bytes to every subscriber. The pump never awaits a client:
-``Connection.offer`` either writes at once or queues under the channel's slow-consumer policy.
+once (lazily per transport), offer the same bytes to every subscriber: a WebSocket subscription's frame goes
+straight to its connection (``Connection.send_now``), anything else through its session's ``deliver``. The
+pump never awaits a client: a connection either writes at once or queues under the channel's slow-consumer
+policy.
 
 A subscription with ``since`` joins the live set at once but buffers live messages while a catch-up task
 replays ``[since, live position)`` from the broker; then it flushes the buffer and goes live. The live
