@@ -1,8 +1,8 @@
 """One client's connection: direct non-blocking writes, and a bounded pending buffer for slow readers.
 
 The hub writes bytes shared by every subscriber with :meth:`Connection.send_now`; what that cannot settle,
-the session queues (:meth:`Connection.queue`); :meth:`Connection.offer` does both. While the transport has room
-(on a socket: the kernel buffer) the bytes go straight out with one ``send`` — no task switch, no copy.
+the session queues (:meth:`Connection.queue`); :meth:`Connection.offer` does both. While the transport has
+room (on a socket: the kernel buffer) the bytes go straight out with one ``send`` — no task switch, no copy.
 Only when it is full does the rest wait in this connection's pending buffer, drained by a writer task
 started on demand.
 
