@@ -1,0 +1,83 @@
+"""``Connection.send_now``, the fan-out's fast path, over a real socket pair: what it settles and what it leaves
+to the queue and the writer task."""
+
+from __future__ import annotations
+
+import socket
+
+import trio
+
+from accessd.settings import StreamSettings
+from accessd.stream._conn import Connection
+from accessd.stream._transport import SocketTransport
+
+
+def socket_pair() -> tuple[socket.socket, socket.socket]:
+    ours, theirs = socket.socketpair()
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    theirs.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    theirs.setblocking(False)
+    return ours, theirs
+
+
+async def read_exactly(sock: socket.socket, size: int) -> bytes:
+    received = bytearray()
+    with trio.fail_after(10):
+        while len(received) < size:
+            await trio.lowlevel.wait_readable(sock)
+            received += sock.recv(65536)
+    return bytes(received)
+
+
+def fill(sock: socket.socket) -> int:
+    """Write until the socket takes no more; how many bytes it took."""
+    sock.setblocking(False)
+    taken = 0
+    try:
+        while True:
+            taken += sock.send(b"f" * 4096)
+    except BlockingIOError:
+        return taken
+
+
+async def test_whole_begun_and_pending_frames_keep_their_order() -> None:
+    ours, theirs = socket_pair()
+    async with trio.open_nursery() as nursery:
+        conn = Connection(SocketTransport(ours), nursery, StreamSettings())
+        big = bytes(range(256)) * 4000  # far over the socket buffers: only its start goes out at once
+        assert conn.send_now(b"a" * 100)  # taken whole
+        assert conn.send_now(big)  # begun: the rest is the writer's
+        assert conn.pending_bytes > 0
+        assert not conn.send_now(b"z")  # something is pending: the caller must queue it
+        conn.queue(b"z")
+        assert await read_exactly(theirs, 100 + len(big) + 1) == b"a" * 100 + big + b"z"
+        with trio.fail_after(5):
+            while conn.pending_bytes:
+                await trio.sleep(0.01)
+        assert conn.send_now(b"again")  # caught up: the fast path again
+        assert await read_exactly(theirs, 5) == b"again"
+        conn.abort("done")
+    theirs.close()
+
+
+async def test_a_full_socket_with_nothing_pending_is_for_the_queue() -> None:
+    ours, theirs = socket_pair()
+    async with trio.open_nursery() as nursery:
+        conn = Connection(SocketTransport(ours), nursery, StreamSettings())
+        filled = fill(ours)
+        assert not conn.send_now(b"m")  # nothing written, nothing begun
+        assert conn.pending_bytes == 0 and not conn.closed
+        conn.queue(b"m")  # the writer sends it once the peer reads
+        assert await read_exactly(theirs, filled + 1) == b"f" * filled + b"m"
+        conn.abort("done")
+    theirs.close()
+
+
+async def test_a_peer_that_is_gone_settles_it_and_breaks_the_connection() -> None:
+    ours, theirs = socket_pair()
+    theirs.close()
+    async with trio.open_nursery() as nursery:
+        conn = Connection(SocketTransport(ours), nursery, StreamSettings())
+        assert conn.send_now(b"m")  # settled: there is no one to write to
+        assert conn.closed and conn.outcome is not None and conn.outcome.by == "broken"
+        assert conn.send_now(b"more")  # and stays settled, without a write
