@@ -7,14 +7,18 @@ The same listener serves sockets in production (tests/test_stream_transport.py c
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import logging
 from contextlib import AsyncExitStack
+from typing import Any
 
 import pytest
 import trio
 import trio.testing
 from wsproto.events import CloseConnection
+
+import accessd.stream._hub as hub_module
 
 from ._memory import MemoryWs, WsRejected, read_sse
 from ._stream import masked_frame, stream_rig
@@ -117,6 +121,73 @@ async def test_heartbeats_are_spread_over_the_period(autojump_clock: MockClock) 
         assert all(start < t <= start + 15 for t in firsts)
         assert len(set(firsts)) == 40  # each its own step: 40 of the period's 64
         assert max(firsts) - min(firsts) >= 39 * 15 / 64 - 1e-6
+
+
+async def test_heartbeats_keep_their_period_while_another_task_hogs_the_loop(
+    autojump_clock: MockClock,
+) -> None:
+    """A task that yields only between long stretches of work (a hub far behind) must not slow the wheel to
+    one slot per yield: every overdue slot goes when the wheel runs."""
+    async with (
+        stream_rig(memory=True, stream_heartbeat_s=15, stream_connects_per_minute=1000) as rig,
+        AsyncExitStack() as stack,
+    ):
+        clients = [await stack.enter_async_context(rig.open_ws(rig.token(f"h{n}"))) for n in range(8)]
+        start = trio.current_time()
+        async with trio.open_nursery() as nursery:
+            for ws in clients:
+                nursery.start_soon(read_until_cancelled, ws)
+
+            async def hog() -> None:  # half a second of "work" between checkpoints
+                while True:
+                    autojump_clock.jump(0.5)
+                    await trio.lowlevel.checkpoint()
+
+            nursery.start_soon(hog)
+            await trio.sleep(61)
+            nursery.cancel_scope.cancel()
+        for ws in clients:
+            times = [start, *ws.ping_times]
+            assert len(ws.ping_times) >= 4 and max(b - a for a, b in itertools.pairwise(times)) <= 15 + 2
+
+
+async def test_a_batch_is_handed_out_with_checkpoints_and_skips_who_left(
+    autojump_clock: MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch's shares go out a few subscribers at a time with checkpoints between (here one at a time),
+    in order for each; a subscription removed meanwhile gets no more."""
+    monkeypatch.setattr(hub_module, "HAND_OUT_STEP", 1)
+    async with (
+        stream_rig(memory=True, stream_connects_per_minute=1000) as rig,
+        AsyncExitStack() as stack,
+    ):
+        clients = [await stack.enter_async_context(rig.open_ws(rig.token(f"b{n}"))) for n in range(4)]
+        for ws in clients:
+            await subscribed(ws)
+        sessions = list(rig.listener.sessions)
+        handed: list[object] = []
+        for session in sessions:
+            deliver_all = session.deliver_all
+
+            def counted(sub: Any, msgs: Any, session: Any = session, deliver_all: Any = deliver_all) -> None:
+                handed.append(session)
+                if len(handed) == 1:  # the first one served: everyone else leaves the hub now
+                    for other in sessions:
+                        if other is not session:
+                            for other_sub in other.subs.values():
+                                rig.hub.remove(other_sub)
+                deliver_all(sub, msgs)
+
+            session.deliver_all = counted  # type: ignore[method-assign]
+        for n in range(3):
+            rig.publish(CHANNEL, {"n": n})  # read by the hub as one batch
+        first = None
+        for ws in clients:
+            with trio.move_on_after(1):
+                got = [(await ws.recv())["data"]["n"] for _ in range(3)]
+                assert got == [0, 1, 2] and first is None
+                first = ws
+        assert first is not None and len(handed) == 1
 
 
 async def read_until_cancelled(ws: MemoryWs) -> None:

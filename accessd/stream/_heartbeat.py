@@ -35,10 +35,19 @@ class HeartbeatWheel:
         return slot
 
     async def run(self) -> NoReturn:
-        deadline, due = trio.current_time(), 0
+        deadline, due = trio.current_time() + self._step, 0
         while True:
-            deadline += self._step  # a running deadline: steps late under load catch up, no drift
             await trio.sleep_until(deadline)
-            for session in list(self._slots[due]):
-                session.heartbeat()
-            due = (due + 1) % len(self._slots)
+            # Every slot overdue by now, at once: one slot per wakeup would fall further behind each time a
+            # busy loop (a hub far behind) let this task run, and heartbeats would stop when most needed.
+            # At most one revolution: after a longer stall every session gets one, not one per period missed.
+            now = trio.current_time()
+            for _ in self._slots:
+                if deadline > now:
+                    break
+                for session in list(self._slots[due]):
+                    session.heartbeat()
+                due = (due + 1) % len(self._slots)
+                deadline += self._step  # a running deadline: no drift
+            if deadline <= now:  # still behind after a whole revolution: go on from now
+                deadline = now + self._step

@@ -36,6 +36,7 @@ log = logging.getLogger("accessd.stream")
 
 
 INVALID_LOG_INTERVAL_S = 60.0
+HAND_OUT_STEP = 1000  # subscribers handed their share of a batch between checkpoints (a few ms of sends)
 
 
 class Message:
@@ -114,6 +115,7 @@ class Subscription:
     # The fan-out's fast path: a live message goes to this connection as ``Message.ws`` with one
     # ``send_now``; only when that cannot settle it does the session's ``deliver`` run (and queue it).
     direct: Connection | None = None
+    removed: bool = False  # out of the hub: a batch's share still being handed out skips it
 
 
 @dataclass(eq=False)
@@ -220,6 +222,7 @@ class Hub:
     def remove(self, sub: Subscription) -> bool:
         """Take ``sub`` out of the fan-out now (no checkpoint); True when its channel has no subscriber
         left, so the caller should :meth:`unfollow` it."""
+        sub.removed = True
         ch = self._channels.get(sub.channel)
         if ch is None:
             return False
@@ -288,12 +291,14 @@ class Hub:
         task_status.started()
         while True:
             batch = await self._source.next_batch()
-            self.dispatch(batch)
+            if shares := self.dispatch(batch):
+                await _hand_out(shares)
 
-    def dispatch(self, batch: list[Record | Gap]) -> None:
+    def dispatch(self, batch: list[Record | Gap]) -> dict[Subscription, list[Message]] | None:
         """Fan a batch out. With several records in it, each live subscriber's share goes out in one
         ``deliver_all`` once the batch is read (a WebSocket writes it with one ``send``): a hub that fell
-        behind catches up with fewer system calls per delivery, not more, and none waits to be batched."""
+        behind catches up with fewer system calls per delivery, not more, and none waits to be batched.
+        Those shares are returned for :func:`_hand_out`, which lets other tasks run every few thousand."""
         stats = self.stats
         gathered: dict[Subscription, list[Message]] | None = {} if len(batch) > 1 else None
         for record in batch:
@@ -302,7 +307,8 @@ class Hub:
                 continue
             if isinstance(record, Gap):
                 if gathered:  # what came before the gap goes out before its frame
-                    _deliver_gathered(gathered)
+                    for sub, msgs in gathered.items():
+                        sub.session.deliver_all(sub, msgs)
                     gathered = {}
                 self._gap(ch, record)
                 continue
@@ -351,8 +357,7 @@ class Hub:
             self.observe_lag(max(0.0, time.time() - record.ts_ms / 1000))
             if self._tracing is not None and record.headers:
                 self._trace_delivery(record, len(targets))
-        if gathered:
-            _deliver_gathered(gathered)
+        return gathered
 
     def _invalid(self, record: Record) -> None:
         channel = record.channel
@@ -411,9 +416,13 @@ class Hub:
         return sum(len(ch) for ch in self._channels.values())
 
 
-def _deliver_gathered(gathered: dict[Subscription, list[Message]]) -> None:
-    for sub, msgs in gathered.items():
-        if len(msgs) == 1:
-            sub.session.deliver(sub, msgs[0])
-        else:
+async def _hand_out(shares: dict[Subscription, list[Message]]) -> None:
+    """Each subscriber's share of a batch, with a checkpoint every ``HAND_OUT_STEP`` subscribers: a hub
+    far behind (a batch of many messages for thousands of subscribers) must not hold the loop for seconds —
+    heartbeats, handshakes and publishes run in between. Order holds: only this task delivers live
+    messages, and the next batch waits until this one is out."""
+    for n, (sub, msgs) in enumerate(shares.items(), 1):
+        if not sub.removed:
             sub.session.deliver_all(sub, msgs)
+        if n % HAND_OUT_STEP == 0:
+            await trio.lowlevel.checkpoint()
