@@ -127,6 +127,9 @@ def start_accessd(work: Path, conns: int, **settings: str) -> Server:
         ACCESS_MAX_CONNECTIONS=str(conns + 100),
         ACCESS_STREAM_CONNECTS_PER_MINUTE="1000000",
         ACCESS_STREAM_MAX_HANDSHAKES_PER_IP=str(conns + 100),  # every client is on one address
+        ACCESS_STREAM_MAX_HANDSHAKES=str(
+            conns + 100
+        ),  # they all connect at once (the default hangs up past 1,000)
         **settings,
     )
     daemon = subprocess.Popen(

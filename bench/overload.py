@@ -250,7 +250,7 @@ def main() -> None:
 | new subscriber, connect to `subscribed`: P50 / max (n) | {probes[len(probes) // 2] if probes else float("nan"):.3f} / {probes[-1] if probes else float("nan"):.3f} s ({len(probes)}; failed: {len(out["probe_failures"])}) |
 | recovery: end of the overload's schedule until the witness's lag stays < {args.lag_ok_ms:g} ms | **{out["recovered_s"]:.2f} s** |
 | witness lag P95 after recovery ({args.after_rate:g} msg/s) | {out["lag_after_p95"]:.1f} ms |
-| witness closed? / client errors | {out["witness_closed"] or "no"} / {out["errors"]} |
+| witness closed? / client errors | {out["witness_closed"] or "no"} / {out["errors"]}{f" (last: {out['last_error']})" if out["errors"] else ""} |
 
 {args.conns:,} minimal WebSocket subscribers in {args.procs} client process(es) \
 ({"C, bench/_fanout_client.c" if args.c_clients else "Python"}) plus the witness, the \
