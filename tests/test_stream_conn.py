@@ -11,6 +11,8 @@ from accessd.settings import StreamSettings
 from accessd.stream._conn import Connection
 from accessd.stream._transport import SocketTransport
 
+from ._wait import eventually
+
 
 def socket_pair() -> tuple[socket.socket, socket.socket]:
     ours, theirs = socket.socketpair()
@@ -51,9 +53,7 @@ async def test_whole_begun_and_pending_frames_keep_their_order() -> None:
         assert not conn.send_now(b"z")  # something is pending: the caller must queue it
         conn.queue(b"z")
         assert await read_exactly(theirs, 100 + len(big) + 1) == b"a" * 100 + big + b"z"
-        with trio.fail_after(5):
-            while conn.pending_bytes:
-                await trio.sleep(0.01)
+        await eventually(lambda: not conn.pending_bytes, what="the writer caught up")
         assert conn.send_now(b"again")  # caught up: the fast path again
         assert await read_exactly(theirs, 5) == b"again"
         conn.abort("done")

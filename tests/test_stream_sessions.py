@@ -10,7 +10,8 @@ import dataclasses
 import itertools
 import json
 import logging
-from contextlib import AsyncExitStack
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
 import pytest
@@ -103,24 +104,32 @@ async def test_a_connection_carrying_messages_gets_no_ping(autojump_clock: MockC
         assert busy.ping_times and busy.ping_times[0] - last <= 30
 
 
-async def test_heartbeats_are_spread_over_the_period(autojump_clock: MockClock) -> None:
-    """Pings to many sessions go out a few at a time over the period, not in one burst (their pongs would
-    come back in one burst too, and deliveries would wait behind them)."""
+@asynccontextmanager
+async def reading_sessions(count: int) -> AsyncIterator[tuple[list[MemoryWs], trio.Nursery]]:
+    """``count`` WebSocket sessions (heartbeats every 15 s), each read by its own task (pings answered) in
+    the nursery yielded, until the block ends."""
     async with (
         stream_rig(memory=True, stream_heartbeat_s=15, stream_connects_per_minute=1000) as rig,
         AsyncExitStack() as stack,
     ):
-        clients = [await stack.enter_async_context(rig.open_ws(rig.token(f"c{n}"))) for n in range(40)]
-        start = trio.current_time()
+        clients = [await stack.enter_async_context(rig.open_ws(rig.token(f"c{n}"))) for n in range(count)]
         async with trio.open_nursery() as nursery:
             for ws in clients:
                 nursery.start_soon(read_until_cancelled, ws)
-            await trio.sleep(15)
+            yield clients, nursery
             nursery.cancel_scope.cancel()
-        firsts = [ws.ping_times[0] for ws in clients]
-        assert all(start < t <= start + 15 for t in firsts)
-        assert len(set(firsts)) == 40  # each its own step: 40 of the period's 64
-        assert max(firsts) - min(firsts) >= 39 * 15 / 64 - 1e-6
+
+
+async def test_heartbeats_are_spread_over_the_period(autojump_clock: MockClock) -> None:
+    """Pings to many sessions go out a few at a time over the period, not in one burst (their pongs would
+    come back in one burst too, and deliveries would wait behind them)."""
+    async with reading_sessions(40) as (clients, _):
+        start = trio.current_time()
+        await trio.sleep(15)
+    firsts = [ws.ping_times[0] for ws in clients]
+    assert all(start < t <= start + 15 for t in firsts)
+    assert len(set(firsts)) == 40  # each its own step: 40 of the period's 64
+    assert max(firsts) - min(firsts) >= 39 * 15 / 64 - 1e-6
 
 
 async def test_heartbeats_keep_their_period_while_another_task_hogs_the_loop(
@@ -128,27 +137,19 @@ async def test_heartbeats_keep_their_period_while_another_task_hogs_the_loop(
 ) -> None:
     """A task that yields only between long stretches of work (a hub far behind) must not slow the wheel to
     one slot per yield: every overdue slot goes when the wheel runs."""
-    async with (
-        stream_rig(memory=True, stream_heartbeat_s=15, stream_connects_per_minute=1000) as rig,
-        AsyncExitStack() as stack,
-    ):
-        clients = [await stack.enter_async_context(rig.open_ws(rig.token(f"h{n}"))) for n in range(8)]
+
+    async def hog() -> None:  # half a second of "work" between checkpoints
+        while True:
+            autojump_clock.jump(0.5)
+            await trio.lowlevel.checkpoint()
+
+    async with reading_sessions(8) as (clients, nursery):
         start = trio.current_time()
-        async with trio.open_nursery() as nursery:
-            for ws in clients:
-                nursery.start_soon(read_until_cancelled, ws)
-
-            async def hog() -> None:  # half a second of "work" between checkpoints
-                while True:
-                    autojump_clock.jump(0.5)
-                    await trio.lowlevel.checkpoint()
-
-            nursery.start_soon(hog)
-            await trio.sleep(61)
-            nursery.cancel_scope.cancel()
-        for ws in clients:
-            times = [start, *ws.ping_times]
-            assert len(ws.ping_times) >= 4 and max(b - a for a, b in itertools.pairwise(times)) <= 15 + 2
+        nursery.start_soon(hog)
+        await trio.sleep(61)
+    for ws in clients:
+        times = [start, *ws.ping_times]
+        assert len(ws.ping_times) >= 4 and max(b - a for a, b in itertools.pairwise(times)) <= 15 + 2
 
 
 async def test_a_batch_is_handed_out_with_checkpoints_and_skips_who_left(

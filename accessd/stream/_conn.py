@@ -1,7 +1,8 @@
 """One client's connection: direct non-blocking writes, and a bounded pending buffer for slow readers.
 
 The hub writes bytes shared by every subscriber with :meth:`Connection.send_now`; what that cannot settle,
-the session queues (:meth:`Connection.queue`); :meth:`Connection.offer` does both. While the transport has
+the session queues (:meth:`Connection.queue`); control frames go through :meth:`Connection.offer`, which
+does both. While the transport has
 room (on a socket: the kernel buffer) the bytes go straight out with one ``send`` — no task switch, no copy.
 Only when it is full does the rest wait in this connection's pending buffer, drained by a writer task
 started on demand.
@@ -163,23 +164,11 @@ class Connection:
             self._start_writer()
         return True
 
-    def offer(
-        self,
-        data: bytes,
-        *,
-        channel: str | None = None,
-        key: str | None = None,
-        policy: str = DROP_OLDEST,
-        render: Callable[[int], bytes] | None = None,
-        cursor: str | None = None,
-        slot: Hashable | None = None,
-    ) -> bool:
-        """Send now if the socket takes it, else queue under ``policy``. False once the connection is gone.
-
-        ``slot`` (control frames only): a pending frame of the same slot is replaced, not added to.
-        """
+    def offer(self, data: bytes, *, slot: Hashable | None = None) -> bool:
+        """A control frame (reply, pong, heartbeat, gap): sent now if the socket takes it, else queued.
+        False once the connection is gone. ``slot``: a pending frame of the same slot is replaced."""
         if not self.send_now(data):
-            self.queue(data, channel, key, policy, render, cursor, slot)
+            self.queue(data, slot=slot)
         return not self.closed
 
     def queue(
@@ -192,7 +181,8 @@ class Connection:
         cursor: str | None = None,
         slot: Hashable | None = None,
     ) -> None:
-        """Queue what :meth:`send_now` could not write (arguments as for :meth:`offer`)."""
+        """Queue what :meth:`send_now` could not write: a message (``channel``, ``key``, its ``policy``, how
+        to ``render`` it conflated, its ``cursor``) or a control frame (optionally in a ``slot``)."""
         if slot is not None and (older := self._slots.get(slot)) is not None:
             self._pending_bytes += len(data) - len(older.data)
             older.data = data
