@@ -122,12 +122,17 @@ class FakeInternal:
         self.up = True
         self.bodies: list[list[dict[str, Any]]] = []
         self.refuse: set[str] = set()
+        self.gate: trio.Event | None = None  # when set: posts wait on it (a batch held in flight)
+        self.posting = 0  # posts begun
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> NoReturn:
         task_status.started()
         await trio.sleep_forever()
 
     async def post(self, url: str, **kwargs: Any) -> tuple[int, Any]:
+        self.posting += 1
+        if self.gate is not None:
+            await self.gate.wait()
         await trio.sleep(0.01)
         if not self.up:
             raise BackendUnavailable("metrics", "connection refused")
@@ -195,6 +200,32 @@ async def test_the_forwarder_retries_keeps_the_newest_and_counts_what_it_drops(
         values = samples(registry)
         assert values[("accessd_metrics_forwarded_samples_total", (("result", "dropped"),))] == 5
         assert values[("accessd_metrics_forwarded_samples_total", (("result", "sent"),))] == 10
+        nursery.cancel_scope.cancel()
+
+
+async def test_samples_taken_while_a_batch_is_in_flight_push_out_its_oldest(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The batch being sent holds the oldest samples: an overflow meanwhile drops from it when it comes back
+    unsent, not from the newer samples behind it (this ordering once lost to a retry's timing)."""
+    internal = FakeInternal()
+    internal.up, internal.gate = False, trio.Event()
+    ingest, fwd, registry = forwarder(internal, buffer_size=6)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(fwd.run)
+        for i in range(4):  # a whole batch (4): it goes out, and waits at the gate
+            ingest.accept(counter("c", n=str(i)))
+        await eventually(lambda: internal.posting == 1)
+        for i in range(4, 8):  # 8 > 6: two must go, the oldest, both in the batch out
+            ingest.accept(counter("c", n=str(i)))
+        assert fwd.depth == 6
+        internal.gate.set()  # the post fails (the internal role is away) and the batch comes back
+        await eventually(lambda: internal.posting >= 2)
+        internal.up = True
+        await eventually(lambda: fwd.depth == 0, within=60)
+        assert internal.received() == [str(i) for i in range(2, 8)]
+        values = samples(registry)
+        assert values[("accessd_metrics_forwarded_samples_total", (("result", "dropped"),))] == 2
         nursery.cancel_scope.cancel()
 
 

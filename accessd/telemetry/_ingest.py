@@ -218,13 +218,14 @@ class MetricsForwarder:
         self._buffer_size = buffer_size
         self._buffer: deque[Sample] = deque()
         self._in_flight = 0  # taken from the buffer for the batch being sent
+        self._doomed = 0  # of that batch (its oldest), how many to drop if it comes back unsent
         self._ready = trio.Event()
         self._retries = Retries(backoff)
         metrics.sinks.append(self)
 
     @property
     def depth(self) -> int:
-        return len(self._buffer) + self._in_flight
+        return len(self._buffer) + self._in_flight - self._doomed
 
     @property
     def retry_after_s(self) -> float:
@@ -276,6 +277,7 @@ class MetricsForwarder:
             problem = f"{self.url} answered HTTP {status}"
         finally:
             self._in_flight = 0
+            doomed, self._doomed = self._doomed, 0
         if status == 202:
             self._metrics.forwarded.labels("sent").inc(len(batch))
             self._retries.succeed()
@@ -286,7 +288,7 @@ class MetricsForwarder:
             refused = batch.pop(index)  # one sample the internal role will never take: the rest go again
             self._metrics.forwarded.labels("rejected").inc()
             log.warning("metrics forwarding: %s refused %s: %s", self.url, refused[0].family.name, details)
-            self._requeue(batch)
+            self._requeue(batch, doomed)
             return True
         if status is not None and 400 <= status < 500 and status != 429:
             self._metrics.forwarded.labels("rejected").inc(len(batch))  # the whole body, e.g. 413
@@ -294,16 +296,24 @@ class MetricsForwarder:
             return True
         if self._retries.failures == 0:
             log.warning("metrics forwarding: %s; retrying, keeping the newest %d", problem, self._buffer_size)
-        self._requeue(batch)
+        self._requeue(batch, doomed)
         return False
 
-    def _requeue(self, batch: list[Sample]) -> None:
-        self._buffer.extendleft(reversed(batch))
+    def _requeue(self, batch: list[Sample], doomed: int) -> None:
+        """Put an unsent batch back in front, less the ``doomed`` oldest that newer samples pushed out."""
+        if doomed:
+            self._metrics.forwarded.labels("dropped").inc(doomed)
+        self._buffer.extendleft(reversed(batch[doomed:]))
         self._trim()
 
     def _trim(self) -> None:
+        """Keep the newest ``buffer_size``: the batch in flight holds the oldest, so an overflow while one is
+        out marks its samples first (dropped if it comes back unsent), then the buffer's oldest."""
         overflow = self.depth - self._buffer_size
         if overflow > 0:
-            for _ in range(overflow):
+            doom = min(overflow, self._in_flight - self._doomed)
+            self._doomed += doom
+            for _ in range(overflow - doom):
                 self._buffer.popleft()
-            self._metrics.forwarded.labels("dropped").inc(overflow)
+            if overflow > doom:
+                self._metrics.forwarded.labels("dropped").inc(overflow - doom)
