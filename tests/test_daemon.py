@@ -72,12 +72,12 @@ async def test_errors_use_the_uniform_body_with_trace_and_request_ids(daemon_fac
         assert isinstance(body["message"], str) and "Traceback" not in missing.text
 
         wrong_method = await client.delete(
-            f"{daemon.internal_url}/health", headers={"X-Request-ID": "bad id\x7f"}
+            f"{daemon.internal_url}/health", headers={"X-Request-ID": "bad id <x>"}
         )
         assert wrong_method.status_code == 405
         assert wrong_method.json()["code"] == "METHOD_NOT_ALLOWED"
         assert "GET" in wrong_method.headers["allow"]
-        assert wrong_method.headers["x-request-id"] != "bad id\x7f"  # not echoed: replaced by a sane one
+        assert wrong_method.headers["x-request-id"] != "bad id <x>"  # not echoed: replaced by a sane one
         assert len(wrong_method.json()["trace_id"]) == 32
     assert daemon.stop() == 0
     assert "4bf92f3577b34da6a3ce929d0e0e4736" in daemon.logs

@@ -205,3 +205,53 @@ async def test_read_timeout_refused_and_garbage() -> None:
             await pool(s.url).request("GET", "/", [], None)
     with pytest.raises(ConnectFailed):
         await pool(s.url).request("GET", "/", [], None)  # that server is gone: refused
+
+
+async def test_head_204_informational_and_close_delimited_answers_end_where_http_says() -> None:
+    """A HEAD's answer has no body whatever its Content-Length (and its connection is not reused: the parser
+    cannot be told to skip that length); a 204's neither; a 100 before the answer is passed over; a body with
+    no length runs to the close. Each request after them is still answered."""
+
+    async def varied(request: h11.Request, body: bytes, stream: trio.SocketStream) -> bool:
+        if request.target == b"/head":
+            await stream.send_all(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n")
+        elif request.target == b"/none":
+            await stream.send_all(b"HTTP/1.1 204 No Content\r\n\r\n")
+        elif request.target == b"/continue":
+            await stream.send_all(b"HTTP/1.1 100 Continue\r\n\r\n" + _response(b"after"))
+        elif request.target == b"/to-close":
+            await stream.send_all(b"HTTP/1.1 200 OK\r\nconnection: close\r\n\r\nall of ")
+            await trio.sleep(0.02)
+            await stream.send_all(b"it")
+            return False
+        else:
+            await stream.send_all(_response(b"hello"))
+        return True
+
+    async with server(varied) as s:
+        p = pool(s.url)
+        response = await p.request("HEAD", "/head", [], None)
+        assert response.status == 200 and (b"content-length", b"5") in response.headers
+        assert await response.read() == (b"", False)
+        await response.aclose()
+        assert await body_of(p, "/none") == (204, b"", 1)
+        assert await body_of(p, "/continue") == (200, b"after", 1)
+        assert (await body_of(p, "/to-close"))[:2] == (200, b"all of it")
+        assert await body_of(p) == (200, b"hello", 1)
+        await p.aclose()
+    assert s.connections == 3  # the HEAD's and the close's connections were not reused
+
+
+async def test_a_header_that_cannot_go_on_the_wire_is_refused_before_sending() -> None:
+    async with server() as s:
+        p = pool(s.url)
+        for headers, target in [
+            ([(b"x-a", b"one\r\nx-b: two")], "/"),
+            ([(b"bad name", b"v")], "/"),
+            ([], "/a b"),
+        ]:
+            with pytest.raises(UpstreamBroken, match="refused by the HTTP/1.1 encoder"):
+                await p.request("GET", target, headers, None)
+        assert await body_of(p) == (200, b"hello", 1)
+        await p.aclose()
+    assert len(s.requests) == 1

@@ -272,3 +272,38 @@ async def test_fuzzed_request_heads_never_fail_the_server(caplog: pytest.LogCapt
         with caplog.at_level(logging.ERROR, logger="accessd.http"):
             await trio.to_thread.run_sync(case)
     assert not [record for record in caplog.records if record.levelno >= logging.ERROR]
+
+
+async def test_connections_close_where_http_says_and_a_body_off_its_length_is_cut() -> None:
+    """HTTP/1.0 and ``Connection: close`` requests, and an app's own ``Connection: close``, end the connection
+    after their answer; an app whose body runs past its Content-Length gets a 500 in its place (never a
+    body of the wrong length); request headers reach the app lower-cased and trimmed."""
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["path"] == "/long":
+            await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+            await send({"type": "http.response.body", "body": b"three"})
+        headers = [(b"connection", b"close")] if scope["path"] == "/bye" else []
+        await answer(
+            send,
+            json.dumps(dict((k.decode(), v.decode()) for k, v in scope["headers"])).encode(),
+            headers=headers,
+        )
+
+    async with serving(app) as (_, connect):
+        for request in [
+            b"GET / HTTP/1.0\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+            b"GET /bye HTTP/1.1\r\nHost: t\r\nX-Spaced:   v  \r\n\r\n",
+        ]:
+            stream, buffer = await connect(), bytearray()
+            await stream.send_all(request)
+            status, headers, body = await read_response(stream, buffer)
+            assert status.split()[1] == b"200" and headers[b"connection"] == b"close"
+            if b"X-Spaced" in request:
+                assert json.loads(body)["x-spaced"] == "v"
+            await assert_closed(stream, buffer)
+        stream = await connect()
+        await stream.send_all(b"GET /long HTTP/1.1\r\nHost: t\r\n\r\n")
+        status, _, body = await read_response(stream, bytearray())  # nothing had gone out: a 500 instead
+        assert status.startswith(b"HTTP/1.1 500") and json.loads(body)["code"] == "INTERNAL"

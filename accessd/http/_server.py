@@ -1,4 +1,5 @@
-"""The REST listeners' HTTP/1.1 server: ASGI over h11 on Trio, one task per connection in our own tree.
+"""The REST listeners' HTTP/1.1 server: ASGI on Trio, one task per connection in our own tree; requests
+parsed by llhttp and answers framed by ``_h1``.
 
 Why not Hypercorn (which served here before): a bare app cost about 650 µs of CPU per request on its trio
 worker on this project's machines (a task and a queue per request, an event round trip per ASGI message, the
@@ -25,11 +26,9 @@ import logging
 import socket
 import time
 from email.utils import formatdate
-from http import HTTPStatus
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-import h11
 import trio
 import trio.lowlevel
 
@@ -37,6 +36,7 @@ from ..errors import ApiError, BadRequest
 from ..nurseries import accept_each, listen, url_of
 from ..settings import Binds
 from ..telemetry import trace_id_from, trace_id_var
+from ._h1 import CONTINUE, END, Head, ProtocolError, RequestParser, Response
 
 log = logging.getLogger("accessd.http")
 
@@ -46,8 +46,7 @@ KEEP_ALIVE_S = 30.0  # an idle connection, or one whose next head is this slow, 
 LINGER_S = 1.0  # after an early answer, how long a client may go on sending before the close
 DISCONNECT = {"type": "http.disconnect"}
 SERVER = (b"server", b"accessd")
-NO_BODY_STATUSES = frozenset({204, 304})
-REASONS = {status.value: status.phrase.encode() for status in HTTPStatus}
+REFUSED = Head(b"", b"", [], "1.1", False, False, 0)  # the request a refused head stands for
 
 
 class HttpListener:
@@ -121,23 +120,23 @@ class _Connection:
     def __init__(self, listener: HttpListener, stream: trio.SocketStream) -> None:
         self.listener = listener
         self.stream = stream
-        self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
+        self.parser = RequestParser(MAX_HEAD_BYTES)
         sock = stream.socket
         self.client = _address(sock.getpeername())
         self.server = _address(sock.getsockname())
         self._new_request()
 
     def _new_request(self) -> None:
-        self.method = b""
+        self.request = REFUSED  # until a head is read: what a refusal answers
+        self.response = Response()
         self.start: dict[str, Any] | None = None  # http.response.start, held back to go out with the body
         self.started = False  # a response head was written
         self.answered = False  # the whole response was written
         self.body_read = False  # the request body's end was read
-        self.pending: Any = None  # an h11 event read ahead while merging body events
+        self.expecting = False  # the client awaits 100 Continue before it sends the body
         self.gone = trio.Event()  # the client left (a write failed or the socket hit its end)
         self.ended = trio.Event()  # answered or gone: nothing more for this request
         self.watching: trio.CancelScope | None = None  # a receive() reading on to notice the client leave
-        self.bodiless = False  # HEAD, 1xx, 204, 304: a response with no body
 
     async def serve(self) -> None:
         try:
@@ -149,8 +148,9 @@ class _Connection:
                         event = await self._next_event()
                     finally:
                         self.listener.waiting(waiting, False)
-                if waiting.cancelled_caught or not isinstance(event, h11.Request):
+                if waiting.cancelled_caught or not isinstance(event, Head):
                     return
+                self.request, self.expecting = event, event.expect_continue
                 self.listener.request_started()
                 try:
                     await self._answer(event)
@@ -158,9 +158,8 @@ class _Connection:
                     self.listener.request_ended()
                 if not self._reusable():
                     return
-                self.h11.start_next_cycle()
                 self._new_request()
-        except h11.RemoteProtocolError as exc:
+        except ProtocolError as exc:
             await self._refuse(exc)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
@@ -172,31 +171,38 @@ class _Connection:
     def _reusable(self) -> bool:
         """Whether the next request may follow on this connection: ours answered, theirs read to its end
         (a request end already received but unasked for, like a GET's, is taken here)."""
-        while self.h11.their_state is h11.SEND_BODY:
-            event = self.h11.next_event()
-            if event is h11.NEED_DATA:
-                return False
-        return self.h11.our_state is h11.DONE and self.h11.their_state is h11.DONE and not self.gone.is_set()
+        events = self.parser.events
+        while not self.body_read:
+            if not events or not (events[0] is END or isinstance(events[0], bytes)):
+                return False  # the rest of the body has not come (or cannot be parsed)
+            self.body_read = events.popleft() is END
+        return self.answered and self.response.keep_alive and not self.gone.is_set()
 
     async def _next_event(self) -> Any:
-        while True:
-            event = self.h11.next_event()
-            if event is not h11.NEED_DATA:
-                return event
-            if self.h11.they_are_waiting_for_100_continue:
-                await self._write(self.h11.send(h11.InformationalResponse(status_code=100, headers=[])))
-            self.h11.receive_data(await self.stream.receive_some(READ_BYTES))
+        """The next parsed event, reading as needed; raises the ProtocolError where parsing stopped."""
+        events = self.parser.events
+        while not events:
+            if self.expecting:  # the app asks for a body the client holds back until told to send it
+                self.expecting = False
+                await self._write(CONTINUE)
+            data = await self.stream.receive_some(READ_BYTES)
+            if data:
+                self.parser.feed(data)
+            else:
+                self.parser.feed_eof()
+        event = events.popleft()
+        if isinstance(event, ProtocolError):
+            raise event
+        return event
 
-    async def _refuse(self, exc: h11.RemoteProtocolError) -> None:
-        """A head h11 cannot take: 431 for an oversized head, else 400 (also where h11 hints 501, an unknown
-        transfer coding: malformed requests are 4xx), with our error body; h11 still writes an answer then."""
-        if self.h11.our_state not in (h11.IDLE, h11.SEND_RESPONSE) or self.started:
+    async def _refuse(self, exc: ProtocolError) -> None:
+        """A request that cannot be parsed: 431 for an oversized head, else 400, with our error body, unless
+        an answer had begun."""
+        if self.started:
             return
-        status = 431 if exc.error_status_hint == 431 else 400
-        await self._send_error(ApiError(status, "BAD_REQUEST", str(exc), headers={"Connection": "close"}))
+        await self._send_error(ApiError(exc.status, "BAD_REQUEST", str(exc), headers={"Connection": "close"}))
 
-    async def _answer(self, request: h11.Request) -> None:
-        self.method = request.method
+    async def _answer(self, request: Head) -> None:
         try:
             scope = self._scope(request)
         except ApiError as refusal:
@@ -215,6 +221,7 @@ class _Connection:
     async def _send_error(self, error: ApiError, trace_id: str | None = None) -> None:
         body, fields = error.answer(trace_id or trace_id_from(None))
         headers = [(name.lower().encode(), value.encode("latin-1")) for name, value in fields]
+        self.response = Response()  # afresh: the app's answer may have failed half-framed
         self.start = {"type": "http.response.start", "status": error.status, "headers": headers}
         await self.send({"type": "http.response.body", "body": body})
 
@@ -222,12 +229,8 @@ class _Connection:
         self.gone.set()
         self._end()
 
-    def _scope(self, request: h11.Request) -> dict[str, Any]:
-        # h11 bounds only a head still incomplete; one that came whole in a single read is bounded here.
-        if (
-            len(request.target) + sum(len(name) + len(value) + 4 for name, value in request.headers)
-            > MAX_HEAD_BYTES
-        ):
+    def _scope(self, request: Head) -> dict[str, Any]:
+        if request.head_bytes > MAX_HEAD_BYTES:  # the parser bounds only a head still incomplete
             raise ApiError(431, "BAD_REQUEST", f"the request head is over {MAX_HEAD_BYTES} bytes")
         target = request.target
         if not target.startswith(b"/") and target != b"*":  # absolute form: the path is what counts
@@ -244,14 +247,14 @@ class _Connection:
         return {
             "type": "http",
             "asgi": {"version": "3.0", "spec_version": "2.3"},
-            "http_version": request.http_version.decode(),
+            "http_version": request.http_version,
             "method": request.method.decode("ascii"),
             "scheme": "http",
             "path": path,
             "raw_path": raw_path,
             "query_string": query,
             "root_path": "",
-            "headers": list(request.headers),
+            "headers": request.headers,
             "client": self.client,
             "server": self.server,
             "extensions": {},
@@ -266,39 +269,40 @@ class _Connection:
             await self._until_ended()
             return DISCONNECT
         try:
-            event = self.pending or await self._next_event()
-            self.pending = None
-            if isinstance(event, h11.Data):
-                body = bytes(event.data)
-                after = self.h11.next_event()  # often the end is already here: say so in this message
-                if after is h11.NEED_DATA:
-                    return {"type": "http.request", "body": body, "more_body": True}
-                self.pending = after
-                if isinstance(after, h11.EndOfMessage):
-                    self.pending = None
-                    self.body_read = True
-                return {"type": "http.request", "body": body, "more_body": not self.body_read}
-            if isinstance(event, h11.EndOfMessage):
+            event = await self._next_event()
+        except ProtocolError:
+            event = None
+        if isinstance(event, bytes):
+            chunks, events = [event], self.parser.events
+            while events and isinstance(events[0], bytes):  # what has come already goes in one message
+                chunks.append(events.popleft())
+            if events and events[0] is END:
+                events.popleft()
                 self.body_read = True
-                return {"type": "http.request", "body": b"", "more_body": False}
-        except (h11.RemoteProtocolError, trio.BrokenResourceError):
-            pass
+            body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            return {"type": "http.request", "body": body, "more_body": not self.body_read}
+        if event is END:
+            self.body_read = True
+            return {"type": "http.request", "body": b"", "more_body": False}
         self._left()  # the connection ended (or the body broke) before the body's end
         return DISCONNECT
 
     async def _until_ended(self) -> None:
         """Read on so that a client that leaves is noticed, until the answer is complete (``_end`` cancels
-        the read); what the client sends meanwhile (a pipelined request) waits in h11's buffer, up to a
-        bound past which reading stops."""
+        the read); what the client sends meanwhile (a pipelined request) is parsed and waits, up to a bound
+        past which reading stops."""
         with trio.CancelScope() as self.watching:
             if self.ended.is_set():
                 return
             try:
-                while len(self.h11.trailing_data[0]) < MAX_HEAD_BYTES:
+                read = 0
+                while read < MAX_HEAD_BYTES:
                     data = await self.stream.receive_some(READ_BYTES)
                     if not data:
+                        self.parser.feed_eof()
                         break
-                    self.h11.receive_data(data)
+                    read += len(data)
+                    self.parser.feed(data)
                 else:
                     await self.ended.wait()  # enough buffered: only a failed write will tell
                     return
@@ -318,32 +322,25 @@ class _Connection:
             return
         if kind != "http.response.body" or self.answered or self.gone.is_set():
             return
+        response = self.response
         out = b""
         if self.start is not None:
-            out = self._head(self.start)
-            self.start = None
-        body = message.get("body", b"")
-        if body and not self.bodiless:
-            out += self.h11.send(h11.Data(data=body))
-        if not message.get("more_body", False):
-            out += self.h11.send(h11.EndOfMessage())
+            start, self.start = self.start, None
+            out = self._head(start)
+        end = not message.get("more_body", False)
+        out += response.body(message.get("body", b""), end)
+        self.started = True  # framed without fault: an error from here on can only drop the connection
+        if end:
             self.answered = True
             self._end()
         if out:
             await self._write(out)
 
     def _head(self, start: dict[str, Any]) -> bytes:
-        status = start["status"]
-        headers = [
-            (name, value) for name, value in start.get("headers", ()) if name not in (b"date", b"server")
-        ]
-        headers += [(b"date", _http_date()), SERVER]
-        if self.listener.draining:
-            headers.append((b"connection", b"close"))
-        self.started = True
-        self.bodiless = self.method == b"HEAD" or status in NO_BODY_STATUSES or status < 200
-        response = h11.Response(status_code=status, headers=headers, reason=REASONS.get(status, b""))
-        return self.h11.send(response)
+        self.expecting = False  # answered before the body was asked for: it will not be read
+        extra = [(b"date", _http_date()), SERVER]
+        keep_alive = self.request.keep_alive and not self.listener.draining
+        return self.response.head(start["status"], start.get("headers", ()), self.request, keep_alive, extra)
 
     async def _write(self, data: bytes) -> None:
         try:
@@ -357,11 +354,11 @@ class _Connection:
         with trio.move_on_after(LINGER_S) as lingering:
             lingering.shield = True
             try:
-                if self.h11.their_state not in (h11.DONE, h11.CLOSED, h11.IDLE) and not self.gone.is_set():
+                if self.parser.in_message and not self.gone.is_set():
                     await self.stream.send_eof()
                     while await self.stream.receive_some(READ_BYTES):
                         pass
-            except (trio.BrokenResourceError, trio.ClosedResourceError, h11.RemoteProtocolError):
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
                 pass
         await trio.aclose_forcefully(self.stream)
 
