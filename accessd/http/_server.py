@@ -93,7 +93,7 @@ class HttpListener:
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
-        nursery.start_soon(_Connection(self, stream).serve)
+        nursery.start_soon(_Connection(self, stream, sock).serve)
 
     def request_started(self) -> None:
         if self.in_flight == 0:
@@ -117,11 +117,11 @@ class HttpListener:
 class _Connection:
     """One client connection: requests one after another, each answered by the app in this task."""
 
-    def __init__(self, listener: HttpListener, stream: trio.SocketStream) -> None:
+    def __init__(self, listener: HttpListener, stream: trio.SocketStream, sock: socket.socket) -> None:
         self.listener = listener
         self.stream = stream
+        self.sock = sock  # the stream's, for the two calls made on it directly (_receive, _write)
         self.parser = RequestParser(MAX_HEAD_BYTES)
-        sock = stream.socket
         self.client = _address(sock.getpeername())
         self.server = _address(sock.getsockname())
         self._new_request()
@@ -185,7 +185,7 @@ class _Connection:
             if self.expecting:  # the app asks for a body the client holds back until told to send it
                 self.expecting = False
                 await self._write(CONTINUE)
-            data = await self.stream.receive_some(READ_BYTES)
+            data = await self._receive()
             if data:
                 self.parser.feed(data)
             else:
@@ -270,7 +270,7 @@ class _Connection:
             return DISCONNECT
         try:
             event = await self._next_event()
-        except ProtocolError:
+        except (ProtocolError, trio.BrokenResourceError):
             event = None
         if isinstance(event, bytes):
             chunks, events = [event], self.parser.events
@@ -342,11 +342,32 @@ class _Connection:
         keep_alive = self.request.keep_alive and not self.listener.draining
         return self.response.head(start["status"], start.get("headers", ()), self.request, keep_alive, extra)
 
+    async def _receive(self) -> bytes:
+        """What the client sent next. Waits for it first: a request or body part is seldom here before its
+        readiness is reported, and trying first costs a failed ``recv`` and its exception each time."""
+        while True:
+            await trio.lowlevel.wait_readable(self.sock)
+            try:
+                return self.sock.recv(READ_BYTES)
+            except BlockingIOError:
+                continue  # readiness without data: wait again
+            except OSError as exc:
+                raise trio.BrokenResourceError(f"the client's connection broke: {exc!r}") from exc
+
     async def _write(self, data: bytes) -> None:
+        """``data`` to the client; a write the socket takes whole returns at once, without the scheduler
+        pass trio's ``send_all`` makes after it (one per answer). The rest waits for room as usual."""
         try:
-            await self.stream.send_all(data)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            self._left()
+            sent = self.sock.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            return self._left()
+        if sent < len(data):
+            try:
+                await self.stream.send_all(memoryview(data)[sent:])
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                self._left()
 
     async def _close(self) -> None:
         """Close; a client still sending (answered early, or refused) gets a moment to read the answer
