@@ -47,6 +47,8 @@ class RequestPipeline:
         self._app = app
         self._metrics = metrics
         self._tracing = tracing if tracing is not None and tracing.enabled else None
+        # labelled series by (route, method, status): labels() takes a lock and builds a key per call
+        self._series: dict[tuple[str, str, int], tuple[Any, Any]] = {}
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -105,8 +107,14 @@ class RequestPipeline:
         finally:
             route = scope.get(ROUTE_KEY, UNMATCHED)
             elapsed = time.perf_counter() - started
-            self._metrics.http_requests.labels(route, method, str(status)).inc()
-            self._metrics.http_duration.labels(route).observe(elapsed)
+            series = self._series.get((route, method, status))
+            if series is None:
+                series = self._series[(route, method, status)] = (
+                    self._metrics.http_requests.labels(route, method, str(status)),
+                    self._metrics.http_duration.labels(route),
+                )
+            series[0].inc()
+            series[1].observe(elapsed)
             query = "?<redacted>" if scope.get("query_string") else ""  # query strings may carry tokens
             log.info("%s %s%s %d %.1fms", method, scope["path"], query, status, elapsed * 1e3)
             if span is not None:

@@ -19,6 +19,7 @@ from ._auth import verified_identity
 from ._pipeline import span_var
 
 PATH = "/stream/publish"
+_compact = json.JSONEncoder(separators=(",", ":")).encode  # one encoder: json.dumps builds one per call
 
 
 def stream_publish(
@@ -53,7 +54,7 @@ def stream_publish(
 def parse(body: bytes) -> tuple[str, str | None, bytes]:
     """Channel, key and the data as compact JSON; BadRequest naming the field."""
     try:
-        document = json.loads(body)
+        document = json.loads(body.decode())
     except (ValueError, RecursionError):  # not JSON, not UTF-8, or nested deeper than the parser goes
         document = None
     if not isinstance(document, dict):
@@ -65,4 +66,4 @@ def parse(body: bytes) -> tuple[str, str | None, bytes]:
         raise BadRequest("key must be a non-empty string", {"field": "key"})
     if "data" not in document:
         raise BadRequest("data is required", {"field": "data"})
-    return channel, key, json.dumps(document["data"], separators=(",", ":")).encode()
+    return channel, key, _compact(document["data"]).encode()

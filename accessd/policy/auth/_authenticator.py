@@ -103,7 +103,7 @@ class Authenticator:
         now = self._clock()
         cached = self.cache.get(token, now)
         if cached is not None:
-            self._metrics.validations.labels("cached").inc()
+            self._metrics.validated["cached"].inc()
             return cached
         tag: str | None = None
         try:
@@ -113,7 +113,7 @@ class Authenticator:
                 assert self._local is not None
                 result, tag = await self._local.verify(token, now)
         except BackendUnavailable:
-            self._metrics.validations.labels("unavailable").inc()
+            self._metrics.validated["unavailable"].inc()
             raise
         except Exception as exc:  # a bug of ours; the caller still gets a denial, never an allow
             log.error("token verification failed unexpectedly: %r", exc, exc_info=exc)
@@ -124,7 +124,7 @@ class Authenticator:
 
     def _count(self, result: Identity | AuthFailure) -> Identity | AuthFailure:
         label = "valid" if isinstance(result, Identity) else _RESULT_BY_CODE.get(result.code, "invalid")
-        self._metrics.validations.labels(label).inc()
+        self._metrics.validated[label].inc()
         return result
 
 

@@ -24,5 +24,5 @@ class AuthMetrics:
             buckets=REFRESH_BUCKETS,
             registry=registry,
         )
-        for result in RESULTS:  # every series visible from the start, at zero
-            self.validations.labels(result)
+        # every series visible from the start, at zero; the children kept (labels() per call costs a lock)
+        self.validated = {result: self.validations.labels(result) for result in RESULTS}
