@@ -16,6 +16,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from accessd.http import HttpListener
+from accessd.http._h1 import Head, Response
 from accessd.settings import Binds
 from accessd.telemetry import trace_id_var
 
@@ -307,3 +308,21 @@ async def test_connections_close_where_http_says_and_a_body_off_its_length_is_cu
         await stream.send_all(b"GET /long HTTP/1.1\r\nHost: t\r\n\r\n")
         status, _, body = await read_response(stream, bytearray())  # nothing had gone out: a 500 instead
         assert status.startswith(b"HTTP/1.1 500") and json.loads(body)["code"] == "INTERNAL"
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        (b"x-a", b"one\r\nx-b: two"),  # a value carrying a line that would pass on its own
+        (b"x a", b"v"),
+        (b"x\r\ny", b"v"),
+        (b"x", b"a\x00"),
+        (b"x", b"v\rz"),
+        (b"x", b" padded "),
+    ],
+)
+def test_a_response_header_that_cannot_go_on_the_wire_is_refused(header: tuple[bytes, bytes]) -> None:
+    request = Head(b"GET", b"/", [], "1.1", True, False, 0)
+    assert Response().head(200, [(b"x-ok", b"fine")], request, True, []).startswith(b"HTTP/1.1 200 OK\r\n")
+    with pytest.raises(ValueError, match="cannot be sent"):
+        Response().head(200, [(b"x-ok", b"fine"), header], request, True, [])

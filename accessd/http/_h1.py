@@ -21,8 +21,10 @@ END = "end"  # the event ending a request's body (its only other events are body
 CLOSED = "closed"  # the client closed the connection between requests
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 REASONS = {status.value: status.phrase.encode() for status in HTTPStatus}
-_TOKEN = re.compile(rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]+")
-_BAD_VALUE = re.compile(rb"[\x00\r\n]|^[ \t]|[ \t]$")
+_TOKEN = rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]+"
+_VALUE = rb"(?:[^\x00\r\n \t](?:[^\x00\r\n]*[^\x00\r\n \t])?)?"  # no CR, LF, NUL; trimmed
+_FIELD = re.compile(_TOKEN + rb": " + _VALUE + rb"\r\n")
+_FIELDS = re.compile(rb"(?:" + _TOKEN + rb": " + _VALUE + rb"\r\n)*")
 
 
 class ProtocolError(Exception):
@@ -146,7 +148,7 @@ class Response:
         self.bodiless = request.method == b"HEAD" or status in (204, 304) or status < 200
         self.keep_alive = keep_alive
         replaced = {name for name, _ in extra}
-        lines = [b"HTTP/1.1 %d %s\r\n" % (status, REASONS.get(status, b""))]
+        lines = []
         for name, value in headers:
             name = name.lower()
             if name in replaced or name == b"transfer-encoding":  # the framing is ours to choose
@@ -155,13 +157,18 @@ class Response:
                 if b"close" in value.lower():
                     self.keep_alive = False
                 continue
-            if not _TOKEN.fullmatch(name) or _BAD_VALUE.search(value):
-                raise ValueError(f"header {name!r}: {value!r} cannot be sent")
             if name == b"content-length":
                 if not value.isdigit():
                     raise ValueError(f"bad Content-Length {value!r}")
                 self.remaining = int(value)
             lines.append(b"%s: %s\r\n" % (name, value))
+        fields = b"".join(lines)
+        # One pass over them all (the culprit is looked for only then); the count of line ends catches a
+        # value carrying CR LF plus a line that would pass on its own.
+        if not _FIELDS.fullmatch(fields) or fields.count(b"\r\n") != len(lines):
+            culprit = next(line for line in lines if not _FIELD.fullmatch(line))
+            raise ValueError(f"a header cannot be sent: {culprit!r}")
+        lines = [b"HTTP/1.1 %d %s\r\n" % (status, REASONS.get(status, b"")), fields]
         lines += [b"%s: %s\r\n" % pair for pair in extra]
         if not self.bodiless and self.remaining is None:
             if request.http_version == "1.1":
