@@ -326,3 +326,31 @@ def test_a_response_header_that_cannot_go_on_the_wire_is_refused(header: tuple[b
     assert Response().head(200, [(b"x-ok", b"fine")], request, True, []).startswith(b"HTTP/1.1 200 OK\r\n")
     with pytest.raises(ValueError, match="cannot be sent"):
         Response().head(200, [(b"x-ok", b"fine"), header], request, True, [])
+
+
+async def test_idle_and_slow_head_connections_are_hung_up_after_the_keep_alive(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A connection idle after its answer, and one whose head never completes, are closed once they waited
+    KEEP_ALIVE_S (a sweep, not a per-request deadline); a busy one keeps going."""
+    import accessd.http._server as server
+
+    monkeypatch.setattr(server, "KEEP_ALIVE_S", 0.6)
+    monkeypatch.setattr(server, "REAP_S", 0.1)
+    async with serving(echo) as (_, connect):
+        idle, buffer = await connect(), bytearray()
+        await idle.send_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+        await read_response(idle, buffer)
+        slow = await connect()
+        await slow.send_all(b"GET / HTTP/1.1\r\nHost: ")
+        busy, busy_buffer = await connect(), bytearray()
+        started = trio.current_time()
+        while trio.current_time() - started < 1.2:  # a request every 0.2 s: never idle for 0.6 s
+            await busy.send_all(b"GET /busy HTTP/1.1\r\nHost: t\r\n\r\n")
+            await read_response(busy, busy_buffer)
+            await trio.sleep(0.2)
+        assert await read_until_closed(idle, within=1) == b""
+        assert await read_until_closed(slow, within=1) == b""
+        await busy.send_all(b"GET /busy HTTP/1.1\r\nHost: t\r\n\r\n")
+        assert json.loads((await read_response(busy, busy_buffer))[2])["path"] == "/busy"
+        await busy.aclose()
