@@ -11,9 +11,9 @@ it is open).
 A component: ``run`` reads the routes file (a bad one fails the start, naming the route and field), then
 watches it; a changed file that parses replaces the table at once, a bad edit keeps the last good table and
 logs why. A request in flight keeps the route it matched. Each upstream has a pool of keep-alive
-connections (``_client.UpstreamPool``: h11 on Trio; why not httpx is said there) and one breaker, kept across
-reloads while its settings do not change; a pool no longer in the table is closed after the drain deadline.
-The ASGI layer is plain ASGI (not Quart) for the hot path's sake.
+connections (``_client.UpstreamPool``: llhttp on Trio; why not httpx is said there) and one breaker, kept
+across reloads while its settings do not change; a pool no longer in the table is closed after the drain
+deadline. The ASGI layer is plain ASGI (not Quart) for the hot path's sake.
 
 Tracing on: the auth, rate-limit and entitlement steps are spans under the request's (``auth``,
 ``ratelimit``, ``entitlement``) with their decision (``accessd.auth.result``, ``accessd.ratelimit.result``,

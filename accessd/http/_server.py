@@ -5,7 +5,10 @@ Why not Hypercorn (which served here before): a bare app cost about 650 µs of C
 worker on this project's machines (a task and a queue per request, an event round trip per ASGI message, the
 head and the body written apart), most of what the gateway's whole pipeline costs. Here the app runs in the
 connection's task, the body is read only when the app asks for it, and a response's head and first body go
-out in one ``send``: the same bare app costs about 215 µs (``bench/gateway.py``, bench/RESULTS.md).
+out in one direct ``send``: the same bare app costs about 100 µs (``bench/gateway.py``, bench/RESULTS.md).
+Per request it avoids what Trio constructs cost on these machines (~15-20 µs a cancel scope, ~11 a
+checkpoint): no deadline scope (keep-alive timeouts are a sweep, ``_reap``), no scheduler pass after a write
+the socket took whole, no failed ``recv`` before waiting.
 
 What it serves: HTTP/1.1 and 1.0 with keep-alive and pipelining, request bodies read on demand (flow control:
 nothing is read that the app has not asked for), ``Expect: 100-continue``, responses streamed (chunked when
