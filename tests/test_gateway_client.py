@@ -249,6 +249,7 @@ async def test_a_header_that_cannot_go_on_the_wire_is_refused_before_sending() -
             ([(b"x-a", b"one\r\nx-b: two")], "/"),
             ([(b"bad name", b"v")], "/"),
             ([], "/a b"),
+            ([], "/caf\u00e9"),
         ]:
             with pytest.raises(UpstreamBroken, match="refused by the HTTP/1.1 encoder"):
                 await p.request("GET", target, headers, None)

@@ -218,6 +218,7 @@ class UpstreamPool:
     ) -> Response:
         """Send ``method target`` with ``headers`` (``Host`` is added) and ``body``; return the response head.
         Waits at most the connect timeout for a free connection."""
+        request, length = _request_head(method, target, self._host_header, headers, body is not None)
         try:
             self._slots.acquire_nowait()  # the common case; a scope with a deadline costs ~20 µs here
         except trio.WouldBlock:
@@ -228,7 +229,6 @@ class UpstreamPool:
         conn: _Connection | None = None
         try:
             conn = await self._connection()
-            request, length = _request_head(method, target, self._host_header, headers, body is not None)
             conn.head_only = method == "HEAD"
             response = await self._exchange(conn, request, body, length)
             conn = None  # the Response owns it now
@@ -335,8 +335,8 @@ def _request_head(
 ) -> tuple[bytes, int | None]:
     """The request's head and its body's declared length (None: chunked, or no body); UpstreamBroken for
     what cannot go on the wire."""
-    raw_target = target.encode("ascii", "replace")
-    if _BAD_TARGET.search(raw_target) or not raw_target:
+    raw_target = target.encode("latin-1", "replace")
+    if not target.isascii() or _BAD_TARGET.search(raw_target) or not raw_target:
         raise UpstreamBroken(f"request refused by the HTTP/1.1 encoder: bad target {target!r}")
     lines = [b"%s %s HTTP/1.1\r\nhost: %s\r\n" % (method.encode("ascii"), raw_target, host)]
     length = None
