@@ -139,6 +139,12 @@ async def test_malformed_and_oversized_heads_get_error_bodies_and_others_go_on()
             (b"GET / HTTP/1.1\r\nHost: t\r\nBad Header\r\n\r\n", b"400"),
             (b"GET /\xff HTTP/1.1\r\nHost: t\r\n\r\n", b"400"),
             (b"GET / HTTP/1.1\r\nHost: t\r\nX-Big: " + b"a" * 17000 + b"\r\n\r\n", b"431"),
+            (b"POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: xchunked\r\n\r\n", b"400"),
+            (
+                b"POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\nfffffffffffffffffff\r\n",
+                b"400",
+            ),
+            (b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\nabc", b"400"),
         ]:
             stream, buffer = await connect(), bytearray()
             await stream.send_all(head)

@@ -86,6 +86,8 @@ class RequestParser:
     def _fail(self, error: ProtocolError | None) -> None:
         self._failed = True
         if error is not None:
+            if self.events and isinstance(self.events[-1], Head):  # its framing failed (a bad coding, a
+                self.events.pop()  # chunk size): the request is refused whole, not half handed on
             self.in_message = True  # the client may still be sending: read on briefly before closing
             self.events.append(error)
 
