@@ -360,3 +360,26 @@ async def test_idle_and_slow_head_connections_are_hung_up_after_the_keep_alive(
         await busy.send_all(b"GET /busy HTTP/1.1\r\nHost: t\r\n\r\n")
         assert json.loads((await read_response(busy, busy_buffer))[2])["path"] == "/busy"
         await busy.aclose()
+
+
+async def test_an_answer_before_the_body_has_come_says_the_connection_closes() -> None:
+    """Any app (no pipeline here) that answers before the request body has come: the server closes the
+    connection after it, so the answer says so; a body that had come whole, though unread, is skipped and
+    the connection goes on."""
+
+    async def ignores_body(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await answer(send, b"early")
+
+    async with serving(ignores_body) as (_, connect):
+        stream, buffer = await connect(), bytearray()
+        await stream.send_all(b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 10\r\n\r\nab")
+        _, headers, body = await read_response(stream, buffer)
+        assert body == b"early" and headers[b"connection"] == b"close"
+        await assert_closed(stream, buffer)
+        stream, buffer = await connect(), bytearray()
+        await stream.send_all(b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\n\r\nab")
+        _, headers, _ = await read_response(stream, buffer)
+        assert b"connection" not in headers
+        await stream.send_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+        assert (await read_response(stream, buffer))[2] == b"early"
+        await stream.aclose()

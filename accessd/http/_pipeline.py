@@ -10,8 +10,8 @@ request (proxy lookups, hook dispatch) on a path whose whole budget is a few hun
 in a child task, which inherits the context variables set here (trace id, request id, span); the one thing
 only Quart knows, the matched route, comes back through the ASGI scope (see ``note_route``).
 
-A response that completes before the request body was read (an early 413 refused from ``Content-Length``, a
-401 before the body) goes out with ``Connection: close``: the connection cannot carry another request.
+(A response that goes out before the request body has come, an early 413 or a 401, says ``Connection:
+close``: the server decides that, as it is the one that closes.)
 """
 
 from __future__ import annotations
@@ -55,16 +55,11 @@ class RequestPipeline:
             return await self._app(scope, receive, send)
         started = time.perf_counter()
         traceparent = client_request_id = None
-        body_pending = False  # the request announces a body the app has not read yet
         for name, value in scope["headers"]:
             if name == b"traceparent":
                 traceparent = value.decode("latin-1")
             elif name == b"x-request-id":
                 client_request_id = value.decode("latin-1")
-            elif name == b"content-length":
-                body_pending = value.strip() not in (b"0", b"")
-            elif name == b"transfer-encoding":
-                body_pending = True
         method = scope["method"]
         span = None
         if self._tracing is not None:
@@ -82,26 +77,16 @@ class RequestPipeline:
         answered = False
         request_id_header = (b"x-request-id", request_id.encode())
 
-        async def receive_body() -> dict[str, Any]:
-            nonlocal body_pending
-            message = await receive()
-            if message["type"] == "http.disconnect" or not message.get("more_body", False):
-                body_pending = False
-            return message
-
         async def send_with_id(message: dict[str, Any]) -> None:
             nonlocal status, answered
             if message["type"] == "http.response.start":
                 answered = True
                 status = message["status"]
-                headers = [*message.get("headers", ()), request_id_header]
-                if body_pending:  # answered before the body was read: it cannot be reused
-                    headers.append((b"connection", b"close"))
-                message["headers"] = headers
+                message["headers"] = [*message.get("headers", ()), request_id_header]
             await send(message)
 
         try:
-            await self._app(scope, receive_body if body_pending else receive, send_with_id)
+            await self._app(scope, receive, send_with_id)
             if status == 500 and not answered:
                 status = CLIENT_GONE  # returned without an answer: the client left (the gateway stops then)
         finally:

@@ -359,7 +359,10 @@ class _Connection:
     def _head(self, start: dict[str, Any]) -> bytes:
         self.expecting = False  # answered before the body was asked for: it will not be read
         extra = [(b"date", _http_date()), SERVER]
-        keep_alive = self.request.keep_alive and not self.listener.draining
+        # An answer before the request body has come (an early 413, a 401): the connection cannot carry
+        # another request, so the answer says it closes. (The first END queued is this request's.)
+        arrived = self.body_read or any(event is END for event in self.parser.events)
+        keep_alive = self.request.keep_alive and arrived and not self.listener.draining
         return self.response.head(start["status"], start.get("headers", ()), self.request, keep_alive, extra)
 
     async def _receive(self) -> bytes:
