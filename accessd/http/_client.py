@@ -20,7 +20,6 @@ read timeout), :class:`UpstreamBroken` (reset, closed or not speaking HTTP/1.1 o
 
 from __future__ import annotations
 
-import os
 import re
 import select
 import ssl
@@ -32,11 +31,12 @@ from urllib.parse import urlsplit
 import httptools
 import trio
 
+from ..nurseries import receive_when_ready, write_some
+from ._h1 import header_lines
+
 Headers = list[tuple[bytes, bytes]]
 RECEIVE_BYTES = 65536
 END = "end"  # a response's end, after its body chunks (bytes)
-_TOKEN = re.compile(rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]+")
-_BAD_VALUE = re.compile(rb"[\x00\r\n]")
 _BAD_TARGET = re.compile(rb"[\x00-\x20\x7f]")
 
 
@@ -312,9 +312,7 @@ async def _send(conn: _Connection, data: bytes | None, timeout_s: float) -> None
         return
     if conn.fd is not None:  # plain TCP: a write the socket takes whole needs no scheduler pass
         try:
-            sent = os.write(conn.fd, data)
-        except BlockingIOError:
-            sent = 0
+            sent = write_some(conn.fd, data)
         except OSError as exc:
             raise UpstreamBroken(f"the upstream closed the connection: {exc!r}") from exc
         if sent == len(data):
@@ -338,11 +336,9 @@ def _request_head(
     raw_target = target.encode("latin-1", "replace")
     if not target.isascii() or _BAD_TARGET.search(raw_target) or not raw_target:
         raise UpstreamBroken(f"request refused by the HTTP/1.1 encoder: bad target {target!r}")
-    lines = [b"%s %s HTTP/1.1\r\nhost: %s\r\n" % (method.encode("ascii"), raw_target, host)]
+    lines = []
     length = None
     for name, value in headers:
-        if not _TOKEN.fullmatch(name) or _BAD_VALUE.search(value):
-            raise UpstreamBroken(f"request refused by the HTTP/1.1 encoder: header {name!r}: {value!r}")
         if name == b"content-length":
             if not value.isdigit():
                 raise UpstreamBroken(f"request refused by the HTTP/1.1 encoder: Content-Length {value!r}")
@@ -350,8 +346,12 @@ def _request_head(
         lines.append(b"%s: %s\r\n" % (name, value))
     if has_body and length is None:
         lines.append(b"transfer-encoding: chunked\r\n")
-    lines.append(b"\r\n")
-    return b"".join(lines), length
+    try:
+        fields = header_lines(lines)
+    except ValueError as exc:
+        raise UpstreamBroken(f"request refused by the HTTP/1.1 encoder: {exc}") from None
+    start = b"%s %s HTTP/1.1\r\nhost: %s\r\n" % (method.encode("ascii"), raw_target, host)
+    return start + fields + b"\r\n", length
 
 
 async def _next_event(conn: _Connection, read_timeout_s: float) -> Any:
@@ -373,13 +373,8 @@ async def _next_event(conn: _Connection, read_timeout_s: float) -> Any:
 
 
 async def _receive(conn: _Connection) -> bytes | bytearray:
-    """The upstream's next bytes. On plain TCP it waits for them first: an answer is never there the moment
-    the request went out, and trying first costs a failed read and its exception each time."""
+    """The upstream's next bytes; on plain TCP read directly (an answer is never there the moment the
+    request went out: waiting first saves a failed read)."""
     if conn.fd is None:
         return await conn.stream.receive_some(RECEIVE_BYTES)
-    while True:
-        await trio.lowlevel.wait_readable(conn.fd)
-        try:
-            return os.read(conn.fd, RECEIVE_BYTES)
-        except BlockingIOError:
-            continue  # readiness without data: wait again
+    return await receive_when_ready(conn.fd, RECEIVE_BYTES)

@@ -60,6 +60,8 @@ class RequestParser:
         self._fed_in_head = 0  # bytes fed while a head was incomplete: bounds one that never ends
         self._url: list[bytes] = []
         self._headers: list[tuple[bytes, bytes]] = []
+        self._head_bytes = 0  # the current head's header lines, as sent
+        self._expect_continue = False
         self._failed = False
 
     def feed(self, data: bytes) -> None:
@@ -97,13 +99,18 @@ class RequestParser:
         self.in_message = self._in_head = True
         self._fed_in_head = 0
         self._url, self._headers = [], []
+        self._head_bytes, self._expect_continue = 0, False
 
     def on_url(self, part: bytes) -> None:
         self._url.append(part)
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if self._in_head:  # not a chunked body's trailer
-            self._headers.append((name.lower(), value.strip(b" \t")))
+            name, value = name.lower(), value.strip(b" \t")
+            self._headers.append((name, value))
+            self._head_bytes += len(name) + len(value) + 4
+            if name == b"expect":
+                self._expect_continue = value.lower() == b"100-continue"
 
     def on_headers_complete(self) -> None:
         self._in_head = False
@@ -116,9 +123,8 @@ class RequestParser:
                 headers,
                 version,
                 version == "1.1" and parser.should_keep_alive(),
-                version == "1.1"
-                and any(name == b"expect" and value.lower() == b"100-continue" for name, value in headers),
-                len(target) + sum(len(name) + len(value) + 4 for name, value in headers),
+                version == "1.1" and self._expect_continue,
+                len(target) + self._head_bytes,
             )
         )
 
@@ -128,6 +134,18 @@ class RequestParser:
     def on_message_complete(self) -> None:
         self.in_message = False
         self.events.append(END)
+
+
+def header_lines(lines: list[bytes]) -> bytes:
+    """Header lines (``name: value\\r\\n`` each) joined, once checked fit for the wire: a token for a name, a
+    trimmed value without CR, LF or NUL. One pass over them all, the culprit looked for only on failure;
+    the count of line ends catches a value carrying CR LF plus a line that would pass on its own.
+    ValueError naming the culprit."""
+    fields = b"".join(lines)
+    if not _FIELDS.fullmatch(fields) or fields.count(b"\r\n") != len(lines):
+        culprit = next(line for line in lines if not _FIELD.fullmatch(line))
+        raise ValueError(f"a header cannot be sent: {culprit!r}")
+    return fields
 
 
 class Response:
@@ -164,13 +182,7 @@ class Response:
                     raise ValueError(f"bad Content-Length {value!r}")
                 self.remaining = int(value)
             lines.append(b"%s: %s\r\n" % (name, value))
-        fields = b"".join(lines)
-        # One pass over them all (the culprit is looked for only then); the count of line ends catches a
-        # value carrying CR LF plus a line that would pass on its own.
-        if not _FIELDS.fullmatch(fields) or fields.count(b"\r\n") != len(lines):
-            culprit = next(line for line in lines if not _FIELD.fullmatch(line))
-            raise ValueError(f"a header cannot be sent: {culprit!r}")
-        lines = [b"HTTP/1.1 %d %s\r\n" % (status, REASONS.get(status, b"")), fields]
+        lines = [b"HTTP/1.1 %d %s\r\n" % (status, REASONS.get(status, b"")), header_lines(lines)]
         lines += [b"%s: %s\r\n" % pair for pair in extra]
         if not self.bodiless and self.remaining is None:
             if request.http_version == "1.1":

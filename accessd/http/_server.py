@@ -36,7 +36,7 @@ import trio
 import trio.lowlevel
 
 from ..errors import ApiError, BadRequest
-from ..nurseries import accept_each, listen, url_of
+from ..nurseries import accept_each, listen, receive_when_ready, url_of, write_some
 from ..settings import Binds
 from ..telemetry import trace_id_from, trace_id_var
 from ._h1 import CONTINUE, END, Head, ProtocolError, RequestParser, Response
@@ -135,7 +135,7 @@ class _Connection:
     def __init__(self, listener: HttpListener, stream: trio.SocketStream, sock: socket.socket) -> None:
         self.listener = listener
         self.stream = stream
-        self.sock = sock  # the stream's, for the two calls made on it directly (_receive, _write)
+        self.fd = sock.fileno()  # the stream's, for the reads and writes made on it directly
         self.parser = RequestParser(MAX_HEAD_BYTES)
         self.hung_up = False
         self.client = _address(sock.getpeername())
@@ -186,7 +186,7 @@ class _Connection:
         """Close a connection waiting for its next request (idle too long, or the listener stops): its
         wait ends in ClosedResourceError, and the connection closes without lingering."""
         self.hung_up = True
-        trio.lowlevel.notify_closing(self.sock)
+        trio.lowlevel.notify_closing(self.fd)
 
     def _reusable(self) -> bool:
         """Whether the next request may follow on this connection: ours answered, theirs read to its end
@@ -366,24 +366,16 @@ class _Connection:
         return self.response.head(start["status"], start.get("headers", ()), self.request, keep_alive, extra)
 
     async def _receive(self) -> bytes:
-        """What the client sent next. Waits for it first: a request or body part is seldom here before its
-        readiness is reported, and trying first costs a failed ``recv`` and its exception each time."""
-        while True:
-            await trio.lowlevel.wait_readable(self.sock)
-            try:
-                return self.sock.recv(READ_BYTES)
-            except BlockingIOError:
-                continue  # readiness without data: wait again
-            except OSError as exc:
-                raise trio.BrokenResourceError(f"the client's connection broke: {exc!r}") from exc
+        try:
+            return await receive_when_ready(self.fd, READ_BYTES)
+        except OSError as exc:
+            raise trio.BrokenResourceError(f"the client's connection broke: {exc!r}") from exc
 
     async def _write(self, data: bytes) -> None:
-        """``data`` to the client; a write the socket takes whole returns at once, without the scheduler
-        pass trio's ``send_all`` makes after it (one per answer). The rest waits for room as usual."""
+        """``data`` to the client: at once when the socket takes it whole (one answer, one write), the rest
+        when there is room."""
         try:
-            sent = self.sock.send(data)
-        except BlockingIOError:
-            sent = 0
+            sent = write_some(self.fd, data)
         except OSError:
             return self._left()
         if sent < len(data):

@@ -1,10 +1,12 @@
 """Listening sockets for a bind group, opened before serving so that a busy or invalid address is a
 ConfigError naming the setting (exit 2), not a traceback from inside a listener; and the accept loop both
-listeners run on them."""
+listeners run on them; and the direct reads and writes the HTTP server and the upstream client make on
+connected sockets."""
 
 from __future__ import annotations
 
 import logging
+import os
 import socket
 from collections.abc import Callable
 from typing import Any
@@ -60,3 +62,24 @@ async def accept_each(listening: socket.socket, take: Callable[[socket.socket, A
                 await trio.sleep(0.1)
                 break
             take(sock, peer)
+
+
+async def receive_when_ready(fd: int, max_bytes: int) -> bytes:
+    """The next bytes on a connected socket (b"" at its end), waiting for readiness first: where data is
+    seldom there at once (a keep-alive connection between requests, an upstream's answer), trying first
+    costs a failed read and its exception each time. OSError as the read raises it."""
+    while True:
+        await trio.lowlevel.wait_readable(fd)
+        try:
+            return os.read(fd, max_bytes)
+        except BlockingIOError:
+            continue  # readiness without data: wait again
+
+
+def write_some(fd: int, data: bytes) -> int:
+    """As much of ``data`` as the socket takes now (0 when it takes none), with no scheduler pass (trio's
+    ``send_all`` makes one after every write). OSError other than a full buffer as the write raises it."""
+    try:
+        return os.write(fd, data)
+    except BlockingIOError:
+        return 0
