@@ -1,5 +1,5 @@
-"""``Connection.send_now``, the fan-out's fast path, over a real socket pair: what it settles and what it leaves
-to the queue and the writer task."""
+"""``Connection.send_now`` and ``send_each``, the fan-out's fast path, over real socket pairs: what they settle
+and what they leave to the queue and the writer task."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import socket
 import trio
 
 from accessd.settings import StreamSettings
-from accessd.stream._conn import Connection
+from accessd.stream._conn import Connection, send_each
 from accessd.stream._transport import SocketTransport
 
 from ._wait import eventually
@@ -81,3 +81,37 @@ async def test_a_peer_that_is_gone_settles_it_and_breaks_the_connection() -> Non
         assert conn.send_now(b"m")  # settled: there is no one to write to
         assert conn.closed and conn.outcome is not None and conn.outcome.by == "broken"
         assert conn.send_now(b"more")  # and stays settled, without a write
+
+
+async def test_send_each_settles_what_send_now_would_and_names_the_rest() -> None:
+    data = bytes(range(256)) * 256  # 64 KiB: whole into a roomy socket, begun into a small one
+    roomy, roomy_peer = socket.socketpair()
+    roomy.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+    roomy_peer.setblocking(False)
+    pairs = {"whole": (roomy, roomy_peer)} | {
+        name: socket_pair() for name in ("begun", "full", "behind", "gone", "closed")
+    }
+    async with trio.open_nursery() as nursery:
+        conns = {
+            name: Connection(SocketTransport(ours), nursery, StreamSettings())
+            for name, (ours, _) in pairs.items()
+        }
+        filled = fill(pairs["full"][0])
+        conns["behind"].queue(b"q")  # a frame waits (its writer has not run yet): a new one queues after it
+        pairs["gone"][1].close()
+        conns["closed"].abort("closed before")
+
+        assert send_each(conns, data) == ["full", "behind"]
+
+        assert await read_exactly(pairs["whole"][1], len(data)) == data
+        assert conns["begun"].pending_bytes > 0  # the rest is the writer's
+        assert await read_exactly(pairs["begun"][1], len(data)) == data
+        assert conns["full"].pending_bytes == 0 and not conns["full"].closed  # nothing written
+        assert await read_exactly(pairs["behind"][1], 1) == b"q"  # and nothing after it
+        outcome = conns["gone"].outcome
+        assert conns["gone"].closed and outcome is not None and outcome.by == "broken"
+        assert await read_exactly(pairs["full"][1], filled) == b"f" * filled
+        for conn in conns.values():
+            conn.abort("done")
+    for _, theirs in pairs.values():
+        theirs.close()

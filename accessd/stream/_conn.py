@@ -36,7 +36,7 @@ import secrets
 from collections import deque
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, TypeVar
 
 import trio
 
@@ -55,6 +55,7 @@ LINGER_MAX_BYTES = 256 * 1024  # ... and how much it may send meanwhile
 # Stands for both queues while nothing is pending (an empty deque is 760 bytes; most connections never queue).
 # Never appended to: _enqueue swaps in real deques first, and the writer swaps them out once drained.
 _NOTHING_QUEUED: deque = deque(maxlen=0)
+K = TypeVar("K")
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,9 +161,13 @@ class Connection:
         if sent != len(data):
             if not sent:
                 return False
-            self._head = memoryview(data)[sent:]
-            self._start_writer()
+            self._begun(data, sent)
         return True
+
+    def _begun(self, data: bytes, sent: int) -> None:
+        """``data`` went out in part: the rest is the head, written before anything else."""
+        self._head = memoryview(data)[sent:]
+        self._start_writer()
 
     def offer(self, data: bytes, *, slot: Hashable | None = None) -> bool:
         """A control frame (reply, pong, heartbeat, gap): sent now if the socket takes it, else queued.
@@ -211,8 +216,7 @@ class Connection:
             if end > sent:
                 if sent == offset:
                     return taken
-                self._head = memoryview(frame)[sent - offset :]
-                self._start_writer()
+                self._begun(frame, sent - offset)
                 return taken + 1
             offset = end
         return len(frames)
@@ -447,6 +451,34 @@ class Connection:
         self._slots.clear()
         self._tombstones = 0
         self._pending_bytes = 0
+
+
+def send_each(targets: dict[K, Connection], data: bytes) -> list[K]:
+    """:meth:`Connection.send_now` of ``data`` on every connection of ``targets`` (the fan-out's common
+    case: one message to every subscriber of a channel): the keys of those it could not settle, to queue.
+    The same steps, inlined: at thousands of connections the method call and the lookups around it were
+    ~0.6 µs of each ~5 µs delivery (``bench/RESULTS.md``). ``targets`` must not change meanwhile: nothing
+    here calls back into its owner (an abort only closes the transport)."""
+    size = len(data)
+    unsettled = []
+    for key, conn in targets.items():
+        if conn._head is None and not conn._queue and not conn.closed:
+            try:
+                sent = conn._send(data)
+            except BlockingIOError:
+                sent = 0
+            except OSError as exc:
+                conn.abort(_send_failed(exc))
+                continue
+            if sent == size:
+                continue
+            if sent:
+                conn._begun(data, sent)
+                continue
+        elif conn.closed:
+            continue
+        unsettled.append(key)
+    return unsettled
 
 
 def _send_failed(exc: OSError) -> str:

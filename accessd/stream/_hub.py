@@ -2,9 +2,9 @@
 
 Per message: decide routing once (the channel's all-keys set plus its key's set), build the outgoing bytes
 once (lazily per transport), offer the same bytes to every subscriber: a WebSocket subscription's frame goes
-straight to its connection (``Connection.send_now``), anything else through its session's ``deliver``. The
-pump never awaits a client: a connection either writes at once or queues under the channel's slow-consumer
-policy.
+straight to its connection (``Connection.send_now``; for the live subscriptions to all of a channel's keys,
+one loop over their connections, ``send_each``), anything else through its session's ``deliver``. The pump
+never awaits a client: a connection either writes at once or queues under the channel's slow-consumer policy.
 
 A subscription with ``since`` joins the live set at once but buffers live messages while a catch-up task
 replays ``[since, live position)`` from the broker; then it flushes the buffer and goes live. The live
@@ -28,7 +28,7 @@ from typing import Any, NoReturn, Protocol
 import trio
 
 from ..telemetry import Tracing
-from ._conn import CONFLATE, DROP_OLDEST, Connection
+from ._conn import CONFLATE, DROP_OLDEST, Connection, send_each
 from ._frames import json_payload, message_body, sse_event, ws_text
 from ._source import Gap, Position, Record, Source, encode_cursor
 
@@ -122,7 +122,9 @@ class Subscription:
 class _Channel:
     name: str
     position: Position
-    everything: set[Subscription] = field(default_factory=set)  # unkeyed, every key
+    # Unkeyed, every key, live, with a direct connection: the common case, sent to by ``send_each``.
+    direct: dict[Subscription, Connection] = field(default_factory=dict)
+    everything: set[Subscription] = field(default_factory=set)  # unkeyed, every key: the others
     filtered: set[Subscription] = field(default_factory=set)  # unkeyed, some keys hidden
     by_key: dict[str, set[Subscription]] = field(default_factory=dict)
     messages: int = 0  # fanned out to at least one subscriber
@@ -130,10 +132,40 @@ class _Channel:
     deliveries: int = 0  # messages times the subscribers each was offered to
 
     def __len__(self) -> int:
-        return len(self.everything) + len(self.filtered) + sum(len(s) for s in self.by_key.values())
+        return (
+            len(self.direct)
+            + len(self.everything)
+            + len(self.filtered)
+            + sum(len(s) for s in self.by_key.values())
+        )
 
     def all(self) -> list[Subscription]:
-        return [*self.everything, *self.filtered, *(sub for subs in self.by_key.values() for sub in subs)]
+        return [
+            *self.direct,
+            *self.everything,
+            *self.filtered,
+            *(sub for subs in self.by_key.values() for sub in subs),
+        ]
+
+    def add(self, sub: Subscription) -> None:
+        if sub.key is not None:
+            self.by_key.setdefault(sub.key, set()).add(sub)
+        elif sub.hidden is not None:
+            self.filtered.add(sub)
+        elif sub.live and sub.direct is not None:
+            self.direct[sub] = sub.direct
+        else:
+            self.everything.add(sub)
+
+    def discard(self, sub: Subscription) -> None:
+        if sub.key is None:
+            self.direct.pop(sub, None)
+            self.everything.discard(sub)
+            self.filtered.discard(sub)
+        elif (subs := self.by_key.get(sub.key)) is not None:
+            subs.discard(sub)
+            if not subs:
+                del self.by_key[sub.key]
 
 
 @dataclass
@@ -200,9 +232,7 @@ class Hub:
         sub.direct = session.direct
         if key is None:
             sub.hidden = hidden
-            (ch.everything if hidden is None else ch.filtered).add(sub)
-        else:
-            ch.by_key.setdefault(key, set()).add(sub)
+        ch.add(sub)
         return sub, dict(ch.position)
 
     def set_hidden(self, sub: Subscription, hidden: Callable[[str], bool] | None) -> None:
@@ -210,10 +240,9 @@ class Hub:
         ch = self._channels.get(sub.channel)
         if sub.key is not None or ch is None:
             return
-        ch.everything.discard(sub)
-        ch.filtered.discard(sub)
+        ch.discard(sub)
         sub.hidden = hidden
-        (ch.everything if hidden is None else ch.filtered).add(sub)
+        ch.add(sub)
 
     async def unsubscribe(self, sub: Subscription) -> None:
         if self.remove(sub):
@@ -226,15 +255,7 @@ class Hub:
         ch = self._channels.get(sub.channel)
         if ch is None:
             return False
-        if sub.key is None:
-            ch.everything.discard(sub)
-            ch.filtered.discard(sub)
-        else:
-            subs = ch.by_key.get(sub.key)
-            if subs is not None:
-                subs.discard(sub)
-                if not subs:
-                    del ch.by_key[sub.key]
+        ch.discard(sub)
         if len(ch):
             return False
         del self._channels[sub.channel]
@@ -283,6 +304,9 @@ class Hub:
         """End the catch-up: hand back the live messages buffered meanwhile and deliver directly from now."""
         backlog, sub.backlog = sub.backlog, []
         sub.live = True
+        if not sub.removed and (ch := self._channels.get(sub.channel)) is not None:
+            ch.discard(sub)
+            ch.add(sub)  # onto the fast path, if it has a direct connection
         return backlog
 
     # --- the pump ----------------------------------------------------------------------------------------
@@ -316,6 +340,7 @@ class Hub:
                 continue  # already delivered (a source replaying after a reconnect)
             ch.position[record.partition] = record.offset + 1
             stats.messages += 1
+            direct = ch.direct
             targets = tuple(ch.everything)
             if record.key is not None:
                 if record.key in ch.by_key:
@@ -324,7 +349,8 @@ class Hub:
                     targets += tuple(sub for sub in ch.filtered if not sub.hidden(record.key))  # type: ignore[misc]
             elif ch.filtered:
                 targets += tuple(ch.filtered)
-            if not targets:
+            offered = len(direct) + len(targets)
+            if not offered:
                 continue
             data = json_payload(record.value)
             if data is None:
@@ -332,10 +358,15 @@ class Hub:
                 continue
             ch.messages += 1
             ch.last_fanout = trio.current_time()
-            ch.deliveries += len(targets)
+            ch.deliveries += offered
             msg = Message(record, encode_cursor(ch.position), data)
-            ws = msg.ws
-            direct = 0
+            if gathered is not None:
+                targets = (*direct, *targets)
+            elif direct:
+                unsettled = send_each(direct, msg.ws)
+                stats.delivered["ws"] += len(direct) - len(unsettled)
+                for sub in unsettled:
+                    sub.session.deliver(sub, msg)
             for sub in targets:
                 if sub.live:
                     if gathered is not None:
@@ -343,8 +374,6 @@ class Hub:
                             gathered[sub] = [msg]
                         else:
                             share.append(msg)
-                    elif (conn := sub.direct) is not None and conn.send_now(ws):
-                        direct += 1
                     else:
                         sub.session.deliver(sub, msg)
                 elif len(sub.backlog) < self._backlog_limit:
@@ -353,10 +382,9 @@ class Hub:
                     sub.backlog.pop(0)
                     sub.backlog.append(msg)
                     sub.backlog_dropped += 1
-            stats.delivered["ws"] += direct
             self.observe_lag(max(0.0, time.time() - record.ts_ms / 1000))
             if self._tracing is not None and record.headers:
-                self._trace_delivery(record, len(targets))
+                self._trace_delivery(record, offered)
         return gathered
 
     def _invalid(self, record: Record) -> None:
