@@ -1,14 +1,16 @@
 """``Connection.send_now`` and ``send_each``, the fan-out's fast path, over real socket pairs: what they settle
-and what they leave to the queue and the writer task."""
+and what they leave to the queue and the writer task; and the data frames they carry."""
 
 from __future__ import annotations
 
 import socket
 
 import trio
+from wsproto.frame_protocol import FrameProtocol
 
 from accessd.settings import StreamSettings
 from accessd.stream._conn import Connection, send_each
+from accessd.stream._frames import ws_text
 from accessd.stream._transport import SocketTransport
 
 from ._wait import eventually
@@ -101,7 +103,7 @@ async def test_send_each_settles_what_send_now_would_and_names_the_rest() -> Non
         pairs["gone"][1].close()
         conns["closed"].abort("closed before")
 
-        assert send_each(conns, data) == ["full", "behind"]
+        assert send_each(conns.values(), data) == [conns["full"], conns["behind"]]
 
         assert await read_exactly(pairs["whole"][1], len(data)) == data
         assert conns["begun"].pending_bytes > 0  # the rest is the writer's
@@ -115,3 +117,10 @@ async def test_send_each_settles_what_send_now_would_and_names_the_rest() -> Non
             conn.abort("done")
     for _, theirs in pairs.values():
         theirs.close()
+
+
+def test_data_frames_are_what_wsproto_would_frame() -> None:
+    framer = FrameProtocol(client=False, extensions=[])
+    for size in (0, 1, 125, 126, 65535, 65536, 70000):
+        payload = b"\xc3\xa9" * (size // 2) + b"a" * (size % 2)  # UTF-8, two bytes a character
+        assert ws_text(payload) == bytes(framer.send_data(payload.decode())), size

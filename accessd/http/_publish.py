@@ -13,13 +13,12 @@ from typing import Any
 
 from ..errors import ApiError, BackendUnavailable, BadRequest
 from ..policy import Verify
-from ..stream import MAX_KEY_CHARS, Source, encode_cursor, is_channel_name
+from ..stream import MAX_KEY_CHARS, Source, compact_json, encode_cursor, is_channel_name
 from ._asgi import post_endpoint, read_body
 from ._auth import verified_identity
 from ._pipeline import span_var
 
 PATH = "/stream/publish"
-_compact = json.JSONEncoder(separators=(",", ":")).encode  # one encoder: json.dumps builds one per call
 
 
 def stream_publish(
@@ -66,4 +65,4 @@ def parse(body: bytes) -> tuple[str, str | None, bytes]:
         raise BadRequest("key must be a non-empty string", {"field": "key"})
     if "data" not in document:
         raise BadRequest("data is required", {"field": "data"})
-    return channel, key, _compact(document["data"]).encode()
+    return channel, key, compact_json(document["data"]).encode()

@@ -15,6 +15,7 @@ from ._cli import run_publish_cli as run_publish_cli
 from ._conn import POLICIES as POLICIES
 from ._conn import Closed as Closed
 from ._embedded import EmbeddedBroker as EmbeddedBroker
+from ._frames import compact_json as compact_json
 from ._hub import Hub as Hub
 from ._listener import StreamListener as StreamListener
 from ._report import ChannelReport as ChannelReport

@@ -34,9 +34,9 @@ import errno
 import logging
 import secrets
 from collections import deque
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass
-from typing import Literal, TypeVar
+from typing import Literal
 
 import trio
 
@@ -55,7 +55,6 @@ LINGER_MAX_BYTES = 256 * 1024  # ... and how much it may send meanwhile
 # Stands for both queues while nothing is pending (an empty deque is 760 bytes; most connections never queue).
 # Never appended to: _enqueue swaps in real deques first, and the writer swaps them out once drained.
 _NOTHING_QUEUED: deque = deque(maxlen=0)
-K = TypeVar("K")
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,11 +102,12 @@ class Pending:
 class Connection:
     """Owns one client's transport (in production a non-blocking socket; see ``_transport``)."""
 
-    # Slots: one compact object per connection, so the fan-out's per-delivery reads touch less memory.
+    # Slots: one compact object per connection, the four the fan-out reads per delivery first (next to the
+    # object header that the loop's reference count touches anyway), so a delivery touches less memory.
     __slots__ = (
-        "_transport", "_send", "nursery", "conn_id", "trace_id", "_max_messages", "_max_bytes",
-        "_write_timeout_s", "_head", "_queue", "_messages", "_by_key", "_slots", "_tombstones",
-        "_pending_bytes", "_behind_since", "_writing", "_idle", "closed", "outcome", "_receiving",
+        "_head", "_queue", "closed", "_send", "_transport", "nursery", "conn_id", "trace_id",
+        "_max_messages", "_max_bytes", "_write_timeout_s", "_messages", "_by_key", "_slots", "_tombstones",
+        "_pending_bytes", "_behind_since", "_writing", "_idle", "outcome", "_receiving",
         "_writer_waiting", "_linger", "on_slow", "gap_frame", "slow_close", "overflow_close",
     )  # fmt: skip
 
@@ -453,15 +453,15 @@ class Connection:
         self._pending_bytes = 0
 
 
-def send_each(targets: dict[K, Connection], data: bytes) -> list[K]:
-    """:meth:`Connection.send_now` of ``data`` on every connection of ``targets`` (the fan-out's common
-    case: one message to every subscriber of a channel): the keys of those it could not settle, to queue.
-    The same steps, inlined: at thousands of connections the method call and the lookups around it were
-    ~0.6 µs of each ~5 µs delivery (``bench/RESULTS.md``). ``targets`` must not change meanwhile: nothing
-    here calls back into its owner (an abort only closes the transport)."""
+def send_each(conns: Iterable[Connection], data: bytes) -> list[Connection]:
+    """:meth:`Connection.send_now` of ``data`` on each of ``conns`` (the fan-out's common case: one message
+    to every subscriber of a channel): those it could not settle, to queue. The same steps, inlined: at
+    thousands of connections the method call and the lookups around it were ~0.6 µs of each ~5 µs delivery
+    (``bench/RESULTS.md``). ``conns`` may be a dict's keys: nothing here calls back into its owner (an
+    abort only closes the transport), so it does not change meanwhile."""
     size = len(data)
     unsettled = []
-    for key, conn in targets.items():
+    for conn in conns:
         if conn._head is None and not conn._queue and not conn.closed:
             try:
                 sent = conn._send(data)
@@ -477,7 +477,7 @@ def send_each(targets: dict[K, Connection], data: bytes) -> list[K]:
                 continue
         elif conn.closed:
             continue
-        unsettled.append(key)
+        unsettled.append(conn)
     return unsettled
 
 

@@ -1,13 +1,18 @@
 """Outgoing bytes, built once per message and shared by every subscriber that gets it as-is.
 
 Server-to-client WebSocket frames are unmasked, so one frame's bytes are valid on every connection; wsproto's
-frame serialiser builds them. SSE events are plain text. Payloads are embedded as the JSON text the broker
-holds (validated once), never parsed and re-serialised per subscriber.
+frame serialiser builds the control frames (it checks close codes and reasons), a data frame's head is two or
+four bytes written here (RFC 6455 §5.2: FIN, opcode, the length in its shortest form), without wsproto's
+detour through ``str`` and its per-call checks — it is built for every message. SSE events are plain text.
+Payloads are embedded as the JSON text the broker holds (validated once), never parsed and re-serialised per
+subscriber. The JSON encoder and decoder are built once: ``json.dumps``/``loads`` with options build one
+per call.
 """
 
 from __future__ import annotations
 
 import json
+import struct
 from typing import Any
 
 from wsproto.frame_protocol import FrameProtocol
@@ -23,8 +28,13 @@ _FRAMER = FrameProtocol(client=False, extensions=[])
 
 
 def ws_text(payload: bytes) -> bytes:
-    """One complete text frame (once per message: the decode is not per subscriber)."""
-    return bytes(_FRAMER.send_data(payload.decode("utf-8")))
+    """One complete, unmasked text frame of ``payload`` (UTF-8: JSON this module built or validated)."""
+    size = len(payload)
+    if size < 126:
+        return bytes((0x81, size)) + payload
+    if size < 1 << 16:
+        return struct.pack("!BBH", 0x81, 126, size) + payload
+    return struct.pack("!BBQ", 0x81, 127, size) + payload
 
 
 def ws_close(code: int, reason: str = "") -> bytes:
@@ -40,7 +50,7 @@ def ws_pong(payload: bytes = b"") -> bytes:
 
 
 def ws_json(body: dict[str, Any]) -> bytes:
-    return ws_text(json.dumps(body, separators=(",", ":")).encode())
+    return ws_text(compact_json(body).encode())
 
 
 def sse_event(event_id: str | None, data: bytes, event: str = "message") -> bytes:
@@ -59,7 +69,7 @@ def json_payload(value: bytes) -> bytes | None:
     turning them into spaces keeps the value and keeps an SSE ``data:`` line one line.
     """
     try:
-        json.loads(value.decode("utf-8"), parse_constant=_not_json)
+        _DECODER.decode(value.decode("utf-8"))
     except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
         return None
     if b"\n" in value or b"\r" in value:
@@ -69,6 +79,10 @@ def json_payload(value: bytes) -> bytes | None:
 
 def _not_json(constant: str) -> None:
     raise ValueError(f"{constant} is not JSON")  # Python accepts NaN and Infinity; browsers do not
+
+
+_DECODER = json.JSONDecoder(parse_constant=_not_json)
+compact_json = json.JSONEncoder(separators=(",", ":")).encode
 
 
 def message_body(record: Record, cursor: str, data: bytes, conflated: int = 0) -> bytes:
@@ -82,5 +96,5 @@ def message_body(record: Record, cursor: str, data: bytes, conflated: int = 0) -
     }
     if conflated:
         head["conflated"] = conflated
-    text = json.dumps(head, separators=(",", ":")).encode()
+    text = compact_json(head).encode()
     return text[:-1] + b',"data":' + data + b"}"

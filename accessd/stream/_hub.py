@@ -122,8 +122,9 @@ class Subscription:
 class _Channel:
     name: str
     position: Position
-    # Unkeyed, every key, live, with a direct connection: the common case, sent to by ``send_each``.
-    direct: dict[Subscription, Connection] = field(default_factory=dict)
+    # Unkeyed, every key, live, with a direct connection, by connection (one per channel: a session holds one
+    # subscription per channel and key): the common case, sent to by ``send_each``.
+    direct: dict[Connection, Subscription] = field(default_factory=dict)
     everything: set[Subscription] = field(default_factory=set)  # unkeyed, every key: the others
     filtered: set[Subscription] = field(default_factory=set)  # unkeyed, some keys hidden
     by_key: dict[str, set[Subscription]] = field(default_factory=dict)
@@ -141,7 +142,7 @@ class _Channel:
 
     def all(self) -> list[Subscription]:
         return [
-            *self.direct,
+            *self.direct.values(),
             *self.everything,
             *self.filtered,
             *(sub for subs in self.by_key.values() for sub in subs),
@@ -153,13 +154,14 @@ class _Channel:
         elif sub.hidden is not None:
             self.filtered.add(sub)
         elif sub.live and sub.direct is not None:
-            self.direct[sub] = sub.direct
+            self.direct[sub.direct] = sub
         else:
             self.everything.add(sub)
 
     def discard(self, sub: Subscription) -> None:
         if sub.key is None:
-            self.direct.pop(sub, None)
+            if sub.direct is not None and self.direct.get(sub.direct) is sub:
+                del self.direct[sub.direct]
             self.everything.discard(sub)
             self.filtered.discard(sub)
         elif (subs := self.by_key.get(sub.key)) is not None:
@@ -361,11 +363,12 @@ class Hub:
             ch.deliveries += offered
             msg = Message(record, encode_cursor(ch.position), data)
             if gathered is not None:
-                targets = (*direct, *targets)
+                targets = (*direct.values(), *targets)
             elif direct:
                 unsettled = send_each(direct, msg.ws)
                 stats.delivered["ws"] += len(direct) - len(unsettled)
-                for sub in unsettled:
+                for conn in unsettled:
+                    sub = direct[conn]
                     sub.session.deliver(sub, msg)
             for sub in targets:
                 if sub.live:
