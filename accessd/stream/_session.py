@@ -107,7 +107,8 @@ class Session:
         if position is not None:
             if any(position.get(p, 0) > o for p, o in live.items()):
                 self.floors[id(sub)] = position
-                sub.direct = None  # deliver() must skip what the client has seen
+                sub.direct = None  # deliver() must skip what the client has seen (not live yet: so the
+                # hub keeps it among its other subscriptions, not by this connection)
             self.conn.nursery.start_soon(self._catch_up, sub, position, live)
         return sub, encode_cursor(position if position is not None else live)
 
