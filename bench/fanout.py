@@ -272,7 +272,7 @@ def collect(clients: list[subprocess.Popen]) -> dict:
     merged["hist"] = {}
     for out in outputs:
         for bucket, count in out["hist"].items():
-            merged["hist"][int(bucket)] = merged["hist"].get(int(bucket), 0) + count
+            merged["hist"][float(bucket)] = merged["hist"].get(float(bucket), 0) + count  # ms
     merged["last_error"] = next((o["last_error"] for o in outputs if "last_error" in o), "")
     return merged
 
@@ -306,7 +306,7 @@ def histogram_quantiles(
     return out
 
 
-def percentiles(hist: dict[int, int], ps: tuple[float, ...]) -> list[float]:
+def percentiles(hist: dict[float, int], ps: tuple[float, ...]) -> list[float]:
     total = sum(hist.values())
     out, seen, items = [], 0, sorted(hist.items())
     targets = [p * total for p in ps]
@@ -494,7 +494,7 @@ def main() -> None:
     drops_text = ", ".join(f"{k} {v:,}" for k, v in sorted(drops.items()) if v) or "none"
     body = f"""| connections | msgs/s published | deliveries/s (server / clients) | client lag P50 / P95 / P99 ms | server lag P50 / P95 / P99 ms | server CPU µs/delivery | RSS after connect / peak MiB | slow-consumer handling | client errors |
 |---|---|---|---|---|---|---|---|---|
-| {args.conns} | {args.rate:g} | {server_delivered / args.seconds:,.0f} / {rate:,.0f} | {p50:.0f} / {p95:.0f} / {p99:.0f} | {s50} / {s95} / {s99} | {cpu_us:.1f} | {r["connect_rss"]:.0f} / {r["peak"]:.0f} | {drops_text} | {r["errors"]} |
+| {args.conns} | {args.rate:g} | {server_delivered / args.seconds:,.0f} / {rate:,.0f} | {p50:g} / {p95:g} / {p99:g} | {s50} / {s95} / {s99} | {cpu_us:.1f} | {r["connect_rss"]:.0f} / {r["peak"]:.0f} | {drops_text} | {r["errors"]} |
 
 Broker: {args.broker}{" (published straight to Kafka by the bench)" if args.broker == "kafka" else " (published through POST /stream/publish)"}; {args.procs} client processes ({client_kind(args)}); {sent} messages published over \
 {args.seconds + WARMUP_S + 1:g} s, {args.seconds:g} s measured after a 3 s warm-up. Client lag = broker timestamp to arrival in a client process;
@@ -539,7 +539,7 @@ def compare(args: argparse.Namespace, work: Path, size: int) -> None:
             p50, p95, p99 = r["lag"]
             rows.append(
                 f"| {i} | {name} | {r['received'] / args.seconds:,.0f} | {r['received']:,} / {expected:,} | "
-                f"{r['duplicates']} | {p50:.0f} / {p95:.0f} / {p99:.0f} | {r['cpu_us']:.1f} "
+                f"{r['duplicates']} | {p50:g} / {p95:g} / {p99:g} | {r['cpu_us']:.1f} "
                 f"({r['user_us']:.1f} + {r['sys_us']:.1f}) | {r['connect_rss']:.0f} / {r['peak']:.0f} | "
                 f"{r['connected']:,} / {r['errors']} |"
             )
