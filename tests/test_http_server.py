@@ -210,6 +210,34 @@ async def test_a_streamed_answer_goes_out_as_it_is_written() -> None:
         await stream.aclose()
 
 
+async def test_a_last_write_that_waits_for_room_is_not_cut_by_a_disconnect_watcher() -> None:
+    """An app that cancels its answer on ``http.disconnect`` (the gateway's proxy does) while its last body
+    part waits for the client to read: the watcher must not hear "disconnect" before that part is out."""
+    body = bytes(range(256)) * (16 << 12)  # 16 MiB: far over the socket buffers
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        assert (await receive())["type"] == "http.request"
+        with trio.CancelScope() as answering:
+
+            async def watch() -> None:
+                if (await receive())["type"] == "http.disconnect":
+                    answering.cancel()
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(watch)
+                await answer(send, body)
+                await trio.sleep(1)  # as the proxy's own teardown: the watcher may act meanwhile
+
+    async with serving(app) as (_, connect):
+        stream, buffer = await connect(), bytearray()
+        await stream.send_all(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        await trio.sleep(0.2)  # the last (and only) write has filled the buffers and waits for room
+        while chunk := await stream.receive_some(65536):
+            buffer += chunk
+        assert buffer.endswith(body[-1000:]) and len(buffer) > len(body)
+        await stream.aclose()
+
+
 async def test_a_client_that_leaves_is_a_disconnect_for_the_app() -> None:
     entered, left = trio.Event(), trio.Event()
 

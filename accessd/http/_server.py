@@ -350,11 +350,11 @@ class _Connection:
         end = not message.get("more_body", False)
         out += response.body(message.get("body", b""), end)
         self.started = True  # framed without fault: an error from here on can only drop the connection
-        if end:
-            self.answered = True
-            self._end()
         if out:
             await self._write(out)
+        if end:  # only once written: until then a receive() must not say the client left (an app that
+            self.answered = True  # cancels its answer on http.disconnect would cut the last bytes)
+            self._end()
 
     def _head(self, start: dict[str, Any]) -> bytes:
         self.expecting = False  # answered before the body was asked for: it will not be read
