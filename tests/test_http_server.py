@@ -225,13 +225,11 @@ async def test_a_last_write_that_waits_for_room_is_not_cut_by_a_disconnect_watch
 
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(watch)
-                await answer(send, body)
-                await trio.sleep(1)  # as the proxy's own teardown: the watcher may act meanwhile
+                await answer(send, body)  # its write waits for room: the watcher runs meanwhile
 
     async with serving(app) as (_, connect):
         stream, buffer = await connect(), bytearray()
         await stream.send_all(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
-        await trio.sleep(0.2)  # the last (and only) write has filled the buffers and waits for room
         while chunk := await stream.receive_some(65536):
             buffer += chunk
         assert buffer.endswith(body[-1000:]) and len(buffer) > len(body)
