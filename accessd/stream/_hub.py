@@ -112,8 +112,8 @@ class Subscription:
     backlog: list[Message] = field(default_factory=list)
     backlog_dropped: int = 0
     hidden: Callable[[str], bool] | None = None  # unkeyed: keys this subscriber must not get
-    # The fan-out's fast path: a live message goes to this connection as ``Message.ws`` with one
-    # ``send_now``; only when that cannot settle it does the session's ``deliver`` run (and queue it).
+    # The fan-out's fast path: live, unkeyed and unfiltered, the channel keeps it by this connection, which
+    # gets ``Message.ws`` from ``send_each``; the session's ``deliver`` runs only for what that cannot settle.
     direct: Connection | None = None
     removed: bool = False  # out of the hub: a batch's share still being handed out skips it
 
